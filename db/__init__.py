@@ -1,0 +1,1 @@
+"""Persistence: tables, engines, units of work, repositories, the outbox store and migrations."""

@@ -1,0 +1,102 @@
+"""Engines per backend: SQLite (WAL, busy timeout, foreign keys, BEGIN IMMEDIATE for writers) and
+PostgreSQL (sized pool, pre-ping, server-side timeouts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+# Execution option a writer sets so that SQLite takes the write lock at BEGIN: a deferred
+# transaction that reads and then writes can fail with "database is locked" instead of waiting.
+SQLITE_BEGIN_IMMEDIATE = "orders_sqlite_begin_immediate"
+
+
+class UnsupportedDatabaseError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    pool_size: int = 10
+    max_overflow: int = 5
+    pool_timeout_s: float = 10.0
+    statement_timeout_ms: int = 10_000
+    idle_in_transaction_timeout_ms: int = 30_000
+    sqlite_busy_timeout_ms: int = 10_000
+    connect_timeout_s: int = 5
+
+
+def normalise_url(raw: str) -> URL:
+    """Accept plain `postgresql://` (and `postgres://`) as psycopg2; refuse other backends clearly."""
+    try:
+        url = make_url(raw)
+    except Exception as exc:
+        raise UnsupportedDatabaseError(f"not a database URL: {raw!r}") from exc
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg2")
+    if url.drivername not in ("postgresql+psycopg2", "sqlite", "sqlite+pysqlite"):
+        raise UnsupportedDatabaseError(
+            f"unsupported database {url.drivername!r}: use postgresql+psycopg2:// or sqlite:///"
+        )
+    if url.drivername.startswith("sqlite") and url.database in (None, "", ":memory:"):
+        raise UnsupportedDatabaseError("SQLite needs a file (an in-memory database is private to one thread)")
+    return url
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(raw_url: str, settings: EngineSettings | None = None) -> Engine:
+    settings = settings or EngineSettings()
+    url = normalise_url(raw_url)
+    if url.drivername.startswith("sqlite"):
+        return _sqlite_engine(url, settings)
+    options = (
+        f"-c statement_timeout={settings.statement_timeout_ms} "
+        f"-c idle_in_transaction_session_timeout={settings.idle_in_transaction_timeout_ms}"
+    )
+    return create_engine(
+        url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.pool_timeout_s,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"options": options, "connect_timeout": settings.connect_timeout_s},
+    )
+
+
+def _sqlite_engine(url: URL, settings: EngineSettings) -> Engine:
+    if url.database:
+        Path(url.database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.pool_timeout_s,
+        connect_args={"check_same_thread": False, "timeout": settings.sqlite_busy_timeout_ms / 1000},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin (see the "begin" hook).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(settings.sqlite_busy_timeout_ms)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine

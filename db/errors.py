@@ -1,0 +1,42 @@
+"""Database exceptions translated into domain errors, in one place."""
+
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+
+from domain.errors import ConflictError, DeadlineExceededError, DomainError, UnavailableError
+
+# PostgreSQL SQLSTATEs: serialization_failure, deadlock_detected, query_canceled, lock_not_available.
+_CONFLICT_CODES = {"40001", "40P01"}
+_CANCELED = "57014"
+
+
+def sqlstate(error: BaseException) -> str | None:
+    orig = getattr(error, "orig", None)
+    code = getattr(orig, "pgcode", None)
+    return code if isinstance(code, str) else None
+
+
+def translate(error: BaseException, *, deadline_set: bool = False) -> DomainError | None:
+    """The domain error a database exception stands for, or None if it is a bug to report as is."""
+    if isinstance(error, DomainError):
+        return None
+    if isinstance(error, sa_exc.TimeoutError):
+        return UnavailableError("database connection pool exhausted")
+    if isinstance(error, sa_exc.IntegrityError) and (
+        sqlstate(error) == "23505" or "UNIQUE constraint failed" in str(error.orig)
+    ):
+        return ConflictError("a row with this key was written concurrently")
+    if isinstance(error, sa_exc.DBAPIError):
+        code = sqlstate(error)
+        if code in _CONFLICT_CODES:
+            return ConflictError("concurrent update conflict")
+        if code == "42P01":
+            return UnavailableError("database schema is not migrated")
+        if code == _CANCELED:
+            if deadline_set:
+                return DeadlineExceededError("deadline exceeded while waiting for the database")
+            return UnavailableError("database statement timed out")
+        if error.connection_invalidated or isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
+            return UnavailableError("database unavailable")
+    return None

@@ -1,0 +1,132 @@
+"""Stock repository: set and read stock, reserve all items of an order or none, release them.
+
+Reservation is a guarded decrement (`available = available - q WHERE available >= q`): at READ
+COMMITTED it never oversells and never fails under contention; a row count of 0 means "not
+enough". Rows are touched in SKU order so that two orders never wait on each other in a cycle.
+Reservations are keyed by (order_id, sku): a redelivered event finds them and reserves nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from db.tables import stock, stock_reservations
+from domain.inventory import (
+    Rejected,
+    ReservationOutcome,
+    Reserved,
+    StockLevel,
+    insufficient_stock,
+    unknown_sku,
+)
+from domain.model import OrderItem
+
+ACTIVE = "ACTIVE"
+RELEASED = "RELEASED"
+
+
+class StockRepository:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def set_available(self, sku: str, available: int, now: datetime) -> StockLevel:
+        dialect_insert = postgresql.insert if self._c.dialect.name == "postgresql" else sqlite.insert
+        statement = dialect_insert(stock).values(
+            sku=sku, available=available, reserved=0, version=1, update_time=now
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=[stock.c.sku],
+            set_={"available": available, "version": stock.c.version + 1, "update_time": now},
+        ).returning(stock.c.sku, stock.c.available, stock.c.reserved, stock.c.version)
+        row = self._c.execute(statement).one()
+        return StockLevel(row.sku, row.available, row.reserved, row.version)
+
+    def get(self, sku: str) -> StockLevel | None:
+        row = self._c.execute(
+            select(stock.c.sku, stock.c.available, stock.c.reserved, stock.c.version).where(stock.c.sku == sku)
+        ).first()
+        return None if row is None else StockLevel(row.sku, row.available, row.reserved, row.version)
+
+    def reservation_status(self, order_id: str) -> str | None:
+        """ACTIVE or RELEASED for an order that reserved before, None if it never did."""
+        statuses = set(
+            self._c.execute(
+                select(stock_reservations.c.status).where(stock_reservations.c.order_id == order_id)
+            ).scalars()
+        )
+        if not statuses:
+            return None
+        return ACTIVE if ACTIVE in statuses else RELEASED
+
+    def reserve(self, order_id: str, items: Sequence[OrderItem], now: datetime) -> ReservationOutcome:
+        """Reserve every item or (returning Rejected) leave the caller to roll back what was taken."""
+        if self.reservation_status(order_id) is not None:
+            return Reserved()
+        for item in sorted(items, key=lambda i: i.sku):
+            taken = self._c.execute(
+                update(stock)
+                .where(stock.c.sku == item.sku, stock.c.available >= item.quantity)
+                .values(
+                    available=stock.c.available - item.quantity,
+                    reserved=stock.c.reserved + item.quantity,
+                    version=stock.c.version + 1,
+                    update_time=now,
+                )
+            ).rowcount
+            if taken != 1:
+                return self._why_not(item)
+        self._c.execute(
+            insert(stock_reservations),
+            [
+                {
+                    "order_id": order_id,
+                    "sku": item.sku,
+                    "quantity": item.quantity,
+                    "status": ACTIVE,
+                    "create_time": now,
+                    "update_time": now,
+                }
+                for item in items
+            ],
+        )
+        return Reserved()
+
+    def _why_not(self, item: OrderItem) -> Rejected:
+        level = self.get(item.sku)
+        if level is None:
+            return unknown_sku(item.sku)
+        return insufficient_stock(item.sku, item.quantity, level.available)
+
+    def release(self, order_id: str, now: datetime) -> list[OrderItem]:
+        """Release the order's active reservations (none left is fine: release is idempotent)."""
+        released = self._c.execute(
+            update(stock_reservations)
+            .where(stock_reservations.c.order_id == order_id, stock_reservations.c.status == ACTIVE)
+            .values(status=RELEASED, update_time=now)
+            .returning(stock_reservations.c.sku, stock_reservations.c.quantity)
+        ).all()
+        items = sorted((OrderItem(r.sku, r.quantity) for r in released), key=lambda i: i.sku)
+        for item in items:
+            self._c.execute(
+                update(stock)
+                .where(stock.c.sku == item.sku)
+                .values(
+                    available=stock.c.available + item.quantity,
+                    reserved=stock.c.reserved - item.quantity,
+                    version=stock.c.version + 1,
+                    update_time=now,
+                )
+            )
+        return items
+
+    def active_reservations(self, order_id: str) -> list[OrderItem]:
+        rows = self._c.execute(
+            select(stock_reservations.c.sku, stock_reservations.c.quantity).where(
+                stock_reservations.c.order_id == order_id, stock_reservations.c.status == ACTIVE
+            )
+        ).all()
+        return [OrderItem(r.sku, r.quantity) for r in rows]

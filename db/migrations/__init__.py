@@ -1,0 +1,1 @@
+"""Alembic environments, one per database: `orders` and `inventory` (each with its own version table)."""

@@ -1,0 +1,127 @@
+"""Order repository: rows of `orders` and `order_items` to and from the Order aggregate."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, Row, and_, insert, or_, select, update
+
+from db.tables import order_items, orders
+from domain.model import Order, OrderItem, OrderStatus
+
+
+@dataclass(frozen=True)
+class PageCursor:
+    """Keyset position: the last (create_time, order_id) of the previous page, newest first."""
+
+    create_time: datetime
+    order_id: str
+
+
+class OrderRepository:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def add(self, order: Order, request_fingerprint: str | None = None) -> None:
+        self._c.execute(
+            insert(orders),
+            [
+                {
+                    "id": order.order_id,
+                    "customer_id": order.customer_id,
+                    "status": order.status.value,
+                    "failure_reason": order.failure_reason,
+                    "version": order.version,
+                    "request_id": order.request_id,
+                    "request_fingerprint": request_fingerprint,
+                    "create_time": order.create_time,
+                    "update_time": order.update_time,
+                }
+            ],
+        )
+        self._c.execute(
+            insert(order_items),
+            [
+                {"order_id": order.order_id, "position": i, "sku": item.sku, "quantity": item.quantity}
+                for i, item in enumerate(order.items)
+            ],
+        )
+
+    def get(self, order_id: str) -> Order | None:
+        row = self._c.execute(select(orders).where(orders.c.id == order_id)).first()
+        return None if row is None else self._load([row])[0]
+
+    def find_by_request_id(self, request_id: str) -> tuple[Order, str | None] | None:
+        """The order placed with this idempotency key, and the fingerprint of its request."""
+        row = self._c.execute(select(orders).where(orders.c.request_id == request_id)).first()
+        if row is None:
+            return None
+        return self._load([row])[0], row.request_fingerprint
+
+    def save(self, order: Order) -> bool:
+        """Write a changed order if the stored one is still at `order.version - 1`; False if not."""
+        result = self._c.execute(
+            update(orders)
+            .where(orders.c.id == order.order_id, orders.c.version == order.version - 1)
+            .values(
+                status=order.status.value,
+                failure_reason=order.failure_reason,
+                version=order.version,
+                update_time=order.update_time,
+            )
+        )
+        return result.rowcount == 1
+
+    def page(
+        self,
+        *,
+        customer_id: str | None,
+        status: OrderStatus | None,
+        after: PageCursor | None,
+        limit: int,
+    ) -> list[Order]:
+        """Orders newest first (create_time, then id, both descending), after the cursor."""
+        query = select(orders)
+        if customer_id is not None:
+            query = query.where(orders.c.customer_id == customer_id)
+        if status is not None:
+            query = query.where(orders.c.status == status.value)
+        if after is not None:
+            query = query.where(
+                or_(
+                    orders.c.create_time < after.create_time,
+                    and_(orders.c.create_time == after.create_time, orders.c.id < after.order_id),
+                )
+            )
+        query = query.order_by(orders.c.create_time.desc(), orders.c.id.desc()).limit(limit)
+        return self._load(self._c.execute(query).all())
+
+    def _load(self, rows: Sequence[Row[tuple[object, ...]]]) -> list[Order]:
+        if not rows:
+            return []
+        ids = [row.id for row in rows]
+        items: dict[str, list[OrderItem]] = defaultdict(list)
+        item_rows = self._c.execute(
+            select(order_items.c.order_id, order_items.c.sku, order_items.c.quantity)
+            .where(order_items.c.order_id.in_(ids))
+            .order_by(order_items.c.order_id, order_items.c.position)
+        )
+        for item in item_rows:
+            items[item.order_id].append(OrderItem(item.sku, item.quantity))
+        return [
+            Order(
+                order_id=row.id,
+                customer_id=row.customer_id,
+                items=tuple(items[row.id]),
+                status=OrderStatus(row.status),
+                version=row.version,
+                create_time=row.create_time,
+                update_time=row.update_time,
+                failure_reason=row.failure_reason,
+                request_id=row.request_id,
+            )
+            for row in rows
+        ]

@@ -1,0 +1,270 @@
+"""The outbox store: events written with the change that raised them, claimed under a lease.
+
+Life of a row: PENDING (claimable once `available_at` has passed and no live lease holds it) ->
+DONE, or back to PENDING later (retry, deferral), or DEAD (an operator's to inspect and replay).
+
+A claim is one statement: due PENDING rows, oldest first, that have no earlier PENDING event of
+the same aggregate (per-order ordering), `FOR UPDATE SKIP LOCKED` on PostgreSQL (ignored by
+SQLite, whose single writer needs no such thing), stamped with a fresh lease token. Every later
+write is fenced on that token: a dispatcher whose lease expired and was taken over changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from db.tables import outbox_events as outbox
+from domain.events import DomainEvent
+
+PENDING = "PENDING"
+DONE = "DONE"
+DEAD = "DEAD"
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class ClaimedEvent:
+    """An event this process holds the lease on."""
+
+    id: int
+    aggregate_id: str
+    event_type: str
+    payload: str
+    headers: Mapping[str, str]
+    attempts: int
+    created_at: datetime
+    lease_token: str
+    claimed_at: datetime
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.headers.get("correlation_id")
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """A row as an operator sees it."""
+
+    id: int
+    aggregate_id: str
+    event_type: str
+    status: str
+    attempts: int
+    available_at: datetime
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    payload: str = field(repr=False)
+
+
+def _headers(raw: str) -> dict[str, str]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+class OutboxStore:
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def add(self, events: Iterable[DomainEvent], correlation_id: str | None, now: datetime) -> None:
+        headers = json.dumps({"correlation_id": correlation_id} if correlation_id else {})
+        rows: list[dict[str, Any]] = [
+            {
+                "aggregate_id": event.order_id,
+                "event_type": event.event_type,
+                "payload": json.dumps(event.payload(), ensure_ascii=False, separators=(",", ":")),
+                "headers": headers,
+                "status": PENDING,
+                "attempts": 0,
+                "available_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for event in events
+        ]
+        if rows:
+            self._c.execute(insert(outbox), rows)
+
+    def add_raw(
+        self, aggregate_id: str, event_type: str, payload: str, headers: Mapping[str, str], now: datetime
+    ) -> int:
+        """Insert an event as given (tests and operators use it for events no domain object makes)."""
+        result = self._c.execute(
+            insert(outbox).returning(outbox.c.id),
+            {
+                "aggregate_id": aggregate_id,
+                "event_type": event_type,
+                "payload": payload,
+                "headers": json.dumps(dict(headers)),
+                "status": PENDING,
+                "attempts": 0,
+                "available_at": now,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        return int(result.scalar_one())
+
+    def claim(self, limit: int, lease: timedelta, now: datetime) -> list[ClaimedEvent]:
+        """Lease up to `limit` due events (oldest first, one per aggregate at a time)."""
+        if limit <= 0:
+            return []
+        earlier = outbox.alias("earlier")
+        due = (
+            select(outbox.c.id)
+            .where(
+                outbox.c.status == PENDING,
+                outbox.c.available_at <= now,
+                (outbox.c.locked_until.is_(None)) | (outbox.c.locked_until < now),
+                ~select(earlier.c.id)
+                .where(
+                    earlier.c.aggregate_id == outbox.c.aggregate_id,
+                    earlier.c.status == PENDING,
+                    earlier.c.id < outbox.c.id,
+                )
+                .exists(),
+            )
+            .order_by(outbox.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        token = str(uuid.uuid4())
+        rows = self._c.execute(
+            update(outbox)
+            .where(outbox.c.id.in_(due))
+            .values(lease_token=token, locked_until=now + lease, updated_at=now)
+            .returning(
+                outbox.c.id,
+                outbox.c.aggregate_id,
+                outbox.c.event_type,
+                outbox.c.payload,
+                outbox.c.headers,
+                outbox.c.attempts,
+                outbox.c.created_at,
+            )
+        ).all()
+        return sorted(
+            (
+                ClaimedEvent(
+                    id=row.id,
+                    aggregate_id=row.aggregate_id,
+                    event_type=row.event_type,
+                    payload=row.payload,
+                    headers=_headers(row.headers),
+                    attempts=row.attempts,
+                    created_at=row.created_at,
+                    lease_token=token,
+                    claimed_at=now,
+                )
+                for row in rows
+            ),
+            key=lambda e: e.id,
+        )
+
+    def _fenced(self, event: ClaimedEvent) -> Any:
+        return update(outbox).where(
+            outbox.c.id == event.id, outbox.c.lease_token == event.lease_token, outbox.c.status == PENDING
+        )
+
+    def complete(self, event: ClaimedEvent, now: datetime) -> bool:
+        """Mark DONE if this lease still holds the event; False means another process took it over."""
+        result = self._c.execute(
+            self._fenced(event).values(status=DONE, lease_token=None, locked_until=None, updated_at=now)
+        )
+        return result.rowcount == 1
+
+    def reschedule(
+        self, event: ClaimedEvent, available_at: datetime, now: datetime, error: str | None, count_attempt: bool
+    ) -> bool:
+        """Back to PENDING until `available_at`; a deferral (`count_attempt=False`) is not an attempt."""
+        values: dict[str, Any] = {
+            "available_at": available_at,
+            "lease_token": None,
+            "locked_until": None,
+            "updated_at": now,
+        }
+        if count_attempt:
+            values["attempts"] = outbox.c.attempts + 1
+        if error is not None:
+            values["last_error"] = error[:MAX_ERROR_CHARS]
+        return self._c.execute(self._fenced(event).values(**values)).rowcount == 1
+
+    def bury(self, event: ClaimedEvent, error: str, now: datetime) -> bool:
+        """DEAD: no more attempts; the error stays for an operator."""
+        result = self._c.execute(
+            self._fenced(event).values(
+                status=DEAD,
+                attempts=outbox.c.attempts + 1,
+                last_error=error[:MAX_ERROR_CHARS],
+                lease_token=None,
+                locked_until=None,
+                updated_at=now,
+            )
+        )
+        return result.rowcount == 1
+
+    def purge_done(self, older_than: datetime, batch: int) -> int:
+        """Delete at most `batch` DONE rows last touched before `older_than`."""
+        doomed = (
+            select(outbox.c.id)
+            .where(outbox.c.status == DONE, outbox.c.updated_at < older_than)
+            .order_by(outbox.c.id)
+            .limit(batch)
+            .scalar_subquery()
+        )
+        return self._c.execute(delete(outbox).where(outbox.c.id.in_(doomed))).rowcount
+
+    def backlog(self, now: datetime) -> tuple[int, float]:
+        """Number of PENDING events and the age in seconds of the oldest one."""
+        row = self._c.execute(
+            select(func.count(), func.min(outbox.c.created_at)).where(outbox.c.status == PENDING)
+        ).one()
+        count, oldest = row[0], row[1]
+        if oldest is None:
+            return int(count), 0.0
+        if oldest.tzinfo is None:  # aggregates bypass the column type on SQLite
+            oldest = datetime.fromisoformat(str(oldest)).replace(tzinfo=now.tzinfo)
+        return int(count), max((now - oldest).total_seconds(), 0.0)
+
+    def rows(self, status: str | None = None, aggregate_id: str | None = None, limit: int = 100) -> list[OutboxRow]:
+        query = select(outbox)
+        if status is not None:
+            query = query.where(outbox.c.status == status)
+        if aggregate_id is not None:
+            query = query.where(outbox.c.aggregate_id == aggregate_id)
+        result = self._c.execute(query.order_by(outbox.c.id).limit(limit)).all()
+        return [
+            OutboxRow(
+                id=r.id,
+                aggregate_id=r.aggregate_id,
+                event_type=r.event_type,
+                status=r.status,
+                attempts=r.attempts,
+                available_at=r.available_at,
+                last_error=r.last_error,
+                created_at=r.created_at,
+                updated_at=r.updated_at,
+                payload=r.payload,
+            )
+            for r in result
+        ]
+
+    def replay(self, event_id: int, now: datetime) -> bool:
+        """Put a DEAD event back to PENDING with its attempts reset."""
+        result = self._c.execute(
+            update(outbox)
+            .where(outbox.c.id == event_id, outbox.c.status == DEAD)
+            .values(status=PENDING, attempts=0, available_at=now, updated_at=now)
+        )
+        return result.rowcount == 1

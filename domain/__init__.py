@@ -1,0 +1,1 @@
+"""The order domain: pure Python, standard library only."""

@@ -1,0 +1,105 @@
+"""The Order aggregate, its items and its state machine."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from domain.errors import InvalidTransitionError
+from domain.events import DomainEvent, OrderCancelled, OrderPlaced
+
+
+class OrderStatus(enum.Enum):
+    PENDING = "PENDING"
+    VALIDATED = "VALIDATED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_settled(self) -> bool:
+        """Settled as far as the saga is concerned: nothing more happens without a client's call."""
+        return self is not OrderStatus.PENDING
+
+
+# The whole state machine: from -> the states it may move to.
+TRANSITIONS: dict[OrderStatus, frozenset[OrderStatus]] = {
+    OrderStatus.PENDING: frozenset({OrderStatus.VALIDATED, OrderStatus.FAILED, OrderStatus.CANCELLED}),
+    OrderStatus.VALIDATED: frozenset({OrderStatus.CANCELLED}),
+    OrderStatus.FAILED: frozenset(),
+    OrderStatus.CANCELLED: frozenset(),
+}
+
+
+def can_move(source: OrderStatus, target: OrderStatus) -> bool:
+    return target in TRANSITIONS[source]
+
+
+@dataclass(frozen=True)
+class OrderItem:
+    sku: str
+    quantity: int
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Order:
+    """An order and its optimistic-lock `version`; every change returns a new Order one version up.
+
+    Changes also return the domain events they raise, for the caller to store in the outbox in the
+    same transaction.
+    """
+
+    order_id: str
+    customer_id: str
+    items: tuple[OrderItem, ...]
+    status: OrderStatus
+    version: int
+    create_time: datetime
+    update_time: datetime
+    failure_reason: str = ""
+    request_id: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def place(
+        cls,
+        customer_id: str,
+        items: tuple[OrderItem, ...],
+        request_id: str | None = None,
+        now: datetime | None = None,
+    ) -> tuple[Order, OrderPlaced]:
+        moment = now or utcnow()
+        order = cls(
+            order_id=str(uuid.uuid4()),
+            customer_id=customer_id,
+            items=items,
+            status=OrderStatus.PENDING,
+            version=1,
+            create_time=moment,
+            update_time=moment,
+            request_id=request_id,
+        )
+        return order, OrderPlaced(order_id=order.order_id, customer_id=customer_id, items=items)
+
+    def _move(self, target: OrderStatus, now: datetime | None, reason: str = "") -> Order:
+        if not can_move(self.status, target):
+            raise InvalidTransitionError(
+                f"order {self.order_id} is {self.status.value} and cannot become {target.value}"
+            )
+        return replace(
+            self, status=target, version=self.version + 1, update_time=now or utcnow(), failure_reason=reason
+        )
+
+    def cancel(self, now: datetime | None = None) -> tuple[Order, DomainEvent]:
+        cancelled = self._move(OrderStatus.CANCELLED, now)
+        return cancelled, OrderCancelled(order_id=self.order_id)
+
+    def validate(self, now: datetime | None = None) -> Order:
+        return self._move(OrderStatus.VALIDATED, now)
+
+    def fail(self, reason: str, now: datetime | None = None) -> Order:
+        return self._move(OrderStatus.FAILED, now, reason=reason)

@@ -1,0 +1,1 @@
+"""The outbox dispatcher (generic) and the inventory saga (its handlers)."""

@@ -1,0 +1,65 @@
+"""In-process wake-ups: a commit tells the dispatcher and order watchers to look again now."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+
+
+class WakeUp:
+    """A level-triggered signal for one consumer thread (the dispatcher)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until set or timeout; clears the signal. True if it was set."""
+        woken = self._event.wait(timeout)
+        self._event.clear()
+        return woken
+
+
+class OrderChanges:
+    """Per-order change counters that watcher threads wait on; publishers never block on them."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._generation: dict[str, int] = {}
+        self._closed = False
+
+    def generation(self, order_id: str) -> int:
+        with self._condition:
+            return self._generation.get(order_id, 0)
+
+    def publish(self, order_ids: Iterable[str]) -> None:
+        with self._condition:
+            for order_id in order_ids:
+                self._generation[order_id] = self._generation.get(order_id, 0) + 1
+                if len(self._generation) > 100_000:  # counters are hints: forget the oldest
+                    self._generation.pop(next(iter(self._generation)))
+            self._condition.notify_all()
+
+    def wait(self, order_id: str, since: int, timeout: float) -> int:
+        """Block until the order's counter moves past `since`, the hub closes, or timeout."""
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            while not self._closed and self._generation.get(order_id, 0) == since:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._condition.wait(left)
+            return self._generation.get(order_id, 0)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Wake every waiter for good (server shutdown)."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()

@@ -1,0 +1,1 @@
+"""The gRPC server: servicers, interceptors, health, config and the process entry point."""

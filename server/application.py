@@ -1,0 +1,142 @@
+"""Application services: one method per use case, each one unit of work.
+
+Servicers call these with validated plain values and get domain objects back; the rules live in
+`domain`, the rows in `db`. Nothing here knows gRPC.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from db.orders import PageCursor
+from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
+from domain import correlation
+from domain.errors import ConflictError, IdempotencyKeyReusedError, NotFoundError
+from domain.inventory import StockLevel
+from domain.model import Order, OrderStatus, utcnow
+from domain.validation import PlaceOrderCommand
+from server.paging import PageTokenCodec
+
+# How often a cancel without `expected_version` re-reads and retries after losing a race.
+CANCEL_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class OrderPage:
+    orders: list[Order]
+    next_page_token: str
+
+
+class OrderApplication:
+    def __init__(
+        self,
+        orders_uow: Callable[[], OrdersUnitOfWork],
+        inventory_uow: Callable[[], InventoryUnitOfWork],
+        page_tokens: PageTokenCodec,
+        on_commit: Callable[[], None] = lambda: None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._orders_uow = orders_uow
+        self._inventory_uow = inventory_uow
+        self._page_tokens = page_tokens
+        self._on_commit = on_commit
+        self._clock = clock
+
+    def place_order(self, command: PlaceOrderCommand) -> Order:
+        """Store the order, its items and its ORDER_CREATED event in one transaction."""
+        fingerprint = command.fingerprint()
+        if command.request_id is not None:
+            existing = self._replay(command.request_id, fingerprint)
+            if existing is not None:
+                return existing
+        order, placed = Order.place(command.customer_id, command.items, command.request_id, now=self._clock())
+        correlation.set_order_id(order.order_id)
+        try:
+            with self._orders_uow() as uow:
+                uow.orders.add(order, request_fingerprint=fingerprint if command.request_id else None)
+                uow.outbox.add([placed], correlation.current(), order.create_time)
+                uow.after_commit(self._on_commit)
+                uow.commit()
+        except ConflictError:
+            # A concurrent call with the same request_id won the unique key: answer as it did.
+            if command.request_id is None:
+                raise
+            existing = self._replay(command.request_id, fingerprint)
+            if existing is None:
+                raise
+            return existing
+        return order
+
+    def _replay(self, request_id: str, fingerprint: str) -> Order | None:
+        with self._orders_uow(write=False) as uow:
+            found = uow.orders.find_by_request_id(request_id)
+        if found is None:
+            return None
+        order, stored_fingerprint = found
+        if stored_fingerprint != fingerprint:
+            raise IdempotencyKeyReusedError(
+                f"request_id {request_id!r} was already used with a different request"
+            )
+        return order
+
+    def get_order(self, order_id: str) -> Order:
+        correlation.set_order_id(order_id)
+        with self._orders_uow(write=False) as uow:
+            order = uow.orders.get(order_id)
+        if order is None:
+            raise NotFoundError(f"order {order_id} not found")
+        return order
+
+    def list_orders(
+        self, customer_id: str | None, status: OrderStatus | None, page_size: int, page_token: str
+    ) -> OrderPage:
+        status_name = status.value if status else None
+        after = self._page_tokens.decode(page_token, customer_id, status_name) if page_token else None
+        with self._orders_uow(write=False) as uow:
+            found = uow.orders.page(customer_id=customer_id, status=status, after=after, limit=page_size + 1)
+        page, more = found[:page_size], len(found) > page_size
+        token = ""
+        if more:
+            last = page[-1]
+            token = self._page_tokens.encode(PageCursor(last.create_time, last.order_id), customer_id, status_name)
+        return OrderPage(page, token)
+
+    def cancel_order(self, order_id: str, expected_version: int | None) -> Order:
+        """PENDING or VALIDATED -> CANCELLED with an ORDER_CANCELLED event (the saga releases stock)."""
+        correlation.set_order_id(order_id)
+        for attempt in range(CANCEL_ATTEMPTS):
+            with self._orders_uow() as uow:
+                order = uow.orders.get(order_id)
+                if order is None:
+                    raise NotFoundError(f"order {order_id} not found")
+                if expected_version is not None and order.version != expected_version:
+                    raise ConflictError(
+                        f"order {order_id} is at version {order.version}, not {expected_version}"
+                    )
+                cancelled, event = order.cancel(now=self._clock())
+                if uow.orders.save(cancelled):
+                    uow.outbox.add([event], correlation.current(), cancelled.update_time)
+                    uow.after_commit(self._on_commit)
+                    uow.commit()
+                    return cancelled
+            if expected_version is not None:
+                raise ConflictError(f"order {order_id} changed concurrently")
+            time.sleep(random.uniform(0, 0.005 * (2**attempt)))  # noqa: S311 - jitter, not security
+        raise ConflictError(f"order {order_id} kept changing; cancel not applied")
+
+    def set_stock(self, sku: str, available: int) -> StockLevel:
+        with self._inventory_uow() as uow:
+            level = uow.stock.set_available(sku, available, self._clock())
+            uow.commit()
+        return level
+
+    def get_stock(self, sku: str) -> StockLevel:
+        with self._inventory_uow(write=False) as uow:
+            level = uow.stock.get(sku)
+        if level is None:
+            raise NotFoundError(f"SKU {sku!r} not found")
+        return level

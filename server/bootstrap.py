@@ -1,0 +1,162 @@
+"""The composition root: builds engines, the application, the gRPC server and the saga from Settings.
+
+Nothing is built at import time; `build()` wires everything for one process and `Service.stop()`
+takes it apart in the order that loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine, text
+
+from db import migrate
+from db.engine import EngineSettings, is_sqlite, make_engine, normalise_url
+from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
+from generated.orders.v1 import orders_pb2, orders_pb2_grpc
+from saga.signals import OrderChanges, WakeUp
+from server.application import OrderApplication
+from server.config import Settings
+from server.health import HealthMonitor
+from server.interceptors import CorrelationInterceptor, ErrorInterceptor
+from server.paging import PageTokenCodec
+from server.servicers import InventoryServicer, OrderServicer
+from server.watch import OrderWatcher
+
+log = logging.getLogger(__name__)
+
+ORDER_SERVICE = orders_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name
+INVENTORY_SERVICE = orders_pb2.DESCRIPTOR.services_by_name["InventoryService"].full_name
+
+
+class BindError(RuntimeError):
+    pass
+
+
+@dataclass
+class Engines:
+    orders: Engine
+    inventory: Engine
+
+    @property
+    def distinct(self) -> list[Engine]:
+        return [self.orders] if self.inventory is self.orders else [self.orders, self.inventory]
+
+    def dispose(self) -> None:
+        for engine in self.distinct:
+            engine.dispose()
+
+
+def make_engines(settings: Settings) -> Engines:
+    engine_settings = EngineSettings(
+        pool_size=settings.pool_size(), statement_timeout_ms=settings.db_statement_timeout_ms
+    )
+    orders = make_engine(settings.database_url, engine_settings)
+    same = normalise_url(settings.inventory_url) == normalise_url(settings.database_url)
+    inventory = orders if same else make_engine(settings.inventory_url, engine_settings)
+    return Engines(orders, inventory)
+
+
+def apply_migrations(engines: Engines) -> None:
+    migrate.upgrade(engines.orders, migrate.ORDERS)
+    migrate.upgrade(engines.inventory, migrate.INVENTORY)
+
+
+def _schema_check(engine: Engine, part: migrate.Part) -> str | None:
+    head = migrate.head(part)
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    current = migrate.current(engine, part)
+    if current != head:
+        return f"{part.name} schema at {current or 'nothing'}, expected {head}: run `orders-server migrate`"
+    return None
+
+
+@dataclass
+class Service:
+    """One running process: the gRPC server and everything it needs."""
+
+    settings: Settings
+    server: grpc.Server
+    port: int
+    engines: Engines
+    health: HealthMonitor
+    changes: OrderChanges
+    wake: WakeUp
+    stopped: bool = field(default=False)
+
+    def start(self) -> None:
+        self.server.start()
+        self.health.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, watch streams end, calls in flight get `grace`, then close."""
+        if self.stopped:
+            return
+        self.stopped = True
+        grace = self.settings.grace_period_s if grace is None else grace
+        self.health.shutdown()
+        self.changes.close()
+        self.server.stop(grace).wait()
+        self.engines.dispose()
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def build(settings: Settings) -> Service:
+    engines = make_engines(settings)
+    wants_migrations = settings.migrate_on_start == "always" or (
+        settings.migrate_on_start == "auto" and all(is_sqlite(e) for e in engines.distinct)
+    )
+    if wants_migrations:
+        apply_migrations(engines)
+
+    changes = OrderChanges()
+    wake = WakeUp()
+    app = OrderApplication(
+        orders_uow=partial(OrdersUnitOfWork, engines.orders),
+        inventory_uow=partial(InventoryUnitOfWork, engines.inventory),
+        page_tokens=PageTokenCodec(settings.page_token_secret.encode()),
+        on_commit=wake.set,
+    )
+    watcher = OrderWatcher(app.get_order, changes)
+
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="grpc"),
+        interceptors=[CorrelationInterceptor(), ErrorInterceptor()],
+        options=[
+            # A second server must not silently share the port (grpcio turns reuseport on by default).
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    orders_pb2_grpc.add_OrderServiceServicer_to_server(OrderServicer(app, watcher), server)
+    orders_pb2_grpc.add_InventoryServiceServicer_to_server(InventoryServicer(app), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (ORDER_SERVICE, INVENTORY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(_address(settings.host, settings.port))
+    if port == 0:
+        raise BindError(f"could not bind {_address(settings.host, settings.port)}")
+
+    checks = [partial(_schema_check, engines.orders, migrate.ORDERS)]
+    checks.append(partial(_schema_check, engines.inventory, migrate.INVENTORY))
+    monitor = HealthMonitor(
+        health_servicer, (ORDER_SERVICE, INVENTORY_SERVICE), checks, settings.health_interval_s
+    )
+    return Service(settings, server, port, engines, monitor, changes, wake)

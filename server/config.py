@@ -1,0 +1,178 @@
+"""Settings: one frozen object, read once at start from flags and `ORDERS_*` environment variables.
+
+Every field below is both a flag (`--database-url`) and a variable (`ORDERS_DATABASE_URL`); a flag
+wins over the variable, the variable over the default. `orders-server --help` lists them all. A bad
+value ends the process with exit status 2 and one line that names the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from limits import parse as parse_rate
+
+from db.engine import UnsupportedDatabaseError, normalise_url
+
+DEFAULT_DATABASE_URL = "sqlite:///var/orders.db"
+
+
+def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(50051, "gRPC port (0 = any free port, printed in the ready line)")
+    database_url: str = _setting(
+        DEFAULT_DATABASE_URL,
+        "orders database, any SQLAlchemy URL: sqlite:///path or postgresql[+psycopg2]://user@host/db",
+    )
+    inventory_database_url: str = _setting("", "inventory database URL (default: the orders database)")
+    metrics_port: int = _setting(0, "Prometheus metrics HTTP port (0 = off)")
+    migrate_on_start: str = _setting(
+        "auto",
+        "apply migrations at start: auto (SQLite only), always, never",
+        choices=("auto", "always", "never"),
+    )
+    max_workers: int = _setting(16, "gRPC handler threads")
+    max_concurrent_rpcs: int = _setting(
+        64, "calls admitted at once, queued or running, streams and health included; more get RESOURCE_EXHAUSTED"
+    )
+    max_receive_message_bytes: int = _setting(4 * 1024 * 1024, "largest request message accepted")
+    grace_period_s: float = _setting(10.0, "on SIGTERM, how long calls in flight may take to finish")
+    log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting("text", "log line format", choices=("text", "json"))
+    db_pool_size: int = _setting(0, "database connections per engine (0 = sized from the thread counts)")
+    db_statement_timeout_ms: int = _setting(10_000, "PostgreSQL statement_timeout when the call sets no deadline")
+    health_interval_s: float = _setting(2.0, "seconds between database health checks")
+    page_token_secret: str = _setting(
+        "orders-page-tokens", "HMAC key of ListOrders page tokens (same on every instance)"
+    )
+    saga_workers: int = _setting(8, "saga executor threads (the bulkhead)")
+    poll_interval_s: float = _setting(1.0, "outbox poll interval, the safety net behind wake-ups")
+    lease_s: float = _setting(30.0, "outbox claim lease; an event whose lease expires is re-run elsewhere")
+    max_attempts: int = _setting(8, "failed attempts before an event is DEAD or its order FAILED")
+    retry_base_s: float = _setting(0.5, "first retry delay (doubles each attempt, with jitter)")
+    retry_max_s: float = _setting(60.0, "longest retry delay")
+    saga_timeout_s: float = _setting(600.0, "a saga older than this fails its order ('inventory unavailable')")
+    breaker_fail_max: int = _setting(5, "consecutive failed or slow inventory calls that open the breaker")
+    breaker_reset_s: float = _setting(5.0, "seconds the breaker stays open before a half-open probe")
+    breaker_slow_call_s: float = _setting(2.0, "an inventory call slower than this counts as a failure")
+    inventory_rate: str = _setting("1000/second", "rate limit of inventory calls, `limits` notation")
+    redis_url: str = _setting("", "Redis URL for shared rate-limit counters and breaker state (optional)")
+    outbox_retention_s: float = _setting(3600.0, "DONE outbox rows older than this are deleted")
+    fault_file: str = _setting("", "testing only: a JSON file of fault switches read at run time")
+
+    @property
+    def inventory_url(self) -> str:
+        return self.inventory_database_url or self.database_url
+
+    def pool_size(self) -> int:
+        if self.db_pool_size:
+            return self.db_pool_size
+        # gRPC handlers + saga workers + dispatcher, health, housekeeping.
+        return self.max_workers + self.saga_workers + 4
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return "ORDERS_" + name.upper()
+
+
+def _convert(kind: type, raw: str) -> Any:
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    return raw
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line on stderr and exit status 2 (argparse would print the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="orders-server",
+        description="Order-processing gRPC service. Every setting is also an ORDERS_* environment variable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=("serve", "migrate"),
+        help="serve (default) or migrate: apply the schema to the configured database(s) and exit",
+    )
+    hints = {f.name: f.type for f in dataclasses.fields(Settings)}
+    for f in dataclasses.fields(Settings):
+        kind = {"int": int, "float": float, "str": str}[str(hints[f.name])]
+        default = f.default
+        if _env(f.name) in env:
+            try:
+                default = _convert(kind, env[_env(f.name)])
+            except ValueError:
+                parser.error(f"{_env(f.name)}: invalid value {env[_env(f.name)]!r}")
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=kind,
+            default=default,
+            choices=f.metadata["choices"],
+            help=f"{f.metadata['help']} [env {_env(f.name)}]",
+        )
+    return parser
+
+
+def _check(settings: Settings) -> list[str]:
+    problems: list[str] = []
+    for name in ("port", "metrics_port"):
+        if not 0 <= getattr(settings, name) <= 65535:
+            problems.append(f"{_flag(name)}: must be a port number 0-65535")
+    for name in ("max_workers", "max_concurrent_rpcs", "max_receive_message_bytes", "saga_workers", "max_attempts",
+                 "breaker_fail_max"):
+        if getattr(settings, name) < 1:
+            problems.append(f"{_flag(name)}: must be at least 1")
+    for name in ("db_pool_size", "db_statement_timeout_ms"):
+        if getattr(settings, name) < 0:
+            problems.append(f"{_flag(name)}: must not be negative")
+    for name in ("grace_period_s", "health_interval_s", "poll_interval_s", "lease_s", "retry_base_s",
+                 "retry_max_s", "saga_timeout_s", "breaker_reset_s", "breaker_slow_call_s", "outbox_retention_s"):
+        if not getattr(settings, name) > 0:
+            problems.append(f"{_flag(name)}: must be greater than 0")
+    for name in ("database_url", "inventory_url"):
+        try:
+            normalise_url(getattr(settings, name))
+        except UnsupportedDatabaseError as error:
+            problems.append(f"{_flag(name if name == 'database_url' else 'inventory_database_url')}: {error}")
+    try:
+        parse_rate(settings.inventory_rate)
+    except ValueError:
+        problems.append(f"--inventory-rate: {settings.inventory_rate!r} is not a rate such as '100/second'")
+    if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("--redis-url: must start with redis://, rediss:// or unix://")
+    return problems
+
+
+def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> tuple[str, Settings]:
+    """Parse flags over environment over defaults; exits with status 2 and one line on a bad value."""
+    environment = os.environ if env is None else env
+    parser = build_parser(environment)
+    namespace = parser.parse_args(argv)
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(Settings)}
+    settings = Settings(**values)
+    problems = _check(settings)
+    if problems:
+        parser.error("; ".join(problems))
+    return namespace.command, settings

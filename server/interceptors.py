@@ -1,0 +1,125 @@
+"""Server interceptors: correlation id and deadline on the way in, errors to statuses on the way out.
+
+`intercept_service` runs on grpcio's polling thread, so it only wraps the handler; all work
+happens inside the wrapped behaviour, in the handler's thread. Wrapping keeps the behaviour's
+attributes (`functools.wraps`): the health servicer's non-blocking `Watch` relies on one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import grpc
+
+from db.unit_of_work import deadline_bound
+from domain import correlation
+from domain.errors import DomainError
+from server.errors import code_for, to_status
+
+log = logging.getLogger("orders.rpc")
+
+CORRELATION_HEADER = "x-correlation-id"
+Around = Callable[[str, grpc.ServicerContext], AbstractContextManager[None]]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, method: str, around: Around) -> grpc.RpcMethodHandler:
+    """The same handler whose behaviour runs inside `around(method, context)`."""
+    if handler.request_streaming and handler.response_streaming:
+        kind = "stream_stream"
+    elif handler.request_streaming:
+        kind = "stream_unary"
+    elif handler.response_streaming:
+        kind = "unary_stream"
+    else:
+        kind = "unary_unary"
+    behaviour = getattr(handler, kind)
+
+    if handler.response_streaming and not getattr(behaviour, "experimental_non_blocking", False):
+
+        @functools.wraps(behaviour)
+        def streaming(request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            with around(method, context):
+                yield from behaviour(request, context, *args, **kwargs)
+
+        return handler._replace(**{kind: streaming})
+
+    @functools.wraps(behaviour)
+    def unary(request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Any:
+        with around(method, context):
+            return behaviour(request, context, *args, **kwargs)
+
+    return handler._replace(**{kind: unary})
+
+
+def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
+    for item in details.invocation_metadata or ():
+        if item.key == key and isinstance(item.value, str):
+            return str(item.value)
+    return None
+
+
+class CorrelationInterceptor(grpc.ServerInterceptor):
+    """Takes `x-correlation-id` (or makes one), binds it and the call's deadline for the handler,
+    and echoes the id in the initial metadata, which later trailers cannot overwrite."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        incoming = _metadata_value(handler_call_details, CORRELATION_HEADER)
+
+        @contextmanager
+        def around(_method: str, context: grpc.ServicerContext) -> Iterator[None]:
+            correlation_id = correlation.accept_or_new(incoming)
+            correlation.set_current(correlation_id)
+            context.send_initial_metadata(((CORRELATION_HEADER, correlation_id),))
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e9 else None
+            with deadline_bound(deadline):
+                yield
+
+        return wrap_handler(handler, handler_call_details.method, around)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions of this service's own handlers to statuses (server.errors) and writes one
+    access log line per call. Health and reflection answer for themselves."""
+
+    def __init__(self, prefixes: tuple[str, ...] = ("/orders.",)) -> None:
+        self._prefixes = prefixes
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefixes):
+            return handler
+        return wrap_handler(handler, handler_call_details.method, self._around)
+
+    @staticmethod
+    @contextmanager
+    def _around(method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as error:
+            code = code_for(error)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            if isinstance(error, DomainError):
+                log.info("rpc %s code=%s duration_ms=%.1f: %s", method, code.name, elapsed_ms, error)
+            else:
+                log.error("rpc %s code=%s duration_ms=%.1f", method, code.name, elapsed_ms, exc_info=error)
+            context.abort_with_status(to_status(error))
+        else:
+            log.info("rpc %s code=OK duration_ms=%.1f", method, (time.perf_counter() - started) * 1000)

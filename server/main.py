@@ -1,0 +1,62 @@
+"""The `orders-server` process: `orders-server [serve]` runs the service, `orders-server migrate`
+applies the schema and exits."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from server import bootstrap
+from server.config import Settings, load
+from server.logs import configure
+
+log = logging.getLogger("orders.server")
+
+
+def migrate(settings: Settings) -> int:
+    engines = bootstrap.make_engines(settings)
+    try:
+        bootstrap.apply_migrations(engines)
+    finally:
+        engines.dispose()
+    log.info("migrations applied")
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        service = bootstrap.build(settings)
+    except bootstrap.BindError as error:
+        log.error("%s", error)
+        return 1
+    service.start()
+    backend = service.engines.orders.dialect.name
+    log.info("orders-server ready on %s:%d (database: %s)", settings.host, service.port, backend)
+    stop.wait()
+    service.stop()
+    log.info("orders-server stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    command, settings = load(argv)
+    configure(settings.log_level, settings.log_format)
+    if command == "migrate":
+        return migrate(settings)
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

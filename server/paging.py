@@ -1,0 +1,55 @@
+"""Opaque, tamper-evident ListOrders page tokens (AIP-158).
+
+A token holds the keyset position (create_time, order_id) of the last order sent and a digest of
+the filters it was issued for, signed with HMAC-SHA256. Anything this server did not issue, or a
+token reused with other filters, is rejected as INVALID_ARGUMENT. The key is a setting
+(`--page-token-secret`) shared by every instance, so a token from one instance works on another.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from datetime import datetime
+
+from db.orders import PageCursor
+from domain.errors import FieldViolation, ValidationError
+
+_INVALID = ValidationError([FieldViolation("page_token", "not a page token issued for this query")])
+
+
+class PageTokenCodec:
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def _sign(self, body: bytes) -> bytes:
+        return hmac.new(self._secret, body, hashlib.sha256).digest()[:16]
+
+    @staticmethod
+    def _filters(customer_id: str | None, status: str | None) -> str:
+        return hashlib.sha256(json.dumps([customer_id, status]).encode()).hexdigest()[:16]
+
+    def encode(self, cursor: PageCursor, customer_id: str | None, status: str | None) -> str:
+        body = json.dumps(
+            [cursor.create_time.isoformat(), cursor.order_id, self._filters(customer_id, status)],
+            separators=(",", ":"),
+        ).encode()
+        return base64.urlsafe_b64encode(self._sign(body) + body).decode().rstrip("=")
+
+    def decode(self, token: str, customer_id: str | None, status: str | None) -> PageCursor:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            signature, body = raw[:16], raw[16:]
+            if not hmac.compare_digest(signature, self._sign(body)):
+                raise _INVALID
+            create_time, order_id, filters = json.loads(body)
+            if filters != self._filters(customer_id, status):
+                raise _INVALID
+            return PageCursor(datetime.fromisoformat(create_time), str(order_id))
+        except ValidationError:
+            raise
+        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as error:
+            raise _INVALID from error
