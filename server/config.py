@@ -54,7 +54,7 @@ class Settings:
     page_token_secret: str = _setting(
         "orders-page-tokens", "HMAC key of ListOrders page tokens (same on every instance)"
     )
-    saga_workers: int = _setting(8, "saga executor threads (the bulkhead)")
+    saga_workers: int = _setting(8, "saga executor threads (the bulkhead); 0 = this process does not dispatch")
     poll_interval_s: float = _setting(1.0, "outbox poll interval, the safety net behind wake-ups")
     lease_s: float = _setting(30.0, "outbox claim lease; an event whose lease expires is re-run elsewhere")
     max_attempts: int = _setting(8, "failed attempts before an event is DEAD or its order FAILED")
@@ -140,11 +140,11 @@ def _check(settings: Settings) -> list[str]:
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(settings, name) <= 65535:
             problems.append(f"{_flag(name)}: must be a port number 0-65535")
-    for name in ("max_workers", "max_concurrent_rpcs", "max_receive_message_bytes", "saga_workers", "max_attempts",
+    for name in ("max_workers", "max_concurrent_rpcs", "max_receive_message_bytes", "max_attempts",
                  "breaker_fail_max"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)}: must be at least 1")
-    for name in ("db_pool_size", "db_statement_timeout_ms"):
+    for name in ("db_pool_size", "db_statement_timeout_ms", "saga_workers"):
         if getattr(settings, name) < 0:
             problems.append(f"{_flag(name)}: must not be negative")
     for name in ("grace_period_s", "health_interval_s", "poll_interval_s", "lease_s", "retry_base_s",
