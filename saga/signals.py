@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from typing import Protocol
 
 
 class WakeUp:
@@ -63,3 +64,29 @@ class OrderChanges:
         with self._condition:
             self._closed = True
             self._condition.notify_all()
+
+
+class RemoteNotifier(Protocol):
+    def outbox_committed(self) -> None: ...
+
+    def order_changed(self, order_id: str) -> None: ...
+
+
+class CommitSignals:
+    """What a commit tells others: the local dispatcher and watchers at once, other processes
+    through the (optional) remote notifier."""
+
+    def __init__(self, wake: WakeUp, changes: OrderChanges, remote: RemoteNotifier | None = None) -> None:
+        self._wake = wake
+        self._changes = changes
+        self._remote = remote
+
+    def outbox_committed(self) -> None:
+        self._wake.set()
+        if self._remote is not None:
+            self._remote.outbox_committed()
+
+    def order_changed(self, order_id: str) -> None:
+        self._changes.publish([order_id])
+        if self._remote is not None:
+            self._remote.order_changed(order_id)

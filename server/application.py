@@ -19,6 +19,7 @@ from domain.errors import ConflictError, IdempotencyKeyReusedError, NotFoundErro
 from domain.inventory import StockLevel
 from domain.model import Order, OrderStatus, utcnow
 from domain.validation import PlaceOrderCommand
+from saga.signals import CommitSignals, OrderChanges, WakeUp
 from server.paging import PageTokenCodec
 
 # How often a cancel without `expected_version` re-reads and retries after losing a race.
@@ -37,13 +38,13 @@ class OrderApplication:
         orders_uow: Callable[[], OrdersUnitOfWork],
         inventory_uow: Callable[[], InventoryUnitOfWork],
         page_tokens: PageTokenCodec,
-        on_commit: Callable[[], None] = lambda: None,
+        signals: CommitSignals | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._orders_uow = orders_uow
         self._inventory_uow = inventory_uow
         self._page_tokens = page_tokens
-        self._on_commit = on_commit
+        self._signals = signals or CommitSignals(WakeUp(), OrderChanges())
         self._clock = clock
 
     def place_order(self, command: PlaceOrderCommand) -> Order:
@@ -59,7 +60,7 @@ class OrderApplication:
             with self._orders_uow() as uow:
                 uow.orders.add(order, request_fingerprint=fingerprint if command.request_id else None)
                 uow.outbox.add([placed], correlation.current(), order.create_time)
-                uow.after_commit(self._on_commit)
+                uow.after_commit(self._signals.outbox_committed)
                 uow.commit()
         except ConflictError:
             # A concurrent call with the same request_id won the unique key: answer as it did.
@@ -120,8 +121,9 @@ class OrderApplication:
                 cancelled, event = order.cancel(now=self._clock())
                 if uow.orders.save(cancelled):
                     uow.outbox.add([event], correlation.current(), cancelled.update_time)
-                    uow.after_commit(self._on_commit)
                     uow.commit()
+                    self._signals.outbox_committed()
+                    self._signals.order_changed(order_id)
                     return cancelled
             if expected_version is not None:
                 raise ConflictError(f"order {order_id} changed concurrently")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import grpc
+import pybreaker
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine, text
@@ -20,7 +22,12 @@ from db import migrate
 from db.engine import EngineSettings, is_sqlite, make_engine, normalise_url
 from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
 from generated.orders.v1 import orders_pb2, orders_pb2_grpc
-from saga.signals import OrderChanges, WakeUp
+from db.notifications import Listener, Notifier
+from saga.dispatcher import DispatcherSettings, OutboxDispatcher
+from saga.faults import FaultSwitches
+from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
+from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
+from saga.signals import CommitSignals, OrderChanges, WakeUp
 from server.application import OrderApplication
 from server.config import Settings
 from server.health import HealthMonitor
@@ -89,11 +96,21 @@ class Service:
     health: HealthMonitor
     changes: OrderChanges
     wake: WakeUp
+    guard: Guard
+    dispatcher: OutboxDispatcher | None = None
+    notifier: Notifier | None = None
+    listener: Listener | None = None
     stopped: bool = field(default=False)
 
     def start(self) -> None:
+        if self.notifier is not None:
+            self.notifier.start()
+        if self.listener is not None:
+            self.listener.start()
         self.server.start()
         self.health.start()
+        if self.dispatcher is not None:
+            self.dispatcher.start()
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, watch streams end, calls in flight get `grace`, then close."""
@@ -103,7 +120,14 @@ class Service:
         grace = self.settings.grace_period_s if grace is None else grace
         self.health.shutdown()
         self.changes.close()
-        self.server.stop(grace).wait()
+        server_stopped = self.server.stop(grace)
+        if self.dispatcher is not None and not self.dispatcher.stop(grace):
+            log.warning("saga steps still running after %.1fs are left to their leases", grace)
+        server_stopped.wait()
+        if self.listener is not None:
+            self.listener.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         self.engines.dispose()
 
 
@@ -123,12 +147,44 @@ def build(settings: Settings) -> Service:
 
     changes = OrderChanges()
     wake = WakeUp()
+    on_postgres = engines.orders.dialect.name == "postgresql"
+    notifier = Notifier(engines.orders) if on_postgres else None
+    signals = CommitSignals(wake, changes, notifier)
+    orders_uow = partial(OrdersUnitOfWork, engines.orders)
+    inventory_uow = partial(InventoryUnitOfWork, engines.inventory)
     app = OrderApplication(
-        orders_uow=partial(OrdersUnitOfWork, engines.orders),
-        inventory_uow=partial(InventoryUnitOfWork, engines.inventory),
+        orders_uow=orders_uow,
+        inventory_uow=inventory_uow,
         page_tokens=PageTokenCodec(settings.page_token_secret.encode()),
-        on_commit=wake.set,
+        signals=signals,
     )
+    faults = FaultSwitches(settings.fault_file)
+    guard = build_guard(settings)
+    dispatcher = None
+    if settings.saga_workers > 0:
+        saga = InventorySaga(
+            orders_uow,
+            InventoryParticipant(inventory_uow, faults),
+            guard,
+            SagaSettings(max_attempts=settings.max_attempts, saga_timeout_s=settings.saga_timeout_s),
+            on_order_changed=signals.order_changed,
+            faults=faults,
+        )
+        dispatcher = OutboxDispatcher(
+            orders_uow,
+            saga.handlers(),
+            DispatcherSettings(
+                workers=settings.saga_workers,
+                poll_interval_s=settings.poll_interval_s,
+                lease_s=settings.lease_s,
+                max_attempts=settings.max_attempts,
+                retry_base_s=settings.retry_base_s,
+                retry_max_s=settings.retry_max_s,
+            ),
+            wake,
+            faults=faults,
+        )
+    listener = Listener(engines.orders, wake.set, changes.publish) if on_postgres else None
     watcher = OrderWatcher(app.get_order, changes)
 
     server = grpc.server(
@@ -159,4 +215,22 @@ def build(settings: Settings) -> Service:
     monitor = HealthMonitor(
         health_servicer, (ORDER_SERVICE, INVENTORY_SERVICE), checks, settings.health_interval_s
     )
-    return Service(settings, server, port, engines, monitor, changes, wake)
+    return Service(settings, server, port, engines, monitor, changes, wake, guard, dispatcher, notifier, listener)
+
+
+def build_guard(settings: Settings) -> Guard:
+    """Breaker and limiter of the inventory call; shared through Redis when `redis_url` is set."""
+    storage: pybreaker.CircuitBreakerStorage | None = None
+    if settings.redis_url:
+        storage = pybreaker.CircuitRedisStorage(
+            pybreaker.STATE_CLOSED, redis.Redis.from_url(settings.redis_url), namespace="orders-inventory"
+        )
+    breaker = ConcurrentCircuitBreaker(
+        slow_call_s=settings.breaker_slow_call_s,
+        fail_max=settings.breaker_fail_max,
+        reset_timeout=settings.breaker_reset_s,
+        state_storage=storage,
+        name="inventory",
+    )
+    limiter = RateLimiter(settings.inventory_rate, settings.redis_url or "memory://")
+    return Guard(breaker, limiter)

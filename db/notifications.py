@@ -1,0 +1,172 @@
+"""PostgreSQL LISTEN/NOTIFY: wake the dispatchers and order watchers of other processes.
+
+- `Notifier` sends NOTIFY from its own autocommit connection, outside every order transaction:
+  a transaction that notifies takes a cluster-wide lock at commit, so notifying inside the hot
+  write would serialise every commit of the cluster. Requests are coalesced: at most one outbox
+  notification per `min_interval_s`, and changed order ids batched into few payloads.
+- `Listener` holds its own autocommit connection (LISTEN cannot share a pooled one), reconnects
+  with backoff, re-LISTENs and fires its callbacks once after every (re)connect, since
+  notifications sent while it was away are lost. Polling stays the guarantee of progress.
+Neither works through PgBouncer in transaction mode; the poll interval then carries the load.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+from sqlalchemy import Engine
+
+log = logging.getLogger(__name__)
+
+OUTBOX_CHANNEL = "orders_outbox"
+ORDERS_CHANNEL = "orders_changed"
+_MAX_PAYLOAD = 7000  # NOTIFY payloads must stay under 8000 bytes
+
+
+def _connect(engine: Engine) -> Any:
+    args, kwargs = engine.dialect.create_connect_args(engine.url)
+    connection = psycopg2.connect(*args, connect_timeout=5, **kwargs)
+    connection.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+    return connection
+
+
+class Notifier:
+    def __init__(self, engine: Engine, min_interval_s: float = 0.002) -> None:
+        self._engine = engine
+        self._min_interval_s = min_interval_s
+        self._condition = threading.Condition()
+        self._outbox_pending = False
+        self._orders: list[str] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="pg-notify", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def outbox_committed(self) -> None:
+        with self._condition:
+            self._outbox_pending = True
+            self._condition.notify()
+
+    def order_changed(self, order_id: str) -> None:
+        with self._condition:
+            self._orders.append(order_id)
+            self._condition.notify()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        self._thread.join(5)
+
+    def _take(self) -> tuple[bool, list[str]] | None:
+        with self._condition:
+            while not (self._stopping or self._outbox_pending or self._orders):
+                self._condition.wait()
+            if self._stopping:
+                return None
+            outbox, orders = self._outbox_pending, self._orders
+            self._outbox_pending, self._orders = False, []
+            return outbox, orders
+
+    def _run(self) -> None:
+        connection: Any = None
+        stop = threading.Event()
+        while (work := self._take()) is not None:
+            outbox, orders = work
+            try:
+                if connection is None or connection.closed:
+                    connection = _connect(self._engine)
+                with connection.cursor() as cursor:
+                    if outbox:
+                        cursor.execute("SELECT pg_notify(%s, '')", (OUTBOX_CHANNEL,))
+                    for payload in _batches(orders):
+                        cursor.execute("SELECT pg_notify(%s, %s)", (ORDERS_CHANNEL, payload))
+            except Exception as error:
+                log.warning("NOTIFY failed (%s); other processes will poll", type(error).__name__)
+                connection = None
+                stop.wait(0.5)
+            stop.wait(self._min_interval_s)
+        if connection is not None:
+            connection.close()
+
+
+def _batches(order_ids: list[str]) -> list[str]:
+    batches: list[str] = []
+    current: list[str] = []
+    size = 0
+    for order_id in dict.fromkeys(order_ids):
+        if size + len(order_id) + 1 > _MAX_PAYLOAD:
+            batches.append(",".join(current))
+            current, size = [], 0
+        current.append(order_id)
+        size += len(order_id) + 1
+    if current:
+        batches.append(",".join(current))
+    return batches
+
+
+class Listener:
+    def __init__(
+        self,
+        engine: Engine,
+        on_outbox: Callable[[], None],
+        on_orders: Callable[[list[str]], None],
+        reconnect_max_s: float = 5.0,
+    ) -> None:
+        self._engine = engine
+        self._on_outbox = on_outbox
+        self._on_orders = on_orders
+        self._reconnect_max_s = reconnect_max_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pg-listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        pause = 0.1
+        while not self._stop.is_set():
+            try:
+                connection = _connect(self._engine)
+            except Exception as error:
+                log.warning("LISTEN connection failed (%s); retrying in %.1fs", type(error).__name__, pause)
+                self._stop.wait(pause)
+                pause = min(pause * 2, self._reconnect_max_s)
+                continue
+            pause = 0.1
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(f"LISTEN {OUTBOX_CHANNEL}; LISTEN {ORDERS_CHANNEL}")
+                self._on_outbox()  # drain whatever was announced while nobody listened
+                while not self._stop.is_set():
+                    readable, _, _ = select.select([connection], [], [], 0.5)
+                    if not readable:
+                        continue
+                    connection.poll()
+                    outbox = False
+                    orders: list[str] = []
+                    while connection.notifies:
+                        note = connection.notifies.pop(0)
+                        if note.channel == OUTBOX_CHANNEL:
+                            outbox = True
+                        elif note.payload:
+                            orders.extend(note.payload.split(","))
+                    if outbox:
+                        self._on_outbox()
+                    if orders:
+                        self._on_orders(orders)
+            except Exception as error:
+                log.warning("LISTEN connection lost (%s); reconnecting", type(error).__name__)
+            finally:
+                connection.close()

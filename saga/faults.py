@@ -1,0 +1,64 @@
+"""Fault switches for tests: a JSON file (`--fault-file`) read at run time, off when absent.
+
+Tests flip faults on a running process by rewriting the file, e.g.
+`{"inventory_error": true}`, `{"inventory_delay_s": 3}`, `{"handler_delay_s": 5}`,
+`{"crash_after_reserve": true}`, `{"crash_before_complete": true}`.
+The file is re-read when its modification time changes; without the setting nothing is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class InjectedFaultError(Exception):
+    """The error a fault switch raises in place of a real failure."""
+
+
+class FaultSwitches:
+    def __init__(self, path: str = "") -> None:
+        self._path = Path(path) if path else None
+        self._lock = threading.Lock()
+        self._stamp: float | None = None
+        self._values: dict[str, Any] = {}
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if self._path is None:
+            return default
+        with self._lock:
+            try:
+                stamp = self._path.stat().st_mtime_ns
+            except FileNotFoundError:
+                self._values, self._stamp = {}, None
+                return default
+            if stamp != self._stamp:
+                try:
+                    loaded = json.loads(self._path.read_text() or "{}")
+                except ValueError:
+                    loaded = {}
+                self._values = loaded if isinstance(loaded, dict) else {}
+                self._stamp = stamp
+            return self._values.get(name, default)
+
+    def maybe_fail(self, name: str) -> None:
+        if self.get(name):
+            raise InjectedFaultError(f"injected fault {name}")
+
+    def maybe_delay(self, name: str) -> None:
+        delay = float(self.get(name, 0) or 0)
+        if delay > 0:
+            time.sleep(delay)
+
+    def maybe_crash(self, name: str) -> None:
+        """Kill this process at once, as SIGKILL would: no cleanup, no commit."""
+        if self.get(name):
+            log.warning("fault %s: killing the process", name)
+            os._exit(137)

@@ -1,0 +1,118 @@
+"""Guards of the call to the inventory participant: a circuit breaker and a rate limiter.
+
+`ConcurrentCircuitBreaker` keeps pybreaker's state machine, listeners and storage (memory or
+Redis), but changes two things pybreaker gets wrong for a thread pool:
+
+- pybreaker holds one lock for the whole protected call, so every saga step through one breaker
+  would run one at a time. Here the lock covers only reading and changing the state; calls run in
+  parallel, and in the half-open state exactly one probe is let through.
+- pybreaker counts only exceptions. Here a call slower than `slow_call_s` is recorded as a failure
+  too (its result is still used). A hung call is never recorded, so the protected calls must carry
+  their own deadline (the inventory transaction has a statement timeout).
+
+Business outcomes (insufficient stock) are return values, not exceptions, so they never count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pybreaker
+from limits import parse as parse_rate
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+
+T = TypeVar("T")
+
+
+class SlowCallError(Exception):
+    """Stands for a call that succeeded too slowly, when it is recorded as a failure."""
+
+
+class RateLimitedError(Exception):
+    pass
+
+
+BreakerOpenError = pybreaker.CircuitBreakerError
+
+
+class ConcurrentCircuitBreaker(pybreaker.CircuitBreaker):  # type: ignore[misc]
+    def __init__(self, *, slow_call_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.slow_call_s = slow_call_s
+        self._probe_in_flight = False
+
+    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        probe = self._admit()
+        started = time.monotonic()
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as error:
+            self._record(error, probe)
+            raise
+        elapsed = time.monotonic() - started
+        self._record(SlowCallError(f"call took {elapsed:.3f}s") if elapsed > self.slow_call_s else None, probe)
+        return result
+
+    def _admit(self) -> bool:
+        """Let the call through, or raise CircuitBreakerError. True if it is the half-open probe."""
+        with self._lock:
+            state = self.state
+            if state.name == pybreaker.STATE_OPEN:
+                opened_at = self._state_storage.opened_at
+                if opened_at and datetime.now(UTC) < opened_at + timedelta(seconds=self.reset_timeout):
+                    raise pybreaker.CircuitBreakerError("circuit breaker open")
+                self.half_open()
+                state = self.state
+            if state.name == pybreaker.STATE_HALF_OPEN:
+                if self._probe_in_flight:
+                    raise pybreaker.CircuitBreakerError("circuit breaker half-open: a probe is in flight")
+                self._probe_in_flight = True
+                return True
+            return False
+
+    def _record(self, error: BaseException | None, probe: bool) -> None:
+        with self._lock:
+            if probe:
+                self._probe_in_flight = False
+            state = self.state
+            try:
+                if error is None:
+                    state._handle_success()
+                else:
+                    state._handle_error(error, reraise=False)
+            except pybreaker.CircuitBreakerError:
+                pass  # pybreaker announces the trip by raising; the caller has its own error
+
+
+class RateLimiter:
+    """A moving-window limit on calls; `memory://` counts per process, `redis://` across processes."""
+
+    def __init__(self, rate: str, storage_uri: str = "memory://", key: str = "inventory") -> None:
+        self._item = parse_rate(rate)
+        self._limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
+        self._key = key
+
+    def acquire(self) -> None:
+        """Take one slot now or raise RateLimitedError; never waits (the caller defers instead)."""
+        if not self._limiter.hit(self._item, self._key):
+            raise RateLimitedError(f"over {self._item}")
+
+    def retry_after_s(self) -> float:
+        stats = self._limiter.get_window_stats(self._item, self._key)
+        return max(stats.reset_time - time.time(), 0.01)
+
+
+class Guard:
+    """Rate limiter, then breaker, around a call to another participant."""
+
+    def __init__(self, breaker: ConcurrentCircuitBreaker, limiter: RateLimiter) -> None:
+        self.breaker = breaker
+        self.limiter = limiter
+
+    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        self.limiter.acquire()
+        return self.breaker.call(func, *args, **kwargs)
