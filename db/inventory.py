@@ -35,10 +35,10 @@ class StockRepository:
 
     def set_available(self, sku: str, available: int, now: datetime) -> StockLevel:
         dialect_insert = postgresql.insert if self._c.dialect.name == "postgresql" else sqlite.insert
-        statement = dialect_insert(stock).values(
+        new_row = dialect_insert(stock).values(
             sku=sku, available=available, reserved=0, version=1, update_time=now
         )
-        statement = statement.on_conflict_do_update(
+        statement = new_row.on_conflict_do_update(
             index_elements=[stock.c.sku],
             set_={"available": available, "version": stock.c.version + 1, "update_time": now},
         ).returning(stock.c.sku, stock.c.available, stock.c.reserved, stock.c.version)
@@ -47,7 +47,9 @@ class StockRepository:
 
     def get(self, sku: str) -> StockLevel | None:
         row = self._c.execute(
-            select(stock.c.sku, stock.c.available, stock.c.reserved, stock.c.version).where(stock.c.sku == sku)
+            select(stock.c.sku, stock.c.available, stock.c.reserved, stock.c.version).where(
+                stock.c.sku == sku
+            )
         ).first()
         return None if row is None else StockLevel(row.sku, row.available, row.reserved, row.version)
 

@@ -185,7 +185,12 @@ class OutboxStore:
         return result.rowcount == 1
 
     def reschedule(
-        self, event: ClaimedEvent, available_at: datetime, now: datetime, error: str | None, count_attempt: bool
+        self,
+        event: ClaimedEvent,
+        available_at: datetime,
+        now: datetime,
+        error: str | None,
+        count_attempt: bool,
     ) -> bool:
         """Back to PENDING until `available_at`; a deferral (`count_attempt=False`) is not an attempt."""
         values: dict[str, Any] = {
@@ -237,7 +242,9 @@ class OutboxStore:
             oldest = datetime.fromisoformat(str(oldest)).replace(tzinfo=now.tzinfo)
         return int(count), max((now - oldest).total_seconds(), 0.0)
 
-    def rows(self, status: str | None = None, aggregate_id: str | None = None, limit: int = 100) -> list[OutboxRow]:
+    def rows(
+        self, status: str | None = None, aggregate_id: str | None = None, limit: int = 100
+    ) -> list[OutboxRow]:
         query = select(outbox)
         if status is not None:
             query = query.where(outbox.c.status == status)

@@ -108,7 +108,7 @@ class UnitOfWork:
         try:
             if not self._committed and self._transaction is not None and self._transaction.is_active:
                 self._transaction.rollback()
-        except Exception:  # noqa: S110 - the connection is discarded below; the original error matters more
+        except Exception:
             pass
         finally:
             self._close()

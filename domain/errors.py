@@ -1,15 +1,15 @@
 """Domain errors: what went wrong, in the domain's words; the server maps each to a status code.
 
-    DomainError
-    ├── ValidationError          a request field breaks a rule (carries field violations)
-    ├── NotFoundError            the order or SKU does not exist
-    ├── ConflictError            a version check failed, or retries could not resolve a race
-    ├── PreconditionError        the operation does not apply in the current state
-    │   ├── InvalidTransitionError   e.g. cancelling a FAILED order
-    │   └── IdempotencyKeyReusedError  request_id reused with another payload
-    ├── OverloadedError          the service is over a concurrency or rate limit
-    ├── UnavailableError         storage unreachable, shutting down
-    └── DeadlineExceededError    the caller's deadline passed before the work finished
+DomainError
+├── ValidationError          a request field breaks a rule (carries field violations)
+├── NotFoundError            the order or SKU does not exist
+├── ConflictError            a version check failed, or retries could not resolve a race
+├── PreconditionError        the operation does not apply in the current state
+│   ├── InvalidTransitionError   e.g. cancelling a FAILED order
+│   └── IdempotencyKeyReusedError  request_id reused with another payload
+├── OverloadedError          the service is over a concurrency or rate limit
+├── UnavailableError         storage unreachable, shutting down
+└── DeadlineExceededError    the caller's deadline passed before the work finished
 """
 
 from __future__ import annotations

@@ -57,9 +57,7 @@ def sku_violations(sku: str, field: str) -> list[FieldViolation]:
     return []
 
 
-def place_order(
-    customer_id: str, items: Sequence[tuple[str, int]], request_id: str
-) -> PlaceOrderCommand:
+def place_order(customer_id: str, items: Sequence[tuple[str, int]], request_id: str) -> PlaceOrderCommand:
     """Check a PlaceOrder request; `request_id` "" means no idempotency key."""
     violations: list[FieldViolation] = []
     if not customer_id:
@@ -77,7 +75,9 @@ def place_order(
         for index, (sku, quantity) in enumerate(items):
             violations += sku_violations(sku, f"items[{index}].sku")
             if sku in seen:
-                violations.append(FieldViolation(f"items[{index}].sku", f"SKU {sku!r} appears more than once"))
+                violations.append(
+                    FieldViolation(f"items[{index}].sku", f"SKU {sku!r} appears more than once")
+                )
             seen.add(sku)
             if not 1 <= quantity <= MAX_QUANTITY:
                 violations.append(
@@ -117,7 +117,9 @@ def page_size(value: int) -> int:
 
 def customer_filter(value: str) -> str | None:
     if len(value) > MAX_CUSTOMER_ID:
-        raise ValidationError([FieldViolation("customer_id", f"must be at most {MAX_CUSTOMER_ID} characters")])
+        raise ValidationError(
+            [FieldViolation("customer_id", f"must be at most {MAX_CUSTOMER_ID} characters")]
+        )
     return value or None
 
 

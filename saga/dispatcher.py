@@ -72,8 +72,8 @@ class DispatcherSettings:
 def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
     """Delay before attempt `attempt + 1`: exponential, capped, with "equal jitter" (half fixed,
     half random) so that retries of many events spread out but never come back at once."""
-    ceiling = min(max_s, base_s * 2 ** max(attempt - 1, 0))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    ceiling = min(max_s, base_s * 2.0 ** max(attempt - 1, 0))
+    return ceiling / 2 + float((rng or random).uniform(0, ceiling / 2))
 
 
 @dataclass
@@ -156,7 +156,9 @@ class OutboxDispatcher:
                 except Exception as error:
                     failures += 1
                     pause = min(self._settings.poll_interval_s * 2**failures, 30.0)
-                    log.warning("claiming outbox events failed (%s); next try in %.1fs", _describe(error), pause)
+                    log.warning(
+                        "claiming outbox events failed (%s); next try in %.1fs", _describe(error), pause
+                    )
                     self._stopping.wait(pause)
                     continue
             if claimed and claimed == free:
@@ -219,8 +221,13 @@ class OutboxDispatcher:
                 outcome, kept = "deferred", uow.outbox.reschedule(event, later, now, verdict.reason, False)
             elif event.attempts + 1 >= self._settings.max_attempts:
                 outcome, kept = "dead", uow.outbox.bury(event, verdict.error, now)
-                log.error("event %d (%s) is DEAD after %d attempts: %s",
-                          event.id, event.event_type, event.attempts + 1, verdict.error)
+                log.error(
+                    "event %d (%s) is DEAD after %d attempts: %s",
+                    event.id,
+                    event.event_type,
+                    event.attempts + 1,
+                    verdict.error,
+                )
             else:
                 delay = backoff_s(event.attempts + 1, self._settings.retry_base_s, self._settings.retry_max_s)
                 later = now + timedelta(seconds=delay)
@@ -232,7 +239,9 @@ class OutboxDispatcher:
             else:
                 setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
         if not kept:
-            log.warning("event %d: lease lost to another dispatcher; outcome %r not recorded", event.id, outcome)
+            log.warning(
+                "event %d: lease lost to another dispatcher; outcome %r not recorded", event.id, outcome
+            )
             return "fenced"
         return outcome
 

@@ -119,7 +119,7 @@ class InventoryParticipant:
                 if attempt + 1 == self._conflict_attempts:
                     raise
                 self.conflict_retries += 1
-                time.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311 - jitter, not security
+                time.sleep(random.uniform(0, 0.002 * 2**attempt))
         raise AssertionError("unreachable")
 
 
@@ -128,7 +128,7 @@ class InventorySaga:
 
     def __init__(
         self,
-        orders_uow: Callable[[], OrdersUnitOfWork],
+        orders_uow: Callable[..., OrdersUnitOfWork],
         participant: InventoryParticipant,
         guard: Guard,
         settings: SagaSettings,
@@ -145,7 +145,10 @@ class InventorySaga:
         self._clock = clock
 
     def handlers(self) -> dict[str, Handler]:
-        return {OrderPlaced.event_type: self.on_order_created, OrderCancelled.event_type: self.on_order_cancelled}
+        return {
+            OrderPlaced.event_type: self.on_order_created,
+            OrderCancelled.event_type: self.on_order_cancelled,
+        }
 
     def on_order_created(self, event: ClaimedEvent) -> Verdict:
         order_id = parse_order_id(event.payload)
@@ -187,8 +190,12 @@ class InventorySaga:
             if saved:
                 uow.commit()
         if saved:
-            log.info("order %s is %s%s", order.order_id, changed.status.value,
-                     f": {changed.failure_reason}" if changed.failure_reason else "")
+            log.info(
+                "order %s is %s%s",
+                order.order_id,
+                changed.status.value,
+                f": {changed.failure_reason}" if changed.failure_reason else "",
+            )
             self._on_order_changed(order.order_id)
             return Done()
         # The order moved under us (a cancel won the race): undo what this saga reserved.
@@ -237,4 +244,4 @@ class InventorySaga:
             reset_at = opened_at + timedelta(seconds=self._guard.breaker.reset_timeout)
             delay = max((reset_at - datetime.now(UTC)).total_seconds(), 0.05)
             reason = "inventory circuit breaker open"
-        return Defer(delay + random.uniform(0, 0.05), reason)  # noqa: S311 - jitter, not security
+        return Defer(delay + random.uniform(0, 0.05), reason)

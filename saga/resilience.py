@@ -39,7 +39,7 @@ class RateLimitedError(Exception):
 BreakerOpenError = pybreaker.CircuitBreakerError
 
 
-class ConcurrentCircuitBreaker(pybreaker.CircuitBreaker):  # type: ignore[misc]
+class ConcurrentCircuitBreaker(pybreaker.CircuitBreaker):
     def __init__(self, *, slow_call_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.slow_call_s = slow_call_s
@@ -54,7 +54,9 @@ class ConcurrentCircuitBreaker(pybreaker.CircuitBreaker):  # type: ignore[misc]
             self._record(error, probe)
             raise
         elapsed = time.monotonic() - started
-        self._record(SlowCallError(f"call took {elapsed:.3f}s") if elapsed > self.slow_call_s else None, probe)
+        self._record(
+            SlowCallError(f"call took {elapsed:.3f}s") if elapsed > self.slow_call_s else None, probe
+        )
         return result
 
     def _admit(self) -> bool:

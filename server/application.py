@@ -35,8 +35,8 @@ class OrderPage:
 class OrderApplication:
     def __init__(
         self,
-        orders_uow: Callable[[], OrdersUnitOfWork],
-        inventory_uow: Callable[[], InventoryUnitOfWork],
+        orders_uow: Callable[..., OrdersUnitOfWork],
+        inventory_uow: Callable[..., InventoryUnitOfWork],
         page_tokens: PageTokenCodec,
         signals: CommitSignals | None = None,
         clock: Callable[[], datetime] = utcnow,
@@ -103,7 +103,9 @@ class OrderApplication:
         token = ""
         if more:
             last = page[-1]
-            token = self._page_tokens.encode(PageCursor(last.create_time, last.order_id), customer_id, status_name)
+            token = self._page_tokens.encode(
+                PageCursor(last.create_time, last.order_id), customer_id, status_name
+            )
         return OrderPage(page, token)
 
     def cancel_order(self, order_id: str, expected_version: int | None) -> Order:
@@ -127,7 +129,7 @@ class OrderApplication:
                     return cancelled
             if expected_version is not None:
                 raise ConflictError(f"order {order_id} changed concurrently")
-            time.sleep(random.uniform(0, 0.005 * (2**attempt)))  # noqa: S311 - jitter, not security
+            time.sleep(random.uniform(0, 0.005 * (2**attempt)))
         raise ConflictError(f"order {order_id} kept changing; cancel not applied")
 
     def set_stock(self, sku: str, available: int) -> StockLevel:

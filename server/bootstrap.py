@@ -20,9 +20,9 @@ from sqlalchemy import Engine, text
 
 from db import migrate
 from db.engine import EngineSettings, is_sqlite, make_engine, normalise_url
+from db.notifications import Listener, Notifier
 from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
 from generated.orders.v1 import orders_pb2, orders_pb2_grpc
-from db.notifications import Listener, Notifier
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.faults import FaultSwitches
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
@@ -202,8 +202,12 @@ def build(settings: Settings) -> Service:
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (ORDER_SERVICE, INVENTORY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            ORDER_SERVICE,
+            INVENTORY_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(_address(settings.host, settings.port))
@@ -215,7 +219,9 @@ def build(settings: Settings) -> Service:
     monitor = HealthMonitor(
         health_servicer, (ORDER_SERVICE, INVENTORY_SERVICE), checks, settings.health_interval_s
     )
-    return Service(settings, server, port, engines, monitor, changes, wake, guard, dispatcher, notifier, listener)
+    return Service(
+        settings, server, port, engines, monitor, changes, wake, guard, dispatcher, notifier, listener
+    )
 
 
 def build_guard(settings: Settings) -> Guard:

@@ -42,25 +42,32 @@ class Settings:
     )
     max_workers: int = _setting(16, "gRPC handler threads")
     max_concurrent_rpcs: int = _setting(
-        64, "calls admitted at once, queued or running, streams and health included; more get RESOURCE_EXHAUSTED"
+        64,
+        "calls admitted at once, queued or running, streams and health included; more get RESOURCE_EXHAUSTED",
     )
     max_receive_message_bytes: int = _setting(4 * 1024 * 1024, "largest request message accepted")
     grace_period_s: float = _setting(10.0, "on SIGTERM, how long calls in flight may take to finish")
     log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting("text", "log line format", choices=("text", "json"))
     db_pool_size: int = _setting(0, "database connections per engine (0 = sized from the thread counts)")
-    db_statement_timeout_ms: int = _setting(10_000, "PostgreSQL statement_timeout when the call sets no deadline")
+    db_statement_timeout_ms: int = _setting(
+        10_000, "PostgreSQL statement_timeout when the call sets no deadline"
+    )
     health_interval_s: float = _setting(2.0, "seconds between database health checks")
     page_token_secret: str = _setting(
         "orders-page-tokens", "HMAC key of ListOrders page tokens (same on every instance)"
     )
-    saga_workers: int = _setting(8, "saga executor threads (the bulkhead); 0 = this process does not dispatch")
+    saga_workers: int = _setting(
+        8, "saga executor threads (the bulkhead); 0 = this process does not dispatch"
+    )
     poll_interval_s: float = _setting(1.0, "outbox poll interval, the safety net behind wake-ups")
     lease_s: float = _setting(30.0, "outbox claim lease; an event whose lease expires is re-run elsewhere")
     max_attempts: int = _setting(8, "failed attempts before an event is DEAD or its order FAILED")
     retry_base_s: float = _setting(0.5, "first retry delay (doubles each attempt, with jitter)")
     retry_max_s: float = _setting(60.0, "longest retry delay")
-    saga_timeout_s: float = _setting(600.0, "a saga older than this fails its order ('inventory unavailable')")
+    saga_timeout_s: float = _setting(
+        600.0, "a saga older than this fails its order ('inventory unavailable')"
+    )
     breaker_fail_max: int = _setting(5, "consecutive failed or slow inventory calls that open the breaker")
     breaker_reset_s: float = _setting(5.0, "seconds the breaker stays open before a half-open probe")
     breaker_slow_call_s: float = _setting(2.0, "an inventory call slower than this counts as a failure")
@@ -140,15 +147,30 @@ def _check(settings: Settings) -> list[str]:
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(settings, name) <= 65535:
             problems.append(f"{_flag(name)}: must be a port number 0-65535")
-    for name in ("max_workers", "max_concurrent_rpcs", "max_receive_message_bytes", "max_attempts",
-                 "breaker_fail_max"):
+    for name in (
+        "max_workers",
+        "max_concurrent_rpcs",
+        "max_receive_message_bytes",
+        "max_attempts",
+        "breaker_fail_max",
+    ):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)}: must be at least 1")
     for name in ("db_pool_size", "db_statement_timeout_ms", "saga_workers"):
         if getattr(settings, name) < 0:
             problems.append(f"{_flag(name)}: must not be negative")
-    for name in ("grace_period_s", "health_interval_s", "poll_interval_s", "lease_s", "retry_base_s",
-                 "retry_max_s", "saga_timeout_s", "breaker_reset_s", "breaker_slow_call_s", "outbox_retention_s"):
+    for name in (
+        "grace_period_s",
+        "health_interval_s",
+        "poll_interval_s",
+        "lease_s",
+        "retry_base_s",
+        "retry_max_s",
+        "saga_timeout_s",
+        "breaker_reset_s",
+        "breaker_slow_call_s",
+        "outbox_retention_s",
+    ):
         if not getattr(settings, name) > 0:
             problems.append(f"{_flag(name)}: must be greater than 0")
     for name in ("database_url", "inventory_url"):

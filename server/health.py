@@ -18,7 +18,11 @@ class HealthMonitor:
     overall server ("") and each named service."""
 
     def __init__(
-        self, servicer: health.HealthServicer, services: Sequence[str], checks: Sequence[Check], interval_s: float
+        self,
+        servicer: health.HealthServicer,
+        services: Sequence[str],
+        checks: Sequence[Check],
+        interval_s: float,
     ) -> None:
         self._servicer = servicer
         self._services = ("", *services)
@@ -46,7 +50,9 @@ class HealthMonitor:
             else:
                 log.warning("health: NOT_SERVING (%s)", "; ".join(problems))
         self._serving = serving
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in self._services:
             self._servicer.set(service, status)
         return serving

@@ -42,7 +42,9 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str, around: Around) ->
     if handler.response_streaming and not getattr(behaviour, "experimental_non_blocking", False):
 
         @functools.wraps(behaviour)
-        def streaming(request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        def streaming(
+            request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any
+        ) -> Iterator[Any]:
             with around(method, context):
                 yield from behaviour(request, context, *args, **kwargs)
 
@@ -63,7 +65,7 @@ def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
     return None
 
 
-class CorrelationInterceptor(grpc.ServerInterceptor):
+class CorrelationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Takes `x-correlation-id` (or makes one), binds it and the call's deadline for the handler,
     and echoes the id in the initial metadata, which later trailers cannot overwrite."""
 
@@ -90,7 +92,7 @@ class CorrelationInterceptor(grpc.ServerInterceptor):
         return wrap_handler(handler, handler_call_details.method, around)
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
+class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Maps exceptions of this service's own handlers to statuses (server.errors) and writes one
     access log line per call. Health and reflection answer for themselves."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from domain import validation
@@ -16,7 +18,7 @@ STATUS_TO_PB = {
     OrderStatus.FAILED: pb.ORDER_STATUS_FAILED,
     OrderStatus.CANCELLED: pb.ORDER_STATUS_CANCELLED,
 }
-STATUS_FROM_PB = {value: key for key, value in STATUS_TO_PB.items()}
+STATUS_FROM_PB: dict[int, OrderStatus] = {int(value): key for key, value in STATUS_TO_PB.items()}
 
 
 def place_command(request: pb.PlaceOrderRequest) -> validation.PlaceOrderCommand:
@@ -33,9 +35,9 @@ def status_filter(value: int) -> OrderStatus | None:
     return STATUS_FROM_PB[value]
 
 
-def _timestamp(moment: object) -> Timestamp:
+def _timestamp(moment: datetime) -> Timestamp:
     stamp = Timestamp()
-    stamp.FromDatetime(moment)  # type: ignore[arg-type]
+    stamp.FromDatetime(moment)
     return stamp
 
 
@@ -52,5 +54,13 @@ def order_to_pb(order: Order) -> pb.Order:
     )
 
 
-def stock_fields(level: StockLevel) -> dict[str, object]:
-    return {"sku": level.sku, "available": level.available, "reserved": level.reserved, "version": level.version}
+def set_stock_response(level: StockLevel) -> pb.SetStockResponse:
+    return pb.SetStockResponse(
+        sku=level.sku, available=level.available, reserved=level.reserved, version=level.version
+    )
+
+
+def get_stock_response(level: StockLevel) -> pb.GetStockResponse:
+    return pb.GetStockResponse(
+        sku=level.sku, available=level.available, reserved=level.reserved, version=level.version
+    )

@@ -19,7 +19,9 @@ class OrderServicer(pb_grpc.OrderServiceServicer):  # type: ignore[misc]
         self._app = app
         self._watcher = watcher
 
-    def PlaceOrder(self, request: pb.PlaceOrderRequest, context: grpc.ServicerContext) -> pb.PlaceOrderResponse:
+    def PlaceOrder(
+        self, request: pb.PlaceOrderRequest, context: grpc.ServicerContext
+    ) -> pb.PlaceOrderResponse:
         order = self._app.place_order(mapping.place_command(request))
         return pb.PlaceOrderResponse(order=mapping.order_to_pb(order))
 
@@ -27,7 +29,9 @@ class OrderServicer(pb_grpc.OrderServiceServicer):  # type: ignore[misc]
         order = self._app.get_order(validation.order_id(request.order_id))
         return pb.GetOrderResponse(order=mapping.order_to_pb(order))
 
-    def ListOrders(self, request: pb.ListOrdersRequest, context: grpc.ServicerContext) -> pb.ListOrdersResponse:
+    def ListOrders(
+        self, request: pb.ListOrdersRequest, context: grpc.ServicerContext
+    ) -> pb.ListOrdersResponse:
         page = self._app.list_orders(
             customer_id=validation.customer_filter(request.customer_id),
             status=mapping.status_filter(request.status),
@@ -38,7 +42,9 @@ class OrderServicer(pb_grpc.OrderServiceServicer):  # type: ignore[misc]
             orders=[mapping.order_to_pb(o) for o in page.orders], next_page_token=page.next_page_token
         )
 
-    def CancelOrder(self, request: pb.CancelOrderRequest, context: grpc.ServicerContext) -> pb.CancelOrderResponse:
+    def CancelOrder(
+        self, request: pb.CancelOrderRequest, context: grpc.ServicerContext
+    ) -> pb.CancelOrderResponse:
         order = self._app.cancel_order(
             validation.order_id(request.order_id), validation.expected_version(request.expected_version)
         )
@@ -58,8 +64,8 @@ class InventoryServicer(pb_grpc.InventoryServiceServicer):  # type: ignore[misc]
 
     def SetStock(self, request: pb.SetStockRequest, context: grpc.ServicerContext) -> pb.SetStockResponse:
         level = self._app.set_stock(validation.sku(request.sku), validation.stock_quantity(request.available))
-        return pb.SetStockResponse(**mapping.stock_fields(level))
+        return mapping.set_stock_response(level)
 
     def GetStock(self, request: pb.GetStockRequest, context: grpc.ServicerContext) -> pb.GetStockResponse:
         level = self._app.get_stock(validation.sku(request.sku))
-        return pb.GetStockResponse(**mapping.stock_fields(level))
+        return mapping.get_stock_response(level)

@@ -13,7 +13,9 @@ from saga.signals import OrderChanges
 
 
 class OrderWatcher:
-    def __init__(self, load: Callable[[str], Order], changes: OrderChanges, safety_poll_s: float = 1.0) -> None:
+    def __init__(
+        self, load: Callable[[str], Order], changes: OrderChanges, safety_poll_s: float = 1.0
+    ) -> None:
         self._load = load
         self._changes = changes
         self._safety_poll_s = safety_poll_s
