@@ -54,7 +54,9 @@ def differences(a: Path, b: Path) -> list[str]:
     names_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     diffs += [f"missing: {n}" for n in sorted(names_a - names_b)]
     diffs += [f"not generated: {n}" for n in sorted(names_b - names_a)]
-    diffs += [f"differs: {n}" for n in sorted(names_a & names_b) if not filecmp.cmp(a / n, b / n, shallow=False)]
+    diffs += [
+        f"differs: {n}" for n in sorted(names_a & names_b) if not filecmp.cmp(a / n, b / n, shallow=False)
+    ]
     return diffs
 
 
