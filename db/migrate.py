@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,9 @@ def upgrade(engine: Engine, part: Part) -> None:
         log.info("%s schema migrated from %s to %s", part.name, before or "nothing", after)
 
 
+@functools.cache
 def head(part: Part) -> str | None:
+    """The newest revision this code knows (read from the scripts once per process)."""
     return ScriptDirectory.from_config(part.config()).get_current_head()
 
 

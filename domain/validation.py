@@ -120,6 +120,8 @@ def customer_filter(value: str) -> str | None:
         raise ValidationError(
             [FieldViolation("customer_id", f"must be at most {MAX_CUSTOMER_ID} characters")]
         )
+    if _CONTROL.search(value):
+        raise ValidationError([FieldViolation("customer_id", "must not contain control characters")])
     return value or None
 
 

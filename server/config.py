@@ -131,6 +131,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                 default = _convert(kind, env[_env(f.name)])
             except ValueError:
                 parser.error(f"{_env(f.name)}: invalid value {env[_env(f.name)]!r}")
+            choices = f.metadata["choices"]
+            if choices is not None and default not in choices:
+                parser.error(f"{_env(f.name)}: {default!r} is not one of {', '.join(choices)}")
         parser.add_argument(
             _flag(f.name),
             dest=f.name,

@@ -41,7 +41,9 @@ class PageTokenCodec:
 
     def decode(self, token: str, customer_id: str | None, status: str | None) -> PageCursor:
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+            if base64.urlsafe_b64encode(raw).decode().rstrip("=") != token:
+                raise _INVALID
             signature, body = raw[:16], raw[16:]
             if not hmac.compare_digest(signature, self._sign(body)):
                 raise _INVALID
