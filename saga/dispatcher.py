@@ -104,6 +104,7 @@ class OutboxDispatcher:
         clock: Callable[[], datetime] = utcnow,
         listener: Listener | None = None,
         faults: FaultSwitches | None = None,
+        on_claimed: Callable[[ClaimedEvent, float], None] | None = None,
     ) -> None:
         self._uow = uow
         self._handlers = dict(handlers)
@@ -112,6 +113,7 @@ class OutboxDispatcher:
         self._clock = clock
         self._listener = listener
         self._faults = faults or FaultSwitches()
+        self._on_claimed = on_claimed
         self._lock = threading.Lock()
         self._in_flight = 0
         self._stopping = threading.Event()
@@ -171,12 +173,15 @@ class OutboxDispatcher:
             events = uow.outbox.claim(free, timedelta(seconds=self._settings.lease_s), now)
             uow.commit()
         for event in events:
+            lag_s = max((event.claimed_at - event.created_at).total_seconds(), 0.0)
             with self._lock:
                 self._in_flight += 1
                 self.stats.claimed += 1
-                self.stats.lags_s.append(max((event.claimed_at - event.created_at).total_seconds(), 0.0))
+                self.stats.lags_s.append(lag_s)
                 if len(self.stats.lags_s) > 10_000:
                     del self.stats.lags_s[:5_000]
+            if self._on_claimed is not None:
+                self._on_claimed(event, lag_s)
             # A fresh context per task: one context entered by two threads at once raises.
             context = contextvars.Context()
             self._executor.submit(context.run, self._handle, event)

@@ -135,7 +135,9 @@ class InventorySaga:
         on_order_changed: Callable[[str], None] = lambda _order_id: None,
         faults: FaultSwitches | None = None,
         clock: Callable[[], datetime] = utcnow,
+        on_outcome: Callable[[str], None] = lambda _outcome: None,
     ) -> None:
+        self._on_outcome = on_outcome
         self._orders_uow = orders_uow
         self._participant = participant
         self._guard = guard
@@ -197,6 +199,7 @@ class InventorySaga:
                 f": {changed.failure_reason}" if changed.failure_reason else "",
             )
             self._on_order_changed(order.order_id)
+            self._on_outcome(changed.status.value.lower())
             return Done()
         # The order moved under us (a cancel won the race): undo what this saga reserved.
         current = self._load(order.order_id)
@@ -216,6 +219,7 @@ class InventorySaga:
                 uow.commit()
         if saved:
             self._on_order_changed(order.order_id)
+            self._on_outcome("gave_up")
         # Whatever an earlier attempt may have reserved goes back; if the inventory is still down,
         # the retry comes back here through the "not PENDING" path.
         try:
@@ -233,6 +237,7 @@ class InventorySaga:
             return Retry(f"release failed: {type(error).__name__}: {error}")
         if released:
             log.info("released %d reserved item(s) of order %s", len(released), order_id)
+            self._on_outcome("released")
         return Done()
 
     def _defer(self, error: Exception) -> Defer:

@@ -114,7 +114,12 @@ class Guard:
     def __init__(self, breaker: ConcurrentCircuitBreaker, limiter: RateLimiter) -> None:
         self.breaker = breaker
         self.limiter = limiter
+        self.denials = 0
 
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        self.limiter.acquire()
+        try:
+            self.limiter.acquire()
+        except RateLimitedError:
+            self.denials += 1
+            raise
         return self.breaker.call(func, *args, **kwargs)

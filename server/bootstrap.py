@@ -7,6 +7,7 @@ takes it apart in the order that loses nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,6 +26,7 @@ from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
 from generated.orders.v1 import orders_pb2, orders_pb2_grpc
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.faults import FaultSwitches
+from saga.housekeeping import Housekeeper
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
 from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
 from saga.signals import CommitSignals, OrderChanges, WakeUp
@@ -32,6 +34,7 @@ from server.application import OrderApplication
 from server.config import Settings
 from server.health import HealthMonitor
 from server.interceptors import CorrelationInterceptor, ErrorInterceptor
+from server.metrics import Metrics, MetricsInterceptor
 from server.paging import PageTokenCodec
 from server.servicers import InventoryServicer, OrderServicer
 from server.watch import OrderWatcher
@@ -97,12 +100,19 @@ class Service:
     changes: OrderChanges
     wake: WakeUp
     guard: Guard
+    metrics: Metrics
+    housekeeper: Housekeeper
     dispatcher: OutboxDispatcher | None = None
     notifier: Notifier | None = None
     listener: Listener | None = None
     stopped: bool = field(default=False)
+    metrics_port: int = 0
+    _stop_metrics: Callable[[], None] | None = None
 
     def start(self) -> None:
+        if self.settings.metrics_port:
+            self._stop_metrics = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+            self.metrics_port = self.settings.metrics_port
         if self.notifier is not None:
             self.notifier.start()
         if self.listener is not None:
@@ -111,6 +121,7 @@ class Service:
         self.health.start()
         if self.dispatcher is not None:
             self.dispatcher.start()
+        self.housekeeper.start()
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, watch streams end, calls in flight get `grace`, then close."""
@@ -124,6 +135,9 @@ class Service:
         if self.dispatcher is not None and not self.dispatcher.stop(grace):
             log.warning("saga steps still running after %.1fs are left to their leases", grace)
         server_stopped.wait()
+        self.housekeeper.stop()
+        if self._stop_metrics is not None:
+            self._stop_metrics()
         if self.listener is not None:
             self.listener.stop()
         if self.notifier is not None:
@@ -160,15 +174,30 @@ def build(settings: Settings) -> Service:
     )
     faults = FaultSwitches(settings.fault_file)
     guard = build_guard(settings)
+    metrics = Metrics()
+    metrics.watch_breaker(guard.breaker)
+    metrics.count_from(
+        "orders_rate_limit_denials", "inventory calls the rate limiter deferred", lambda: guard.denials
+    )
+    metrics.watch_pool("orders", engines.orders.pool.checkedout)  # type: ignore[attr-defined]
+    if engines.inventory is not engines.orders:
+        metrics.watch_pool("inventory", engines.inventory.pool.checkedout)  # type: ignore[attr-defined]
     dispatcher = None
     if settings.saga_workers > 0:
+        participant = InventoryParticipant(inventory_uow, faults)
+        metrics.count_from(
+            "orders_stock_conflict_retries",
+            "inventory transactions retried after a conflict",
+            lambda: participant.conflict_retries,
+        )
         saga = InventorySaga(
             orders_uow,
-            InventoryParticipant(inventory_uow, faults),
+            participant,
             guard,
             SagaSettings(max_attempts=settings.max_attempts, saga_timeout_s=settings.saga_timeout_s),
             on_order_changed=signals.order_changed,
             faults=faults,
+            on_outcome=metrics.on_saga_outcome,
         )
         dispatcher = OutboxDispatcher(
             orders_uow,
@@ -183,13 +212,15 @@ def build(settings: Settings) -> Service:
             ),
             wake,
             faults=faults,
+            listener=metrics.on_handled,
+            on_claimed=metrics.on_claimed,
         )
     listener = Listener(engines.orders, wake.set, changes.publish) if on_postgres else None
     watcher = OrderWatcher(app.get_order, changes)
 
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="grpc"),
-        interceptors=[CorrelationInterceptor(), ErrorInterceptor()],
+        interceptors=[CorrelationInterceptor(), MetricsInterceptor(metrics), ErrorInterceptor()],
         options=[
             # A second server must not silently share the port (grpcio turns reuseport on by default).
             ("grpc.so_reuseport", 0),
@@ -219,8 +250,26 @@ def build(settings: Settings) -> Service:
     monitor = HealthMonitor(
         health_servicer, (ORDER_SERVICE, INVENTORY_SERVICE), checks, settings.health_interval_s
     )
+    housekeeper = Housekeeper(
+        orders_uow,
+        settings.outbox_retention_s,
+        interval_s=settings.housekeeping_interval_s,
+        on_backlog=metrics.on_backlog,
+    )
     return Service(
-        settings, server, port, engines, monitor, changes, wake, guard, dispatcher, notifier, listener
+        settings,
+        server,
+        port,
+        engines,
+        monitor,
+        changes,
+        wake,
+        guard,
+        metrics,
+        housekeeper,
+        dispatcher,
+        notifier,
+        listener,
     )
 
 

@@ -74,6 +74,7 @@ class Settings:
     inventory_rate: str = _setting("1000/second", "rate limit of inventory calls, `limits` notation")
     redis_url: str = _setting("", "Redis URL for shared rate-limit counters and breaker state (optional)")
     outbox_retention_s: float = _setting(3600.0, "DONE outbox rows older than this are deleted")
+    housekeeping_interval_s: float = _setting(5.0, "seconds between outbox clean-ups and backlog readings")
     fault_file: str = _setting("", "testing only: a JSON file of fault switches read at run time")
 
     @property
@@ -172,6 +173,7 @@ def _check(settings: Settings) -> list[str]:
         "saga_timeout_s",
         "breaker_reset_s",
         "breaker_slow_call_s",
+        "housekeeping_interval_s",
         "outbox_retention_s",
     ):
         if not getattr(settings, name) > 0:

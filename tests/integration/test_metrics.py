@@ -1,0 +1,71 @@
+"""The Prometheus endpoint: the numbers move as orders flow."""
+
+import socket
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from generated.orders.v1 import orders_pb2 as pb
+from tests.support import wait_until
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_calls_saga_outcomes_and_dispatch_lag(start_server, database_url):
+    port = _free_port()
+    server = start_server(database_url=database_url, metrics_port=port, housekeeping_interval_s=0.2)
+    before = _scrape(port)
+    server.stubs.set_stock("M-1", 3)
+    placed = [server.stubs.place("metrics", [("M-1", 1)]) for _ in range(5)]
+    wait_until(
+        lambda: all(server.stubs.get(o.order_id).status != pb.ORDER_STATUS_PENDING for o in placed),
+        what="orders settled",
+    )
+
+    after = wait_until(
+        lambda: (s := _scrape(port)) and _value(s, "orders_saga_outcomes_total", outcome="failed") >= 2 and s,
+        what="saga outcomes scraped",
+    )
+    place = "/orders.v1.OrderService/PlaceOrder"
+    assert (
+        _value(after, "orders_rpc_total", method=place, code="OK")
+        - _value(before, "orders_rpc_total", method=place, code="OK")
+        == 5
+    )
+    assert _value(after, "orders_saga_outcomes_total", outcome="validated") == 3
+    assert _value(after, "orders_saga_outcomes_total", outcome="failed") == 2
+    assert _value(after, "orders_outbox_dispatch_lag_seconds_count") >= 5
+    assert _value(after, "orders_outbox_events_total", event_type="ORDER_CREATED", outcome="done") == 5
+    assert _value(after, "orders_breaker_state") == 0
+    assert "orders_db_pool_in_use_orders" in {name for name, _ in after}
+    # The backlog gauge is refreshed by housekeeping: nothing is pending once all settled.
+    wait_until(lambda: _value(_scrape(port), "orders_outbox_backlog") == 0, what="backlog drained")
+
+
+def test_bad_requests_are_counted_with_their_code(start_server, sqlite_url):
+    port = _free_port()
+    server = start_server(database_url=sqlite_url, metrics_port=port, saga_workers=0)
+    with pytest.raises(grpc.RpcError):
+        server.stubs.orders.GetOrder(pb.GetOrderRequest(order_id="not-a-uuid"), timeout=5)
+    samples = _scrape(port)
+    method = "/orders.v1.OrderService/GetOrder"
+    assert _value(samples, "orders_rpc_total", method=method, code="INVALID_ARGUMENT") == 1
