@@ -93,10 +93,29 @@ def _sqlite_engine(url: URL, settings: EngineSettings) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+        _record.info[_SQLITE_BUSY_MS] = int(settings.sqlite_busy_timeout_ms)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        # A writer waits for SQLite's lock no longer than the caller's deadline allows: past it, the
+        # client has gone and the work must be abandoned, not done once the lock comes free.
+        busy_ms = _sqlite_busy_timeout_ms(settings.sqlite_busy_timeout_ms)
+        info = conn.connection.info
+        if info.get(_SQLITE_BUSY_MS) != busy_ms:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
+            info[_SQLITE_BUSY_MS] = busy_ms
         immediate = conn.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+_SQLITE_BUSY_MS = "orders_sqlite_busy_timeout_ms"
+
+
+def _sqlite_busy_timeout_ms(default_ms: int) -> int:
+    """The busy timeout for a transaction starting now: the default, or less if a deadline is bound."""
+    from db.unit_of_work import remaining_ms  # here: db.unit_of_work imports this module
+
+    budget = remaining_ms()
+    return int(default_ms) if budget is None else max(1, min(int(default_ms), budget))

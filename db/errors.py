@@ -17,6 +17,12 @@ def sqlstate(error: BaseException) -> str | None:
     return code if isinstance(code, str) else None
 
 
+def _sqlite_busy(error: sa_exc.DBAPIError) -> bool:
+    """SQLite gave up waiting for another connection's lock (SQLITE_BUSY, "database is locked")."""
+    orig = error.orig
+    return getattr(orig, "sqlite_errorname", None) == "SQLITE_BUSY" or "database is locked" in str(orig)
+
+
 def translate(error: BaseException, *, deadline_set: bool = False) -> DomainError | None:
     """The domain error a database exception stands for, or None if it is a bug to report as is."""
     if isinstance(error, DomainError):
@@ -37,6 +43,9 @@ def translate(error: BaseException, *, deadline_set: bool = False) -> DomainErro
             if deadline_set:
                 return DeadlineExceededError("deadline exceeded while waiting for the database")
             return UnavailableError("database statement timed out")
+        if deadline_set and _sqlite_busy(error):
+            # The busy timeout was cut to the caller's deadline (db.engine): the lock never came free in time.
+            return DeadlineExceededError("deadline exceeded while waiting for the database")
         if error.connection_invalidated or isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
             return UnavailableError("database unavailable")
     return None

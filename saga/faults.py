@@ -27,7 +27,7 @@ class FaultSwitches:
     def __init__(self, path: str = "") -> None:
         self._path = Path(path) if path else None
         self._lock = threading.Lock()
-        self._stamp: float | None = None
+        self._stamp: tuple[int, int] | None = None
         self._values: dict[str, Any] = {}
 
     def get(self, name: str, default: Any = None) -> Any:
@@ -35,7 +35,8 @@ class FaultSwitches:
             return default
         with self._lock:
             try:
-                stamp = self._path.stat().st_mtime_ns
+                info = self._path.stat()
+                stamp = (info.st_mtime_ns, info.st_size)
             except FileNotFoundError:
                 self._values, self._stamp = {}, None
                 return default

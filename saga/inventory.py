@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+import pybreaker
+
 from db.outbox import ClaimedEvent
 from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
 from domain.errors import ConflictError
@@ -166,6 +168,8 @@ class InventorySaga:
         except (BreakerOpenError, RateLimitedError) as error:
             return self._defer(error)
         except Exception as error:
+            if self._breaker_open():
+                return self._defer(error)  # an outage (this call tripped it, or a probe failed)
             if event.attempts + 1 >= self._settings.max_attempts:
                 return self._give_up(order, event, str(error))
             return Retry(f"reserve failed: {type(error).__name__}: {error}")
@@ -225,7 +229,8 @@ class InventorySaga:
         try:
             self._participant.release(order.order_id)
         except Exception as error:
-            return Retry(f"release after giving up failed: {type(error).__name__}: {error}")
+            # Not an attempt (this one may be the last): the event must come back to release.
+            return self._defer(error)
         return Done()
 
     def _release(self, order_id: str, event: ClaimedEvent) -> Verdict:
@@ -234,11 +239,16 @@ class InventorySaga:
         except (BreakerOpenError, RateLimitedError) as error:
             return self._defer(error)
         except Exception as error:
+            if self._breaker_open():
+                return self._defer(error)
             return Retry(f"release failed: {type(error).__name__}: {error}")
         if released:
             log.info("released %d reserved item(s) of order %s", len(released), order_id)
             self._on_outcome("released")
         return Done()
+
+    def _breaker_open(self) -> bool:
+        return bool(self._guard.breaker.current_state == pybreaker.STATE_OPEN)
 
     def _defer(self, error: Exception) -> Defer:
         if isinstance(error, RateLimitedError):

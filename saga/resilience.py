@@ -59,6 +59,18 @@ class ConcurrentCircuitBreaker(pybreaker.CircuitBreaker):
         )
         return result
 
+    def calling(self) -> Any:
+        """Not supported: pybreaker's context manager would bypass the bookkeeping of `call`."""
+        raise TypeError("use ConcurrentCircuitBreaker.call()")
+
+    def refuses_now(self) -> bool:
+        """True while open and its reset timeout has not passed (cheap check before a call)."""
+        with self._lock:
+            if self.state.name != pybreaker.STATE_OPEN:
+                return False
+            opened_at = self._state_storage.opened_at
+            return bool(opened_at and datetime.now(UTC) < opened_at + timedelta(seconds=self.reset_timeout))
+
     def _admit(self) -> bool:
         """Let the call through, or raise CircuitBreakerError. True if it is the half-open probe."""
         with self._lock:
@@ -81,6 +93,9 @@ class ConcurrentCircuitBreaker(pybreaker.CircuitBreaker):
             if probe:
                 self._probe_in_flight = False
             state = self.state
+            if state.name == pybreaker.STATE_HALF_OPEN and not probe:
+                # A call let in before the breaker opened: only the probe decides half-open.
+                return
             try:
                 if error is None:
                     state._handle_success()
@@ -117,6 +132,8 @@ class Guard:
         self.denials = 0
 
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self.breaker.refuses_now():  # don't spend a (possibly cluster-wide) rate slot on a refusal
+            raise pybreaker.CircuitBreakerError("circuit breaker open")
         try:
             self.limiter.acquire()
         except RateLimitedError:

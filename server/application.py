@@ -78,6 +78,7 @@ class OrderApplication:
         if found is None:
             return None
         order, stored_fingerprint = found
+        correlation.set_order_id(order.order_id)
         if stored_fingerprint != fingerprint:
             raise IdempotencyKeyReusedError(
                 f"request_id {request_id!r} was already used with a different request"

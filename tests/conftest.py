@@ -29,8 +29,12 @@ REQUIRE_PG = os.environ.get("ORDERS_TEST_REQUIRE_POSTGRES") == "1" or os.environ
 def _pg_connect(database: str | None = None) -> Any:
     url = make_url(PG_ADMIN_URL)
     return psycopg2.connect(
-        host=url.host, port=url.port or 5432, user=url.username, password=url.password,
-        dbname=database or url.database, connect_timeout=5,
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        password=url.password,
+        dbname=database or url.database,
+        connect_timeout=5,
     )
 
 
@@ -109,8 +113,14 @@ def migrated_url(database_url: str) -> str:
 def fast_settings(**overrides: Any) -> Settings:
     """Settings for tests: any free port, quick polls and retries."""
     base = Settings(
-        port=0, health_interval_s=0.2, poll_interval_s=0.2, retry_base_s=0.05, retry_max_s=0.5,
-        breaker_reset_s=0.5, grace_period_s=2.0, migrate_on_start="always",
+        port=0,
+        health_interval_s=0.2,
+        poll_interval_s=0.2,
+        retry_base_s=0.05,
+        retry_max_s=0.5,
+        breaker_reset_s=0.5,
+        grace_period_s=2.0,
+        migrate_on_start="always",
     )
     return replace(base, **overrides)
 
@@ -145,7 +155,8 @@ def start_server() -> Iterator[Callable[..., InProcessServer]]:
 
 
 @pytest.fixture
-def server(start_server: Callable[..., InProcessServer], database_url: str) -> InProcessServer:
+def server(database_url: str, start_server: Callable[..., InProcessServer]) -> InProcessServer:
+    # database_url first: fixtures tear down in reverse, so the server stops before its database goes.
     """A started in-process server on a fresh database of each backend."""
     return start_server(database_url=database_url)
 

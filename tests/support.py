@@ -23,7 +23,9 @@ T = TypeVar("T")
 READY = re.compile(r"orders-server ready on (?P<host>\S+):(?P<port>\d+)")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> T:
     """Poll `predicate` until it returns something truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -51,7 +53,9 @@ class Stubs:
         self.orders = pb_grpc.OrderServiceStub(self.channel)
         self.inventory = pb_grpc.InventoryServiceStub(self.channel)
 
-    def place(self, customer: str = "c1", items: Sequence[tuple[str, int]] = (("SKU-1", 1),), **kw: Any) -> pb.Order:
+    def place(
+        self, customer: str = "c1", items: Sequence[tuple[str, int]] = (("SKU-1", 1),), **kw: Any
+    ) -> pb.Order:
         request = pb.PlaceOrderRequest(
             customer_id=customer, items=[pb.OrderItem(sku=s, quantity=q) for s, q in items], **kw
         )
@@ -105,5 +109,9 @@ class ServerProcess:
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+    # Without the installed console script the server runs as `python -m server.main` from the repo.
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
+    )
     env.update(extra or {})
     return env

@@ -1,0 +1,17 @@
+"""Fixtures of the integration suite, on top of tests/conftest.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.conftest import InProcessServer
+
+
+@pytest.fixture
+def quiet_server(database_url: str, start_server: Callable[..., InProcessServer]) -> InProcessServer:
+    """A server on a fresh database of each backend that runs no saga: its orders stay PENDING.
+
+    `database_url` comes first so that the server stops before its database is dropped."""
+    return start_server(database_url=database_url, saga_workers=0)
