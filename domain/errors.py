@@ -7,7 +7,8 @@ DomainError
 ├── PreconditionError        the operation does not apply in the current state
 │   ├── InvalidTransitionError   e.g. cancelling a FAILED order
 │   └── IdempotencyKeyReusedError  request_id reused with another payload
-├── OverloadedError          the service is over a concurrency or rate limit
+├── UnauthenticatedError     no valid credentials for a protected service
+    ├── OverloadedError          the service is over a concurrency or rate limit
 ├── UnavailableError         storage unreachable, shutting down
 └── DeadlineExceededError    the caller's deadline passed before the work finished
 """
@@ -52,6 +53,10 @@ class InvalidTransitionError(PreconditionError):
 
 
 class IdempotencyKeyReusedError(PreconditionError):
+    pass
+
+
+class UnauthenticatedError(DomainError):
     pass
 
 

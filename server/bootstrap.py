@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import grpc
 import pybreaker
@@ -33,7 +34,7 @@ from saga.signals import CommitSignals, OrderChanges, WakeUp
 from server.application import OrderApplication
 from server.config import Settings
 from server.health import HealthMonitor
-from server.interceptors import CorrelationInterceptor, ErrorInterceptor
+from server.interceptors import BearerTokenInterceptor, CorrelationInterceptor, ErrorInterceptor
 from server.metrics import Metrics, MetricsInterceptor
 from server.paging import PageTokenCodec
 from server.servicers import InventoryServicer, OrderServicer
@@ -220,7 +221,16 @@ def build(settings: Settings) -> Service:
 
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="grpc"),
-        interceptors=[CorrelationInterceptor(), MetricsInterceptor(metrics), ErrorInterceptor()],
+        interceptors=[
+            CorrelationInterceptor(),
+            MetricsInterceptor(metrics),
+            ErrorInterceptor(),
+            *(
+                [BearerTokenInterceptor(_tokens(settings.auth_tokens_file))]
+                if settings.auth_tokens_file
+                else []
+            ),
+        ],
         options=[
             # A second server must not silently share the port (grpcio turns reuseport on by default).
             ("grpc.so_reuseport", 0),
@@ -241,7 +251,9 @@ def build(settings: Settings) -> Service:
         ),
         server,
     )
-    port = server.add_insecure_port(_address(settings.host, settings.port))
+    address = _address(settings.host, settings.port)
+    credentials = _tls(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise BindError(f"could not bind {_address(settings.host, settings.port)}")
 
@@ -271,6 +283,25 @@ def build(settings: Settings) -> Service:
         notifier,
         listener,
     )
+
+
+def _tls(settings: Settings) -> grpc.ServerCredentials | None:
+    """Server TLS credentials, with client certificates required when a client CA is set (mTLS)."""
+    if not settings.tls_cert_file:
+        return None
+    key = Path(settings.tls_key_file).read_bytes()
+    chain = Path(settings.tls_cert_file).read_bytes()
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _tokens(path: str) -> frozenset[str]:
+    tokens = frozenset(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+    if not tokens:
+        raise ValueError(f"{path}: no bearer tokens in the file")
+    return tokens
 
 
 def build_guard(settings: Settings) -> Guard:

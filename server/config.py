@@ -46,6 +46,16 @@ class Settings:
         "calls admitted at once, queued or running, streams and health included; more get RESOURCE_EXHAUSTED",
     )
     max_receive_message_bytes: int = _setting(4 * 1024 * 1024, "largest request message accepted")
+    tls_cert_file: str = _setting("", "PEM server certificate (chain); with --tls-key-file turns TLS on")
+    tls_key_file: str = _setting("", "PEM private key of the server certificate")
+    tls_client_ca_file: str = _setting(
+        "", "PEM CA bundle: when set, clients must present a certificate it signed (mTLS)"
+    )
+    auth_tokens_file: str = _setting(
+        "",
+        "file of accepted bearer tokens, one per line; when set, the order and inventory services "
+        "require `authorization: Bearer <token>` (health and reflection stay open)",
+    )
     grace_period_s: float = _setting(10.0, "on SIGTERM, how long calls in flight may take to finish")
     log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting("text", "log line format", choices=("text", "json"))
@@ -187,6 +197,18 @@ def _check(settings: Settings) -> list[str]:
         parse_rate(settings.inventory_rate)
     except ValueError:
         problems.append(f"--inventory-rate: {settings.inventory_rate!r} is not a rate such as '100/second'")
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        problems.append("--tls-cert-file and --tls-key-file go together")
+    if settings.tls_client_ca_file and not settings.tls_cert_file:
+        problems.append("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_tokens_file"):
+        path = getattr(settings, name)
+        if path and not os.path.isfile(path):
+            problems.append(f"{_flag(name)}: no such file {path!r}")
+    if settings.auth_tokens_file and os.path.isfile(settings.auth_tokens_file):
+        with open(settings.auth_tokens_file) as tokens:
+            if not any(line.strip() for line in tokens):
+                problems.append("--auth-tokens-file: the file holds no token")
     if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         problems.append("--redis-url: must start with redis://, rediss:// or unix://")
     return problems

@@ -17,6 +17,7 @@ from domain.errors import (
     NotFoundError,
     OverloadedError,
     PreconditionError,
+    UnauthenticatedError,
     UnavailableError,
     ValidationError,
 )
@@ -29,6 +30,7 @@ STATUS_TABLE: tuple[tuple[type[DomainError], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (ConflictError, grpc.StatusCode.ABORTED),
     (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),

@@ -8,6 +8,7 @@ attributes (`functools.wraps`): the health servicer's non-blocking `Watch` relie
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ import grpc
 
 from db.unit_of_work import deadline_bound
 from domain import correlation
-from domain.errors import DomainError
+from domain.errors import DomainError, UnauthenticatedError
 from server.errors import code_for, to_status
 
 log = logging.getLogger("orders.rpc")
@@ -125,3 +126,36 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             context.abort_with_status(to_status(error))
         else:
             log.info("rpc %s code=OK duration_ms=%.1f", method, (time.perf_counter() - started) * 1000)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Requires `authorization: Bearer <token>` on this service's own methods; health and reflection
+    stay open to probes. Tokens are compared in constant time and never logged."""
+
+    def __init__(self, tokens: frozenset[str], prefixes: tuple[str, ...] = ("/orders.",)) -> None:
+        self._tokens = tuple(t.encode() for t in tokens)
+        self._prefixes = prefixes
+
+    def _allowed(self, header: str | None) -> bool:
+        if header is None or not header.startswith("Bearer "):
+            return False
+        offered = header[len("Bearer ") :].strip().encode()
+        return any(hmac.compare_digest(offered, token) for token in self._tokens)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefixes):
+            return handler
+        allowed = self._allowed(_metadata_value(handler_call_details, "authorization"))
+
+        @contextmanager
+        def around(_method: str, _context: grpc.ServicerContext) -> Iterator[None]:
+            if not allowed:
+                raise UnauthenticatedError("a valid bearer token is required")
+            yield
+
+        return wrap_handler(handler, handler_call_details.method, around)

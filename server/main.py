@@ -43,7 +43,10 @@ def serve(settings: Settings) -> int:
         return 1
     service.start()
     backend = service.engines.orders.dialect.name
-    log.info("orders-server ready on %s:%d (database: %s)", settings.host, service.port, backend)
+    security = "tls" if settings.tls_cert_file else "plaintext"
+    if settings.tls_client_ca_file:
+        security = "mutual tls"
+    log.info("orders-server ready on %s:%d (database: %s, %s)", settings.host, service.port, backend, security)
     stop.wait()
     service.stop()
     log.info("orders-server stopped")
