@@ -75,6 +75,16 @@ class OrderRepository:
         )
         return result.rowcount == 1
 
+    def pending_since(self, cutoff: datetime, limit: int) -> list[Order]:
+        """PENDING orders created before `cutoff`, oldest first: sagas that should have settled."""
+        rows = self._c.execute(
+            select(orders)
+            .where(orders.c.status == OrderStatus.PENDING.value, orders.c.create_time < cutoff)
+            .order_by(orders.c.create_time)
+            .limit(limit)
+        ).all()
+        return self._load(rows)
+
     def page(
         self,
         *,

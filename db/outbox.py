@@ -243,9 +243,15 @@ class OutboxStore:
         return int(count), max((now - oldest).total_seconds(), 0.0)
 
     def rows(
-        self, status: str | None = None, aggregate_id: str | None = None, limit: int = 100
+        self,
+        status: str | None = None,
+        aggregate_id: str | None = None,
+        limit: int = 100,
+        event_id: int | None = None,
     ) -> list[OutboxRow]:
         query = select(outbox)
+        if event_id is not None:
+            query = query.where(outbox.c.id == event_id)
         if status is not None:
             query = query.where(outbox.c.status == status)
         if aggregate_id is not None:

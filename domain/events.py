@@ -36,3 +36,10 @@ class OrderPlaced(DomainEvent):
 @dataclass(frozen=True)
 class OrderCancelled(DomainEvent):
     event_type: ClassVar[str] = "ORDER_CANCELLED"
+
+
+@dataclass(frozen=True)
+class OrderExpired(DomainEvent):
+    """The saga did not settle the order in time; it was failed and its stock must be released."""
+
+    event_type: ClassVar[str] = "ORDER_EXPIRED"

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from domain.errors import InvalidTransitionError
-from domain.events import DomainEvent, OrderCancelled, OrderPlaced
+from domain.events import DomainEvent, OrderCancelled, OrderExpired, OrderPlaced
+
+SAGA_TIMED_OUT = "saga timed out"
 
 
 class OrderStatus(enum.Enum):
@@ -97,6 +99,12 @@ class Order:
     def cancel(self, now: datetime | None = None) -> tuple[Order, DomainEvent]:
         cancelled = self._move(OrderStatus.CANCELLED, now)
         return cancelled, OrderCancelled(order_id=self.order_id)
+
+    def expire(self, now: datetime | None = None) -> tuple[Order, DomainEvent]:
+        """A PENDING order the saga did not settle in time: FAILED, and its stock to be released."""
+        return self._move(OrderStatus.FAILED, now, reason=SAGA_TIMED_OUT), OrderExpired(
+            order_id=self.order_id
+        )
 
     def validate(self, now: datetime | None = None) -> Order:
         return self._move(OrderStatus.VALIDATED, now)

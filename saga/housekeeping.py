@@ -1,5 +1,12 @@
-"""Housekeeping: delete DONE outbox rows after their retention, in bounded batches, and report
-the backlog. One thread per process; every instance may run it (deletes are idempotent)."""
+"""Housekeeping: delete DONE outbox rows after their retention, in bounded batches, report the
+backlog, and sweep sagas older than their timeout. One thread per process; every instance may run
+it (deletes are idempotent, the sweep is version-checked).
+
+The sweep fails a PENDING order older than `saga_timeout_s` ("saga timed out") and writes an
+ORDER_EXPIRED event in the same transaction, whose handler releases whatever was reserved. A saga
+still running for that order loses its version check and releases too, so either way the order
+ends FAILED with nothing reserved.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ class Housekeeper:
         interval_s: float = 5.0,
         batch: int = 1000,
         on_backlog: BacklogObserver | None = None,
+        saga_timeout_s: float | None = None,
+        on_commit: Callable[[], None] = lambda: None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._uow = uow
@@ -31,6 +40,8 @@ class Housekeeper:
         self._interval_s = interval_s
         self._batch = batch
         self._on_backlog = on_backlog
+        self._saga_timeout = timedelta(seconds=saga_timeout_s) if saga_timeout_s else None
+        self._on_commit = on_commit
         self._clock = clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
@@ -57,6 +68,26 @@ class Housekeeper:
             log.info("deleted %d DONE outbox events older than %s", total, self._retention)
         return total
 
+    def sweep_expired_sagas(self) -> int:
+        """Fail PENDING orders older than the saga timeout; returns how many were swept."""
+        if self._saga_timeout is None:
+            return 0
+        now = self._clock()
+        swept = 0
+        with self._uow(write=False) as uow:
+            stuck = uow.orders.pending_since(now - self._saga_timeout, self._batch)
+        for order in stuck:
+            expired, event = order.expire(now)
+            with self._uow() as uow:
+                if uow.orders.save(expired):
+                    uow.outbox.add([event], None, now)
+                    uow.commit()
+                    swept += 1
+        if swept:
+            log.warning("swept %d order(s) whose saga outlived its timeout of %s", swept, self._saga_timeout)
+            self._on_commit()
+        return swept
+
     def observe_backlog(self) -> tuple[int, float]:
         with self._uow(write=False) as uow:
             pending, oldest_age_s = uow.outbox.backlog(self._clock())
@@ -69,5 +100,6 @@ class Housekeeper:
             try:
                 self.observe_backlog()
                 self.purge_once()
+                self.sweep_expired_sagas()
             except Exception as error:
                 log.warning("housekeeping failed: %s: %s", type(error).__name__, str(error).splitlines()[0])

@@ -30,7 +30,7 @@ import pybreaker
 from db.outbox import ClaimedEvent
 from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
 from domain.errors import ConflictError
-from domain.events import OrderCancelled, OrderPlaced
+from domain.events import OrderCancelled, OrderExpired, OrderPlaced
 from domain.inventory import Rejected, ReservationOutcome, Reserved
 from domain.model import Order, OrderItem, OrderStatus, utcnow
 from saga.dispatcher import Defer, Done, Handler, Retry, Verdict
@@ -152,6 +152,7 @@ class InventorySaga:
         return {
             OrderPlaced.event_type: self.on_order_created,
             OrderCancelled.event_type: self.on_order_cancelled,
+            OrderExpired.event_type: self.on_order_cancelled,  # the same compensation: release
         }
 
     def on_order_created(self, event: ClaimedEvent) -> Verdict:

@@ -267,6 +267,8 @@ def build(settings: Settings) -> Service:
         settings.outbox_retention_s,
         interval_s=settings.housekeeping_interval_s,
         on_backlog=metrics.on_backlog,
+        saga_timeout_s=settings.saga_timeout_s,
+        on_commit=signals.outbox_committed,
     )
     return Service(
         settings,

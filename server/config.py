@@ -130,9 +130,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="serve",
-        choices=("serve", "migrate"),
-        help="serve (default) or migrate: apply the schema to the configured database(s) and exit",
+        choices=("serve", "migrate", "admin"),
+        help="serve (default); migrate: apply the schema to the configured database(s) and exit; "
+        "admin: operator commands (`orders-server admin` lists them)",
     )
+    parser.add_argument("args", nargs="*", help="arguments of the admin command")
     hints = {f.name: f.type for f in dataclasses.fields(Settings)}
     for f in dataclasses.fields(Settings):
         kind = {"int": int, "float": float, "str": str}[str(hints[f.name])]
@@ -216,12 +218,22 @@ def _check(settings: Settings) -> list[str]:
 
 def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> tuple[str, Settings]:
     """Parse flags over environment over defaults; exits with status 2 and one line on a bad value."""
+    command, _args, settings = parse(argv, env)
+    return command, settings
+
+
+def parse(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> tuple[str, list[str], Settings]:
+    """`load`, plus the arguments that follow the command (only `admin` takes any)."""
     environment = os.environ if env is None else env
     parser = build_parser(environment)
     namespace = parser.parse_args(argv)
+    if namespace.args and namespace.command != "admin":
+        parser.error(f"unexpected arguments: {' '.join(namespace.args)}")
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(Settings)}
     settings = Settings(**values)
     problems = _check(settings)
     if problems:
         parser.error("; ".join(problems))
-    return namespace.command, settings
+    return namespace.command, list(namespace.args), settings

@@ -10,8 +10,8 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from server import bootstrap
-from server.config import Settings, load
+from server import admin, bootstrap
+from server.config import Settings, parse
 from server.logs import configure
 
 log = logging.getLogger("orders.server")
@@ -46,7 +46,9 @@ def serve(settings: Settings) -> int:
     security = "tls" if settings.tls_cert_file else "plaintext"
     if settings.tls_client_ca_file:
         security = "mutual tls"
-    log.info("orders-server ready on %s:%d (database: %s, %s)", settings.host, service.port, backend, security)
+    log.info(
+        "orders-server ready on %s:%d (database: %s, %s)", settings.host, service.port, backend, security
+    )
     stop.wait()
     service.stop()
     log.info("orders-server stopped")
@@ -54,10 +56,12 @@ def serve(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    command, settings = load(argv)
+    command, args, settings = parse(argv)
     configure(settings.log_level, settings.log_format)
     if command == "migrate":
         return migrate(settings)
+    if command == "admin":
+        return admin.run(settings, args)
     return serve(settings)
 
 
