@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pybreaker
 import redis
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine, text
 
@@ -33,7 +33,7 @@ from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
 from saga.signals import CommitSignals, OrderChanges, WakeUp
 from server.application import OrderApplication
 from server.config import Settings
-from server.health import HealthMonitor
+from server.health import HealthMonitor, HealthServicer
 from server.interceptors import BearerTokenInterceptor, CorrelationInterceptor, ErrorInterceptor
 from server.metrics import Metrics, MetricsInterceptor
 from server.paging import PageTokenCodec
@@ -240,7 +240,7 @@ def build(settings: Settings) -> Service:
     )
     orders_pb2_grpc.add_OrderServiceServicer_to_server(OrderServicer(app, watcher), server)
     orders_pb2_grpc.add_InventoryServiceServicer_to_server(InventoryServicer(app), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (

@@ -6,9 +6,87 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from grpc_health.v1 import health, health_pb2
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+ResponseCallback = Callable[[health_pb2.HealthCheckResponse | None], None]
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """`grpc.health.v1.Health` with non-blocking `Watch` streams that cannot deadlock the server.
+
+    grpcio-health-checking's servicer sends Watch updates while holding its lock; a send waits for
+    grpcio's serving thread, and that thread, closing another Watch stream, waits for the same lock:
+    a status change while a watcher hangs up froze health checks and shutdown. Here the lock only
+    guards the tables; sends happen outside it, one status change at a time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        # NOT_SERVING until the first check has seen the database answer.
+        self._status: dict[str, int] = {"": NOT_SERVING}
+        self._watchers: dict[str, set[ResponseCallback]] = {}
+        self._shutting_down = False
+
+    def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        with self._lock:
+            status = self._status.get(request.service)
+        if status is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: ResponseCallback | None = None,
+    ) -> None:
+        if send_response_callback is None:
+            raise RuntimeError("Watch needs grpcio's non-blocking streaming support")
+        service = request.service
+        send = send_response_callback
+
+        def forget() -> None:
+            with self._lock:
+                self._watchers.get(service, set()).discard(send)
+            send(None)
+
+        with self._lock:
+            status = self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            self._watchers.setdefault(service, set()).add(send)
+        context.add_callback(forget)
+        send(health_pb2.HealthCheckResponse(status=status))
+
+    # grpcio calls Watch with a send_response_callback instead of running it on a worker thread.
+    Watch.experimental_non_blocking = True  # type: ignore[attr-defined]
+    Watch.experimental_thread_pool = None  # type: ignore[attr-defined]
+
+    def set(self, service: str, status: int) -> None:
+        with self._send_lock:
+            with self._lock:
+                if self._shutting_down:
+                    return
+                self._status[service] = status
+                watchers = list(self._watchers.get(service, ()))
+            for send in watchers:
+                send(health_pb2.HealthCheckResponse(status=status))
+
+    def enter_graceful_shutdown(self) -> None:
+        """NOT_SERVING for every service, for good."""
+        with self._lock:
+            services = list(self._status)
+        for service in services:
+            self.set(service, NOT_SERVING)
+        with self._lock:
+            self._shutting_down = True
+
 
 Check = Callable[[], str | None]  # None when healthy, else why not
 
@@ -19,7 +97,7 @@ class HealthMonitor:
 
     def __init__(
         self,
-        servicer: health.HealthServicer,
+        servicer: HealthServicer,
         services: Sequence[str],
         checks: Sequence[Check],
         interval_s: float,
