@@ -103,8 +103,31 @@ class StockRepository:
             return unknown_sku(item.sku)
         return insufficient_stock(item.sku, item.quantity, level.available)
 
-    def release(self, order_id: str, now: datetime) -> list[OrderItem]:
-        """Release the order's active reservations (none left is fine: release is idempotent)."""
+    def release(self, order_id: str, now: datetime, items: Sequence[OrderItem] = ()) -> list[OrderItem]:
+        """Release the order's active reservations (none left is fine: release is idempotent) and
+        close the order to later reservations.
+
+        Each of `items` without a reservation row gets a RELEASED one first: a saga step that lost
+        its lease and still runs elsewhere then finds the order released instead of reserving for
+        an order that is already settled. Inserting first matters on PostgreSQL: an insert that
+        meets a concurrent, uncommitted reservation waits for it, so the update below sees it.
+        """
+        if items:
+            dialect_insert = postgresql.insert if self._c.dialect.name == "postgresql" else sqlite.insert
+            self._c.execute(
+                dialect_insert(stock_reservations).on_conflict_do_nothing(),
+                [
+                    {
+                        "order_id": order_id,
+                        "sku": item.sku,
+                        "quantity": item.quantity,
+                        "status": RELEASED,
+                        "create_time": now,
+                        "update_time": now,
+                    }
+                    for item in sorted(items, key=lambda i: i.sku)
+                ],
+            )
         released = self._c.execute(
             update(stock_reservations)
             .where(stock_reservations.c.order_id == order_id, stock_reservations.c.status == ACTIVE)

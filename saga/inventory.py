@@ -102,12 +102,13 @@ class InventoryParticipant:
 
         return self._with_conflict_retries(attempt)
 
-    def release(self, order_id: str) -> list[OrderItem]:
+    def release(self, order_id: str, items: tuple[OrderItem, ...] = ()) -> list[OrderItem]:
+        """Release what the order holds and close it to later reservations (see StockRepository)."""
         self._inject()
 
         def attempt() -> list[OrderItem]:
             with self._uow() as uow:
-                released = uow.stock.release(order_id, self._clock())
+                released = uow.stock.release(order_id, self._clock(), items)
                 uow.commit()
             return released
 
@@ -161,7 +162,7 @@ class InventorySaga:
         if order.status is not OrderStatus.PENDING:
             # Settled by an earlier delivery, or cancelled/failed meanwhile: make sure nothing
             # stays reserved for an order that is not VALIDATED.
-            return Done() if order.status is OrderStatus.VALIDATED else self._release(order_id, event)
+            return Done() if order.status is OrderStatus.VALIDATED else self._release(order, event)
         if self._clock() - order.create_time > timedelta(seconds=self._settings.saga_timeout_s):
             return self._give_up(order, event, "saga timed out")
         try:
@@ -179,10 +180,15 @@ class InventorySaga:
             log.info("stock reserved for order %s", order_id)
             return self._settle(order, order.validate(now=self._clock()), event)
         log.info("order %s cannot be reserved: %s", order_id, outcome.reason)
+        # Close the order in the inventory before failing it, so that no step of this saga still
+        # running elsewhere (a lost lease) can reserve for an order that is already FAILED.
+        closed = self._release(order, event)
+        if not isinstance(closed, Done):
+            return closed
         return self._settle(order, order.fail(outcome.reason, now=self._clock()), event)
 
     def on_order_cancelled(self, event: ClaimedEvent) -> Verdict:
-        return self._release(parse_order_id(event.payload), event)
+        return self._release(self._load(parse_order_id(event.payload)), event)
 
     def _load(self, order_id: str) -> Order:
         with self._orders_uow(write=False) as uow:
@@ -213,7 +219,7 @@ class InventorySaga:
             return Done()
         if current.status is OrderStatus.PENDING:
             return Retry("order changed concurrently and is still PENDING")
-        return self._release(order.order_id, event)
+        return self._release(current, event)
 
     def _give_up(self, order: Order, event: ClaimedEvent, why: str) -> Verdict:
         log.warning("giving up on order %s after %d attempts: %s", order.order_id, event.attempts + 1, why)
@@ -228,15 +234,16 @@ class InventorySaga:
         # Whatever an earlier attempt may have reserved goes back; if the inventory is still down,
         # the retry comes back here through the "not PENDING" path.
         try:
-            self._participant.release(order.order_id)
+            self._participant.release(order.order_id, order.items)
         except Exception as error:
             # Not an attempt (this one may be the last): the event must come back to release.
             return self._defer(error)
         return Done()
 
-    def _release(self, order_id: str, event: ClaimedEvent) -> Verdict:
+    def _release(self, order: Order, event: ClaimedEvent) -> Verdict:
+        order_id = order.order_id
         try:
-            released = self._guard.call(self._participant.release, order_id)
+            released = self._guard.call(self._participant.release, order_id, order.items)
         except (BreakerOpenError, RateLimitedError) as error:
             return self._defer(error)
         except Exception as error:
