@@ -3,6 +3,8 @@ PostgreSQL (sized pool, pre-ping, server-side timeouts)."""
 
 from __future__ import annotations
 
+import select
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,10 @@ def normalise_url(raw: str) -> URL:
     try:
         url = make_url(raw)
     except Exception as exc:
-        raise UnsupportedDatabaseError(f"not a database URL: {raw!r}") from exc
+        # The raw value is not echoed: it may hold a password.
+        raise UnsupportedDatabaseError(
+            "not a database URL (expected e.g. postgresql://user@host:5432/db or sqlite:///path/orders.db)"
+        ) from exc
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg2")
     if url.drivername not in ("postgresql+psycopg2", "sqlite", "sqlite+pysqlite"):
@@ -57,6 +62,7 @@ def make_engine(raw_url: str, settings: EngineSettings | None = None) -> Engine:
     url = normalise_url(raw_url)
     if url.drivername.startswith("sqlite"):
         return _sqlite_engine(url, settings)
+    _install_wait_callback(settings)
     options = (
         f"-c statement_timeout={settings.statement_timeout_ms} "
         f"-c idle_in_transaction_session_timeout={settings.idle_in_transaction_timeout_ms}"
@@ -119,3 +125,48 @@ def _sqlite_busy_timeout_ms(default_ms: int) -> int:
 
     budget = remaining_ms()
     return int(default_ms) if budget is None else max(1, min(int(default_ms), budget))
+
+
+# Slack past the caller's deadline before the client gives up by itself: on a database that
+# answers, PostgreSQL's statement_timeout (set to the deadline by the unit of work) fires first.
+_CLIENT_GRACE_S = 0.5
+
+
+def _install_wait_callback(settings: EngineSettings) -> None:
+    """Bound every psycopg2 wait of this process (connect, query, commit, pre-ping) on the client
+    side: by the bound deadline (db.unit_of_work) plus a grace, else by connect_timeout for a
+    connect and statement_timeout plus a grace for anything else. Without it, libpq waits forever
+    on a pooled connection whose peer vanished without a reset (partition, dead host): the
+    server-side statement_timeout never arrives and connect_timeout only covers new connections."""
+    import psycopg2
+    import psycopg2.extensions as ext
+
+    from db.unit_of_work import remaining_ms  # here: db.unit_of_work imports this module
+
+    connect_s = float(settings.connect_timeout_s)
+    other_s = settings.statement_timeout_ms / 1000 + 2.0
+
+    def wait(conn: Any) -> None:
+        budget_ms = remaining_ms()
+        limit = connect_s if conn.status == ext.STATUS_SETUP else other_s
+        if budget_ms is not None:
+            # The same point in time for every wait of the call: its deadline plus the grace.
+            limit = min(limit, budget_ms / 1000 + _CLIENT_GRACE_S)
+        give_up = time.monotonic() + limit
+        while True:
+            state = conn.poll()
+            if state == ext.POLL_OK:
+                return
+            left = give_up - time.monotonic()
+            if left <= 0:
+                # psycopg2 closes a connection whose wait callback raised; SQLAlchemy sees it
+                # closed, counts a disconnect and never returns it to the pool.
+                raise psycopg2.OperationalError(f"database did not answer within {limit:.1f}s")
+            if state == ext.POLL_READ:
+                select.select([conn.fileno()], [], [], left)
+            elif state == ext.POLL_WRITE:
+                select.select([], [conn.fileno()], [], left)
+            else:
+                raise psycopg2.OperationalError(f"unexpected poll state {state}")
+
+    ext.set_wait_callback(wait)

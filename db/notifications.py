@@ -150,7 +150,7 @@ class Listener:
                     cursor.execute(f"LISTEN {OUTBOX_CHANNEL}; LISTEN {ORDERS_CHANNEL}")
                 self._on_outbox()  # drain whatever was announced while nobody listened
                 while not self._stop.is_set():
-                    readable, _, _ = select.select([connection], [], [], 0.5)
+                    readable, _, _ = select.select([connection], [], [], 0.1)
                     if not readable:
                         continue
                     connection.poll()

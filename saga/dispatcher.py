@@ -157,11 +157,14 @@ class OutboxDispatcher:
                     failures = 0
                 except Exception as error:
                     failures += 1
-                    pause = min(self._settings.poll_interval_s * 2**failures, 30.0)
+                    cap = max(5 * self._settings.poll_interval_s, 5.0)
+                    pause = min(self._settings.poll_interval_s * 2**failures, cap)
                     log.warning(
                         "claiming outbox events failed (%s); next try in %.1fs", _describe(error), pause
                     )
-                    self._stopping.wait(pause)
+                    # A wake-up (a commit here, a notification once the database is back) ends the
+                    # pause early, so sagas resume as soon as the database answers again.
+                    self._wake.wait(pause)
                     continue
             if claimed and claimed == free:
                 continue  # a full batch: there may be more due right now

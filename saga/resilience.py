@@ -15,6 +15,7 @@ Business outcomes (insufficient stock) are return values, not exceptions, so the
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,8 @@ from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class SlowCallError(Exception):
@@ -110,16 +113,42 @@ class RateLimiter:
 
     def __init__(self, rate: str, storage_uri: str = "memory://", key: str = "inventory") -> None:
         self._item = parse_rate(rate)
-        self._limiter = MovingWindowRateLimiter(storage_from_string(storage_uri))
         self._key = key
+        # When the shared (Redis) counters cannot be reached, each process falls back to counting
+        # on its own: a Redis outage must neither stop the saga nor fail orders.
+        self._local = MovingWindowRateLimiter(storage_from_string("memory://"))
+        self._shared: MovingWindowRateLimiter | None = None
+        if storage_uri != "memory://":
+            try:
+                self._shared = MovingWindowRateLimiter(storage_from_string(storage_uri))
+            except Exception as error:
+                log.warning(
+                    "rate limiter storage %s unusable (%s): counting per process",
+                    storage_uri,
+                    type(error).__name__,
+                )
+        self._warned_at = 0.0
+
+    def _limiter(self) -> MovingWindowRateLimiter:
+        return self._shared if self._shared is not None else self._local
 
     def acquire(self) -> None:
         """Take one slot now or raise RateLimitedError; never waits (the caller defers instead)."""
-        if not self._limiter.hit(self._item, self._key):
+        try:
+            admitted = self._limiter().hit(self._item, self._key)
+        except Exception as error:
+            if time.monotonic() - self._warned_at > 10:
+                log.warning("shared rate limit unavailable (%s): counting per process", type(error).__name__)
+                self._warned_at = time.monotonic()
+            admitted = self._local.hit(self._item, self._key)
+        if not admitted:
             raise RateLimitedError(f"over {self._item}")
 
     def retry_after_s(self) -> float:
-        stats = self._limiter.get_window_stats(self._item, self._key)
+        try:
+            stats = self._limiter().get_window_stats(self._item, self._key)
+        except Exception:
+            stats = self._local.get_window_stats(self._item, self._key)
         return max(stats.reset_time - time.time(), 0.01)
 
 

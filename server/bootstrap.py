@@ -7,6 +7,7 @@ takes it apart in the order that loses nothing.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -124,17 +125,24 @@ class Service:
             self.dispatcher.start()
         self.housekeeper.start()
 
-    def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, watch streams end, calls in flight get `grace`, then close."""
+    def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> bool:
+        """Health NOT_SERVING (then `drain_delay` seconds of serving on, for load balancers to
+        notice), watch streams end, calls in flight get `grace`, then close. False when saga steps
+        were still running after the grace: they are left to their leases, and the caller should
+        end the process rather than wait for their threads."""
         if self.stopped:
-            return
+            return True
         self.stopped = True
         grace = self.settings.grace_period_s if grace is None else grace
         self.health.shutdown()
+        if drain_delay > 0:
+            time.sleep(drain_delay)
         self.changes.close()
         server_stopped = self.server.stop(grace)
+        finished = True
         if self.dispatcher is not None and not self.dispatcher.stop(grace):
             log.warning("saga steps still running after %.1fs are left to their leases", grace)
+            finished = False
         server_stopped.wait()
         self.housekeeper.stop()
         if self._stop_metrics is not None:
@@ -144,6 +152,7 @@ class Service:
         if self.notifier is not None:
             self.notifier.stop()
         self.engines.dispose()
+        return finished
 
 
 def _address(host: str, port: int) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from limits import parse as parse_rate
+from sqlalchemy.engine import make_url
 
 from db.engine import UnsupportedDatabaseError, normalise_url
 
@@ -57,6 +58,9 @@ class Settings:
         "require `authorization: Bearer <token>` (health and reflection stay open)",
     )
     grace_period_s: float = _setting(10.0, "on SIGTERM, how long calls in flight may take to finish")
+    shutdown_delay_s: float = _setting(
+        0.0, "on SIGTERM, seconds to keep serving after health turns NOT_SERVING (for load balancers)"
+    )
     log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting("text", "log line format", choices=("text", "json"))
     db_pool_size: int = _setting(0, "database connections per engine (0 = sized from the thread counts)")
@@ -114,6 +118,30 @@ def _convert(kind: type, raw: str) -> Any:
     return raw
 
 
+# Settings whose values must never be shown (URLs are shown with the password masked).
+_SECRET = frozenset({"page_token_secret"})
+_URLS = frozenset({"database_url", "inventory_database_url", "redis_url"})
+
+
+def shown(name: str, value: object) -> str:
+    """A setting's value as it may appear in help text or logs."""
+    if name in _SECRET:
+        return "***" if value else "''"
+    if name in _URLS and isinstance(value, str) and value:
+        try:
+            return make_url(value).render_as_string(hide_password=True)
+        except Exception:
+            return "***"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.dest in _SECRET | _URLS:
+            return f"{action.help} (default: {shown(action.dest, action.default)})"
+        return str(super()._get_help_string(action))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line on stderr and exit status 2 (argparse would print the whole usage first)."""
@@ -124,7 +152,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="orders-server",
         description="Order-processing gRPC service. Every setting is also an ORDERS_* environment variable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     parser.add_argument(
         "command",
@@ -172,7 +200,7 @@ def _check(settings: Settings) -> list[str]:
     ):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)}: must be at least 1")
-    for name in ("db_pool_size", "db_statement_timeout_ms", "saga_workers"):
+    for name in ("db_pool_size", "db_statement_timeout_ms", "saga_workers", "shutdown_delay_s"):
         if getattr(settings, name) < 0:
             problems.append(f"{_flag(name)}: must not be negative")
     for name in (
@@ -190,13 +218,15 @@ def _check(settings: Settings) -> list[str]:
     ):
         if not getattr(settings, name) > 0:
             problems.append(f"{_flag(name)}: must be greater than 0")
-    for name in ("database_url", "inventory_url"):
-        try:
-            normalise_url(getattr(settings, name))
-        except UnsupportedDatabaseError as error:
-            problems.append(f"{_flag(name if name == 'database_url' else 'inventory_database_url')}: {error}")
+    for name in ("database_url", "inventory_database_url"):
+        if getattr(settings, name):
+            try:
+                normalise_url(getattr(settings, name))
+            except UnsupportedDatabaseError as error:
+                problems.append(f"{_flag(name)}: {error}")
     try:
-        parse_rate(settings.inventory_rate)
+        if parse_rate(settings.inventory_rate).amount < 1:
+            problems.append("--inventory-rate: must allow at least one call")
     except ValueError:
         problems.append(f"--inventory-rate: {settings.inventory_rate!r} is not a rate such as '100/second'")
     if bool(settings.tls_cert_file) != bool(settings.tls_key_file):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from db.unit_of_work import deadline_bound
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,9 @@ class HealthMonitor:
         services: Sequence[str],
         checks: Sequence[Check],
         interval_s: float,
+        timeout_s: float = 2.0,
     ) -> None:
+        self._timeout_s = timeout_s
         self._servicer = servicer
         self._services = ("", *services)
         self._checks = checks
@@ -112,27 +117,30 @@ class HealthMonitor:
 
     def check_now(self) -> bool:
         problems = []
-        for check in self._checks:
-            try:
-                problem = check()
-            except Exception as error:
-                problem = f"{type(error).__name__}: {error}"
-            if problem:
-                problems.append(problem)
+        # One deadline for the whole round: a database that stops answering (no reset: a
+        # partition, a dead host) must turn health NOT_SERVING within it, not hold this thread,
+        # and with it the last verdict (SERVING), for as long as the network hangs.
+        with deadline_bound(time.monotonic() + self._timeout_s):
+            for check in self._checks:
+                try:
+                    problem = check()
+                except Exception as error:
+                    first_line = str(error).splitlines()[0] if str(error) else ""
+                    problem = f"{type(error).__name__}: {first_line}"
+                if problem:
+                    problems.append(problem)
         serving = not problems
         if self._stop.is_set():
             return serving
-        if serving != self._serving:
-            if serving:
-                log.info("health: SERVING")
-            else:
-                log.warning("health: NOT_SERVING (%s)", "; ".join(problems))
+        if serving == self._serving:
+            return serving  # Watch streams hear changes only
+        if serving:
+            log.info("health: SERVING")
+        else:
+            log.warning("health: NOT_SERVING (%s)", "; ".join(problems))
         self._serving = serving
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for service in self._services:
-            self._servicer.set(service, status)
+            self._servicer.set(service, SERVING if serving else NOT_SERVING)
         return serving
 
     def start(self) -> None:

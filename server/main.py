@@ -4,6 +4,7 @@ applies the schema and exits."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -50,8 +51,13 @@ def serve(settings: Settings) -> int:
         "orders-server ready on %s:%d (database: %s, %s)", settings.host, service.port, backend, security
     )
     stop.wait()
-    service.stop()
+    finished = service.stop(drain_delay=settings.shutdown_delay_s)
     log.info("orders-server stopped")
+    if not finished:
+        # Saga threads still running would hold the interpreter at exit; their leases hand the
+        # events to another process, so leave now.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from domain.errors import UnavailableError
 from domain.model import Order
 from saga.signals import OrderChanges
 
@@ -24,7 +25,10 @@ class OrderWatcher:
         seen = self._changes.generation(order_id)
         order = self._load(order_id)
         yield order
-        while not order.status.is_settled and is_active() and not self._changes.closed:
+        while not order.status.is_settled and is_active():
+            if self._changes.closed:
+                # Ending with OK here would read as "settled" to a client holding a PENDING order.
+                raise UnavailableError("server shutting down: watch again on another instance")
             seen = self._changes.wait(order_id, seen, self._safety_poll_s)
             latest = self._load(order_id)
             if latest.version != order.version:

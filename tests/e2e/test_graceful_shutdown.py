@@ -6,7 +6,8 @@ server's health. The fault file slows every inventory call by a second, so the s
 and orders stay PENDING. On SIGTERM:
 
 - health turns NOT_SERVING (the Health/Watch stream is told before the process exits);
-- calls after that are refused with UNAVAILABLE, and no call fails any other way;
+- calls after that are refused with UNAVAILABLE (a call caught in the very millisecond of the stop
+  is CANCELLED by grpcio, before any handler ran: it placed nothing);
 - the WatchOrder stream ends cleanly (OK today: see `CLEAN_ENDINGS`);
 - the process exits 0 within the grace period and a few seconds;
 - every order a client got an OK for is in the database, and a new process on the same database
@@ -66,6 +67,7 @@ class Call:
     started: float
     ended: float
     code: grpc.StatusCode
+    request_id: str
     order_id: str = ""
 
 
@@ -84,12 +86,13 @@ class Load:
             n = 0
             while not self.stop.is_set():
                 n += 1
+                request_id = f"load-{index}-{n}"
                 started = time.monotonic()
                 try:
-                    order = stubs.place(f"load-{index}", [(SKU, 1)], request_id=f"load-{index}-{n}")
-                    call = Call(started, time.monotonic(), grpc.StatusCode.OK, order.order_id)
+                    order = stubs.place(f"load-{index}", [(SKU, 1)], request_id=request_id)
+                    call = Call(started, time.monotonic(), grpc.StatusCode.OK, request_id, order.order_id)
                 except grpc.RpcError as error:
-                    call = Call(started, time.monotonic(), error.code())
+                    call = Call(started, time.monotonic(), error.code(), request_id)
                 with self.lock:
                     self.calls.append(call)
                 if call.code is not grpc.StatusCode.OK:
@@ -206,8 +209,9 @@ def test_sigterm_under_load_drains_and_loses_no_acknowledged_order(
     assert health.values()[-1] == "NOT_SERVING", health.messages
     assert all(t < exited for t, _ in health.messages)
 
-    # Calls: some were refused once the server stopped; after the first refusal nothing is served,
-    # and no call failed any other way than UNAVAILABLE.
+    # Calls: some were refused once the server stopped, and after the first refusal nothing is
+    # served. A call that reaches the server in the very millisecond it stops is CANCELLED by grpcio
+    # before any handler runs (about one run in four): see the check of the database below.
     calls = load.snapshot()
     refused = [c for c in calls if c.code is grpc.StatusCode.UNAVAILABLE]
     assert refused, "no call was refused after SIGTERM"
@@ -215,7 +219,12 @@ def test_sigterm_under_load_drains_and_loses_no_acknowledged_order(
     assert first_refusal >= signalled
     served_late = [c for c in calls if c.code is grpc.StatusCode.OK and c.started > first_refusal]
     assert not served_late, f"{len(served_late)} calls started after a refusal were served"
-    assert {c.code for c in calls} <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+    assert {c.code for c in calls} <= {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+    }
+    cancelled = {c.request_id for c in calls if c.code is grpc.StatusCode.CANCELLED}
 
     # The WatchOrder stream of the PENDING order ended cleanly while the process stopped.
     assert watch.ending in CLEAN_ENDINGS, (watch.ending, watch.details)
@@ -235,6 +244,11 @@ def test_sigterm_under_load_drains_and_loses_no_acknowledged_order(
             )
         assert acknowledged <= stored, f"acknowledged orders missing: {sorted(acknowledged - stored)[:5]}"
         assert acknowledged <= with_event
+        with engine.connect() as connection:
+            done_anyway = connection.execute(
+                select(orders.c.request_id).where(orders.c.request_id.in_(cancelled))
+            ).all()
+        assert not done_anyway, f"calls answered CANCELLED placed orders: {done_anyway}"
 
         def unsettled() -> int:
             with engine.connect() as connection:
@@ -270,14 +284,6 @@ def _no_pending_events(engine: Engine) -> bool:
         ).scalar_one()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: Service.stop logs 'saga steps still running ... are left to their leases' but the process "
-        "waits for them anyway (concurrent.futures joins its worker threads at interpreter exit), so it "
-        "exits only when the step ends, after 'orders-server stopped'"
-    ),
-)
 def test_a_saga_step_outlasting_the_grace_is_left_to_its_lease_and_the_process_exits(
     make_pg_database: Callable[[], str], spawn_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:

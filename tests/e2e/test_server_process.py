@@ -255,7 +255,7 @@ def test_with_no_configuration_the_server_makes_its_sqlite_file_under_var_and_ta
 
     server = spawn_server(cwd=home)  # no ORDERS_* variable, no flag but --port 0
 
-    assert re.search(r"orders-server ready on 127\.0\.0\.1:\d+ \(database: sqlite\)", server.log())
+    assert re.search(r"orders-server ready on 127\.0\.0\.1:\d+ \(database: sqlite, plaintext\)", server.log())
     assert (home / "var" / "orders.db").is_file()
     wait_until(
         lambda: health_status(server.channel) == health_pb2.HealthCheckResponse.SERVING,

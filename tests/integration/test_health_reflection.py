@@ -28,34 +28,44 @@ def test_a_server_on_a_migrated_database_is_serving(quiet_server):
     assert unknown.code() == grpc.StatusCode.NOT_FOUND
 
 
+def migrate(database_url: str) -> None:
+    engines = bootstrap.make_engines(Settings(database_url=database_url))
+    try:
+        bootstrap.apply_migrations(engines)
+    finally:
+        engines.dispose()
+
+
+def statuses_until_the_stream_ends(watch) -> list[int]:
+    seen = []
+    try:
+        for response in watch:
+            seen.append(response.status)
+    except grpc.RpcError:
+        pass
+    return seen
+
+
 def test_an_unmigrated_database_is_not_serving_until_the_migrations_run(database_url, start_server):
     server = start_server(database_url=database_url, migrate_on_start="never")
-    watch = health_pb2_grpc.HealthStub(server.channel).Watch(
-        health_pb2.HealthCheckRequest(service=""), timeout=30
+    health = health_pb2_grpc.HealthStub(server.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+
+    assert next(watch).status == NOT_SERVING
+    assert {service: health_status(server, service) for service in SERVICES} == dict.fromkeys(
+        SERVICES, "NOT_SERVING"
     )
-    try:
-        assert next(watch).status == NOT_SERVING
-        assert {service: health_status(server, service) for service in SERVICES} == dict.fromkeys(
-            SERVICES, "NOT_SERVING"
-        )
-        unmigrated = rpc_error(
-            server.stubs.orders.GetOrder, pb.GetOrderRequest(order_id=str(uuid.uuid4())), timeout=10
-        )
-        assert unmigrated.code() == grpc.StatusCode.UNAVAILABLE
+    unknown = pb.GetOrderRequest(order_id=str(uuid.uuid4()))
+    unmigrated = rpc_error(server.stubs.orders.GetOrder, unknown, timeout=10)
+    assert unmigrated.code() == grpc.StatusCode.UNAVAILABLE
 
-        engines = bootstrap.make_engines(Settings(database_url=database_url))
-        try:
-            bootstrap.apply_migrations(engines)
-        finally:
-            engines.dispose()
+    migrate(database_url)
 
-        assert next(watch).status == SERVING  # Watch streams the change
-    finally:
-        watch.cancel()
     wait_until(
         lambda: all(health_status(server, service) == "SERVING" for service in SERVICES),
         what="every service SERVING",
     )
+    assert SERVING in (response.status for response in watch)  # Watch streams the change
     # The service works in full now, the saga included: an unknown SKU ends the order FAILED.
     placed = server.stubs.place("alice", [("NOT-IN-STOCK", 1)])
     failed = wait_until(
@@ -64,24 +74,27 @@ def test_an_unmigrated_database_is_not_serving_until_the_migrations_run(database
     )
     assert "NOT-IN-STOCK" in failed.failure_reason
 
+    server.service.stop(grace=0.1)
 
-def test_health_watch_streams_do_not_hold_handler_threads(database_url, start_server):
+    assert statuses_until_the_stream_ends(watch)[-1:] == [NOT_SERVING]
+
+
+def test_health_watch_streams_hold_no_handler_threads_and_hear_not_serving_at_shutdown(
+    database_url, start_server
+):
     server = start_server(database_url=database_url, max_workers=2, saga_workers=0)
     stub = health_pb2_grpc.HealthStub(server.channel)
     watches = [stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10) for _ in range(4)]
-    try:
-        assert [next(watch).status for watch in watches] == [SERVING] * 4
 
-        placed = server.stubs.orders.PlaceOrder(
-            pb.PlaceOrderRequest(customer_id="c1", items=[pb.OrderItem(sku="S", quantity=1)]), timeout=2
-        ).order
-        assert (
-            server.stubs.orders.GetOrder(pb.GetOrderRequest(order_id=placed.order_id), timeout=2).order
-            == placed
-        )
-    finally:
-        for watch in watches:
-            watch.cancel()
+    assert [next(watch).status for watch in watches] == [SERVING] * 4
+    request = pb.PlaceOrderRequest(customer_id="c1", items=[pb.OrderItem(sku="S", quantity=1)])
+    placed = server.stubs.orders.PlaceOrder(request, timeout=2).order
+    read_back = server.stubs.orders.GetOrder(pb.GetOrderRequest(order_id=placed.order_id), timeout=2).order
+    assert read_back == placed
+
+    server.service.stop(grace=0.1)
+
+    assert [statuses_until_the_stream_ends(watch)[-1:] for watch in watches] == [[NOT_SERVING]] * 4
 
 
 def test_reflection_lists_the_order_inventory_and_health_services(quiet_server):

@@ -6,7 +6,6 @@ import json
 import uuid
 
 import grpc
-import pytest
 
 import db.outbox
 from db.tables import order_items, orders, outbox_events
@@ -49,16 +48,16 @@ def test_without_a_correlation_header_a_new_id_is_echoed_and_stored_with_the_eve
     assert headers(event) == {"correlation_id": echoed}
 
 
-@pytest.mark.parametrize("invalid", ["has spaces!", "x" * 129], ids=["bad-characters", "too-long"])
-def test_an_invalid_correlation_header_is_replaced_by_a_new_id(quiet_server, invalid):
-    response, call = quiet_server.stubs.orders.PlaceOrder.with_call(
-        place_request(), metadata=[("x-correlation-id", invalid)], timeout=10
-    )
+def test_an_invalid_correlation_header_is_replaced_by_a_new_id(quiet_server):
+    for invalid in ("has spaces!", "x" * 129):
+        response, call = quiet_server.stubs.orders.PlaceOrder.with_call(
+            place_request(), metadata=[("x-correlation-id", invalid)], timeout=10
+        )
 
-    echoed = dict(call.initial_metadata())["x-correlation-id"]
-    assert uuid.UUID(echoed).version == 4
-    [event] = rows_of(quiet_server).events(response.order.order_id, "ORDER_CREATED")
-    assert headers(event) == {"correlation_id": echoed}
+        echoed = dict(call.initial_metadata())["x-correlation-id"]
+        assert uuid.UUID(echoed).version == 4, invalid
+        [event] = rows_of(quiet_server).events(response.order.order_id, "ORDER_CREATED")
+        assert headers(event) == {"correlation_id": echoed}, invalid
 
 
 def test_values_are_stored_and_returned_exactly_as_sent(quiet_server):
