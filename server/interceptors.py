@@ -66,9 +66,15 @@ def _metadata_value(details: grpc.HandlerCallDetails, key: str) -> str | None:
     return None
 
 
-class CorrelationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Takes `x-correlation-id` (or makes one), binds it and the call's deadline for the handler,
-    and echoes the id in the initial metadata, which later trailers cannot overwrite."""
+class WrappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Base of this server's interceptors: the behaviour of every handler whose method starts with
+    one of `prefixes` runs inside the context manager that `around(details)` picks. `around` runs on
+    grpcio's polling thread, so it only reads the call details; the work happens in the handler."""
+
+    prefixes: tuple[str, ...] = ("/",)
+
+    def around(self, details: grpc.HandlerCallDetails) -> Around:
+        raise NotImplementedError
 
     def intercept_service(
         self,
@@ -76,12 +82,20 @@ class CorrelationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        incoming = _metadata_value(handler_call_details, CORRELATION_HEADER)
+        if handler is None or not handler_call_details.method.startswith(self.prefixes):
+            return handler
+        return wrap_handler(handler, handler_call_details.method, self.around(handler_call_details))
+
+
+class CorrelationInterceptor(WrappingInterceptor):
+    """Takes `x-correlation-id` (or makes one), binds it and the call's deadline for the handler,
+    and echoes the id in the initial metadata, which later trailers cannot overwrite."""
+
+    def around(self, details: grpc.HandlerCallDetails) -> Around:
+        incoming = _metadata_value(details, CORRELATION_HEADER)
 
         @contextmanager
-        def around(_method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        def bound(_method: str, context: grpc.ServicerContext) -> Iterator[None]:
             correlation_id = correlation.accept_or_new(incoming)
             correlation.set_current(correlation_id)
             context.send_initial_metadata(((CORRELATION_HEADER, correlation_id),))
@@ -90,29 +104,21 @@ class CorrelationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             with deadline_bound(deadline):
                 yield
 
-        return wrap_handler(handler, handler_call_details.method, around)
+        return bound
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(WrappingInterceptor):
     """Maps exceptions of this service's own handlers to statuses (server.errors) and writes one
     access log line per call. Health and reflection answer for themselves."""
 
-    def __init__(self, prefixes: tuple[str, ...] = ("/orders.",)) -> None:
-        self._prefixes = prefixes
+    prefixes = ("/orders.",)
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefixes):
-            return handler
-        return wrap_handler(handler, handler_call_details.method, self._around)
+    def around(self, details: grpc.HandlerCallDetails) -> Around:
+        return self._mapped
 
     @staticmethod
     @contextmanager
-    def _around(method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    def _mapped(method: str, context: grpc.ServicerContext) -> Iterator[None]:
         started = time.perf_counter()
         try:
             yield
@@ -128,13 +134,14 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             log.info("rpc %s code=OK duration_ms=%.1f", method, (time.perf_counter() - started) * 1000)
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class BearerTokenInterceptor(WrappingInterceptor):
     """Requires `authorization: Bearer <token>` on this service's own methods; health and reflection
     stay open to probes. Tokens are compared in constant time and never logged."""
 
-    def __init__(self, tokens: frozenset[str], prefixes: tuple[str, ...] = ("/orders.",)) -> None:
+    prefixes = ("/orders.",)
+
+    def __init__(self, tokens: frozenset[str]) -> None:
         self._tokens = tuple(t.encode() for t in tokens)
-        self._prefixes = prefixes
 
     def _allowed(self, header: str | None) -> bool:
         if header is None or not header.startswith("Bearer "):
@@ -142,20 +149,13 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         offered = header[len("Bearer ") :].strip().encode()
         return any(hmac.compare_digest(offered, token) for token in self._tokens)
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefixes):
-            return handler
-        allowed = self._allowed(_metadata_value(handler_call_details, "authorization"))
+    def around(self, details: grpc.HandlerCallDetails) -> Around:
+        allowed = self._allowed(_metadata_value(details, "authorization"))
 
         @contextmanager
-        def around(_method: str, _context: grpc.ServicerContext) -> Iterator[None]:
+        def checked(_method: str, _context: grpc.ServicerContext) -> Iterator[None]:
             if not allowed:
                 raise UnauthenticatedError("a valid bearer token is required")
             yield
 
-        return wrap_handler(handler, handler_call_details.method, around)
+        return checked
