@@ -147,11 +147,3 @@ class StockRepository:
                 )
             )
         return items
-
-    def active_reservations(self, order_id: str) -> list[OrderItem]:
-        rows = self._c.execute(
-            select(stock_reservations.c.sku, stock_reservations.c.quantity).where(
-                stock_reservations.c.order_id == order_id, stock_reservations.c.status == ACTIVE
-            )
-        ).all()
-        return [OrderItem(r.sku, r.quantity) for r in rows]

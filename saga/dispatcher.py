@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from db.outbox import ClaimedEvent
@@ -86,7 +86,6 @@ class DispatcherStats:
     deferred: int = 0
     dead: int = 0
     fenced: int = 0  # completions refused because the lease had passed to another process
-    lags_s: list[float] = field(default_factory=list)  # commit-to-claim lag of recent events
 
 
 Listener = Callable[[str, ClaimedEvent, float], None]  # (outcome, event, handler seconds)
@@ -180,9 +179,6 @@ class OutboxDispatcher:
             with self._lock:
                 self._in_flight += 1
                 self.stats.claimed += 1
-                self.stats.lags_s.append(lag_s)
-                if len(self.stats.lags_s) > 10_000:
-                    del self.stats.lags_s[:5_000]
             if self._on_claimed is not None:
                 self._on_claimed(event, lag_s)
             # A fresh context per task: one context entered by two threads at once raises.

@@ -108,13 +108,11 @@ class Service:
     notifier: Notifier | None = None
     listener: Listener | None = None
     stopped: bool = field(default=False)
-    metrics_port: int = 0
     _stop_metrics: Callable[[], None] | None = None
 
     def start(self) -> None:
         if self.settings.metrics_port:
             self._stop_metrics = self.metrics.serve(self.settings.host, self.settings.metrics_port)
-            self.metrics_port = self.settings.metrics_port
         if self.notifier is not None:
             self.notifier.start()
         if self.listener is not None:
