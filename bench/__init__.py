@@ -1,0 +1,1 @@
+"""Benchmark of the order service: `python -m bench.run --quick`."""
