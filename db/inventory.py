@@ -65,9 +65,15 @@ class StockRepository:
         return ACTIVE if ACTIVE in statuses else RELEASED
 
     def reserve(self, order_id: str, items: Sequence[OrderItem], now: datetime) -> ReservationOutcome:
-        """Reserve every item or (returning Rejected) leave the caller to roll back what was taken."""
-        if self.reservation_status(order_id) is not None:
+        """Reserve every item or (returning Rejected) leave the caller to roll back what was taken.
+
+        An order that reserved before is Reserved again (a redelivery); one closed by a release
+        (see `release`) is Rejected, so a late step of its saga cannot take stock any more."""
+        status = self.reservation_status(order_id)
+        if status == ACTIVE:
             return Reserved()
+        if status == RELEASED:
+            return Rejected("reservation was already released")
         for item in sorted(items, key=lambda i: i.sku):
             taken = self._c.execute(
                 update(stock)

@@ -31,7 +31,7 @@ from db.outbox import ClaimedEvent
 from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
 from domain.errors import ConflictError
 from domain.events import OrderCancelled, OrderExpired, OrderPlaced
-from domain.inventory import Rejected, ReservationOutcome, Reserved
+from domain.inventory import ReservationOutcome, Reserved
 from domain.model import Order, OrderItem, OrderStatus, utcnow
 from saga.dispatcher import Defer, Done, Handler, Retry, Verdict
 from saga.faults import FaultSwitches
@@ -92,9 +92,6 @@ class InventoryParticipant:
 
         def attempt() -> ReservationOutcome:
             with self._uow() as uow:
-                status = uow.stock.reservation_status(order_id)
-                if status is not None:
-                    return Reserved() if status == "ACTIVE" else Rejected("reservation was already released")
                 outcome = uow.stock.reserve(order_id, items, self._clock())
                 if isinstance(outcome, Reserved):
                     uow.commit()
