@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 import pybreaker
@@ -124,7 +124,7 @@ class InventoryParticipant:
 
 
 class InventorySaga:
-    """The handlers of ORDER_CREATED and ORDER_CANCELLED."""
+    """The handlers of ORDER_CREATED, and of ORDER_CANCELLED and ORDER_EXPIRED (release)."""
 
     def __init__(
         self,
@@ -194,20 +194,26 @@ class InventorySaga:
             raise MalformedEventError(f"order {order_id} does not exist")
         return order
 
-    def _settle(self, order: Order, changed: Order, event: ClaimedEvent) -> Verdict:
+    def _save(self, changed: Order, outcome: str) -> bool:
+        """Write the order version-checked; on success tell watchers and metrics. False if the order
+        moved under the saga."""
         with self._orders_uow() as uow:
             saved = uow.orders.save(changed)
             if saved:
                 uow.commit()
         if saved:
+            self._on_order_changed(changed.order_id)
+            self._on_outcome(outcome)
+        return saved
+
+    def _settle(self, order: Order, changed: Order, event: ClaimedEvent) -> Verdict:
+        if self._save(changed, changed.status.value.lower()):
             log.info(
                 "order %s is %s%s",
                 order.order_id,
                 changed.status.value,
                 f": {changed.failure_reason}" if changed.failure_reason else "",
             )
-            self._on_order_changed(order.order_id)
-            self._on_outcome(changed.status.value.lower())
             return Done()
         # The order moved under us (a cancel won the race): undo what this saga reserved.
         current = self._load(order.order_id)
@@ -220,14 +226,7 @@ class InventorySaga:
 
     def _give_up(self, order: Order, event: ClaimedEvent, why: str) -> Verdict:
         log.warning("giving up on order %s after %d attempts: %s", order.order_id, event.attempts + 1, why)
-        failed = order.fail(INVENTORY_UNAVAILABLE, now=self._clock())
-        with self._orders_uow() as uow:
-            saved = uow.orders.save(failed)
-            if saved:
-                uow.commit()
-        if saved:
-            self._on_order_changed(order.order_id)
-            self._on_outcome("gave_up")
+        self._save(order.fail(INVENTORY_UNAVAILABLE, now=self._clock()), "gave_up")
         # Whatever an earlier attempt may have reserved goes back; if the inventory is still down,
         # the retry comes back here through the "not PENDING" path.
         try:
@@ -260,8 +259,6 @@ class InventorySaga:
             delay = self._guard.limiter.retry_after_s()
             reason = "rate limited"
         else:
-            opened_at = self._guard.breaker._state_storage.opened_at or datetime.now(UTC)
-            reset_at = opened_at + timedelta(seconds=self._guard.breaker.reset_timeout)
-            delay = max((reset_at - datetime.now(UTC)).total_seconds(), 0.05)
+            delay = max(self._guard.breaker.seconds_until_probe(), 0.05)
             reason = "inventory circuit breaker open"
         return Defer(delay + random.uniform(0, 0.05), reason)

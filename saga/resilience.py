@@ -66,21 +66,27 @@ class ConcurrentCircuitBreaker(pybreaker.CircuitBreaker):
         """Not supported: pybreaker's context manager would bypass the bookkeeping of `call`."""
         raise TypeError("use ConcurrentCircuitBreaker.call()")
 
-    def refuses_now(self) -> bool:
-        """True while open and its reset timeout has not passed (cheap check before a call)."""
+    def seconds_until_probe(self) -> float:
+        """While open: how long until a half-open probe may go through (0 when it may now)."""
         with self._lock:
             if self.state.name != pybreaker.STATE_OPEN:
-                return False
+                return 0.0
             opened_at = self._state_storage.opened_at
-            return bool(opened_at and datetime.now(UTC) < opened_at + timedelta(seconds=self.reset_timeout))
+            if opened_at is None:
+                return 0.0
+            reset_at = opened_at + timedelta(seconds=self.reset_timeout)
+            return max((reset_at - datetime.now(UTC)).total_seconds(), 0.0)
+
+    def refuses_now(self) -> bool:
+        """True while open and its reset timeout has not passed (cheap check before a call)."""
+        return self.seconds_until_probe() > 0
 
     def _admit(self) -> bool:
         """Let the call through, or raise CircuitBreakerError. True if it is the half-open probe."""
         with self._lock:
             state = self.state
             if state.name == pybreaker.STATE_OPEN:
-                opened_at = self._state_storage.opened_at
-                if opened_at and datetime.now(UTC) < opened_at + timedelta(seconds=self.reset_timeout):
+                if self.seconds_until_probe() > 0:  # pybreaker's lock is reentrant
                     raise pybreaker.CircuitBreakerError("circuit breaker open")
                 self.half_open()
                 state = self.state
