@@ -43,6 +43,28 @@ def server_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "server.main"]
 
 
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`orders-server ARGS` run to its end, output captured (stdout and stderr apart)."""
+    return subprocess.run(
+        [*server_command(), *args],
+        env=server_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def migrate_database(url: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`orders-server migrate --database-url URL`, as an operator runs it; fails the test if it fails."""
+    done = run_cli("migrate", "--database-url", url, cwd=cwd)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
 @dataclass
 class Stubs:
     channel: grpc.Channel

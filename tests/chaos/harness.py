@@ -21,7 +21,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -32,9 +31,17 @@ from pathlib import Path
 import grpc
 from sqlalchemy import Engine, select
 
+from db.engine import EngineSettings, make_engine
 from db.tables import orders
 from generated.orders.v1 import orders_pb2 as pb
-from tests.support import ServerProcess, Stubs, server_command, server_env, wait_until
+from tests.invariants import Summary, check_invariants, settled
+from tests.support import (
+    ServerProcess,
+    Stubs,
+    migrate_database,
+    server_env,
+    wait_until,
+)
 
 LEASE_S = 2.0
 SKUS = tuple(f"CHAOS-{i:02d}" for i in range(20))
@@ -59,16 +66,7 @@ def env_int(name: str, default: int) -> int:
 
 def migrate(url: str, cwd: Path) -> None:
     """`orders-server migrate`, as an operator runs it before starting PostgreSQL instances."""
-    done = subprocess.run(
-        [*server_command(), "migrate", "--database-url", url],
-        env=server_env(),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    migrate_database(url, cwd)
 
 
 def server_args(url: str, fault_file: Path | None = None) -> list[str]:
@@ -313,3 +311,20 @@ class Cluster:
                 self.instances[slot] = None
             if process is not None:
                 process.stop(sig, timeout=15)
+
+
+def wait_settled(cluster: Cluster, engine: Engine, timeout: float) -> None:
+    """Until no order and no event is PENDING; every live instance must still be running."""
+    wait_until(lambda: settled(engine), timeout=timeout, interval=0.25, what="every order settled")
+    for process in cluster.live():
+        assert process.proc.poll() is None, process.log()[-3000:]
+
+
+def verify(url: str, stock: dict[str, int], ledger: Ledger) -> tuple[Summary, Counter[str]]:
+    """DESIGN.md's invariants on the rows, then every acknowledged order and cancel honoured."""
+    summary = check_invariants(url, url, stock)
+    engine = make_engine(url, EngineSettings(pool_size=2, max_overflow=0))
+    try:
+        return summary, check_acknowledged(engine, ledger)
+    finally:
+        engine.dispose()

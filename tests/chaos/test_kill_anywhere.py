@@ -43,10 +43,11 @@ from tests.chaos.harness import (
     Cluster,
     Ledger,
     basket,
-    check_acknowledged,
     env_int,
     fenced_completions,
     migrate,
+    verify,
+    wait_settled,
 )
 from tests.invariants import check_invariants, settled
 from tests.support import wait_until
@@ -179,20 +180,15 @@ def test_killing_any_instance_at_any_moment_loses_no_acknowledged_order(
             cluster.start(slot)
         for process in cluster.live():
             assert process.proc.poll() is None, process.log()[-3000:]
-        wait_until(
-            lambda: settled(engine), timeout=60 + 5 * LEASE_S, interval=0.25, what="every order settled"
-        )
+        wait_settled(cluster, engine, timeout=60 + 5 * LEASE_S)
         settle_s = time.monotonic() - started - load_s
-        for process in cluster.live():
-            assert process.proc.poll() is None, process.log()[-3000:]
     finally:
         cluster.stop_all()
         engine.dispose()
 
-    summary = check_invariants(url, url, stock)
+    summary, statuses = verify(url, stock, ledger)
     engine = make_engine(url, EngineSettings(pool_size=2, max_overflow=0))
     try:
-        statuses = check_acknowledged(engine, ledger)
         crashed, crashes = crashed_orders(cluster.logs)
         with engine.connect() as connection:
             crashed_status = dict(

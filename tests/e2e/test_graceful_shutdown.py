@@ -34,7 +34,12 @@ from sqlalchemy import Engine, create_engine, func, select
 from db.tables import orders, outbox_events
 from generated.orders.v1 import orders_pb2 as pb
 from tests.invariants import check_invariants
-from tests.support import ServerProcess, Stubs, server_command, server_env, wait_until
+from tests.support import (
+    ServerProcess,
+    Stubs,
+    migrate_database,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -47,19 +52,6 @@ CLIENT_THREADS = 4
 # cancel, or the server refusing to go on. Anything else (INTERNAL, UNKNOWN...) is a broken stream.
 CLEAN_ENDINGS = {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
 SETTLED = {"VALIDATED", "FAILED"}
-
-
-def migrate(url: str, cwd: Path) -> None:
-    done = subprocess.run(
-        [*server_command(), "migrate", "--database-url", url],
-        env=server_env(),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 @dataclass
@@ -152,7 +144,7 @@ def test_sigterm_under_load_drains_and_loses_no_acknowledged_order(
     make_pg_database: Callable[[], str], spawn_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     url = make_pg_database()
-    migrate(url, tmp_path)
+    migrate_database(url, tmp_path)
     faults = tmp_path / "faults.json"
     faults.write_text(json.dumps({"inventory_delay_s": 1}))
     server = spawn_server(
@@ -288,7 +280,7 @@ def test_a_saga_step_outlasting_the_grace_is_left_to_its_lease_and_the_process_e
     make_pg_database: Callable[[], str], spawn_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     url = make_pg_database()
-    migrate(url, tmp_path)
+    migrate_database(url, tmp_path)
     faults = tmp_path / "faults.json"
     faults.write_text(json.dumps({"inventory_delay_s": 6}))
     grace_s = 1.0

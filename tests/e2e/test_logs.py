@@ -25,7 +25,14 @@ import grpc
 import pytest
 
 from generated.orders.v1 import orders_pb2 as pb
-from tests.support import ServerProcess, Stubs, server_command, server_env, wait_until
+from tests.support import (
+    ServerProcess,
+    Stubs,
+    run_cli,
+    server_command,
+    server_env,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -82,15 +89,7 @@ def exercise(stubs: Stubs) -> Activity:
 
 
 def migrate_sqlite(cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [*server_command(), "migrate"],
-        env=server_env(env),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_cli("migrate", env=env, cwd=cwd)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
 

@@ -22,7 +22,12 @@ from sqlalchemy import create_engine, inspect
 
 from generated.orders.v1 import orders_pb2 as pb
 from server.config import Settings
-from tests.support import ServerProcess, Stubs, server_command, server_env, wait_until
+from tests.support import (
+    ServerProcess,
+    Stubs,
+    run_cli,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -39,15 +44,7 @@ def plain_postgresql(url: str) -> str:
 
 
 def run_migrate(url: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*server_command(), "migrate"],
-        env=server_env({"ORDERS_DATABASE_URL": url}),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cli("migrate", env={"ORDERS_DATABASE_URL": url}, cwd=cwd)
 
 
 @pytest.fixture
@@ -224,15 +221,7 @@ def test_sigterm_stops_the_process_with_exit_code_0_and_a_final_stopped_line(
 
 
 def test_help_lists_every_setting_as_a_flag_and_an_orders_environment_variable(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [*server_command(), "--help"],
-        env=server_env(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli("--help", cwd=tmp_path, timeout=60)
 
     assert done.returncode == 0, done.stderr
     text = done.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from functools import partial
 
 from sqlalchemy import select, update
@@ -17,17 +16,11 @@ from generated.orders.v1 import orders_pb2 as pb
 from saga.housekeeping import Housekeeper
 from saga.inventory import InventoryParticipant
 from tests.invariants import check_invariants, settled
-from tests.support import server_command, server_env, wait_until
+from tests.support import run_cli, wait_until
 
 
 def _admin(url: str, *args: str) -> tuple[int, list[dict], str]:
-    done = subprocess.run(
-        [*server_command(), "admin", *args, "--database-url", url],
-        capture_output=True,
-        text=True,
-        env=server_env(),
-        timeout=60,
-    )
+    done = run_cli("admin", *args, "--database-url", url, timeout=60)
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     return done.returncode, lines, done.stderr
 
