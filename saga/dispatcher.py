@@ -114,6 +114,7 @@ class OutboxDispatcher:
         self._faults = faults or FaultSwitches()
         self._on_claimed = on_claimed
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified whenever a handler finishes
         self._in_flight = 0
         self._stopping = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="saga")
@@ -135,13 +136,14 @@ class OutboxDispatcher:
         """Stop claiming, let running handlers finish for up to `timeout` seconds. True if all did;
         events still running past it keep their lease, which expires and hands them to another
         process."""
+        deadline = time.monotonic() + timeout
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout)
-        deadline = time.monotonic() + timeout
-        while self.in_flight and time.monotonic() < deadline:
-            time.sleep(0.01)
-        finished = self.in_flight == 0
+        with self._idle:
+            finished = self._idle.wait_for(
+                lambda: self._in_flight == 0, timeout=max(deadline - time.monotonic(), 0.0)
+            )
         self._executor.shutdown(wait=finished, cancel_futures=True)
         return finished
 
@@ -201,8 +203,9 @@ class OutboxDispatcher:
             # Recording failed (database gone?): the lease expires and the event runs again.
             log.warning("could not record the outcome of event %d: %s", event.id, _describe(error))
         finally:
-            with self._lock:
+            with self._idle:
                 self._in_flight -= 1
+                self._idle.notify_all()
             self._wake.set()
 
     def _verdict(self, event: ClaimedEvent) -> Verdict:
