@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from server import bootstrap
 from server.config import Settings
-from tests.support import ServerProcess, Stubs, server_env
+from tests.support import ServerProcess, Stubs, apply_schema, server_env
 
 PG_ADMIN_URL = os.environ.get("ORDERS_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("ORDERS_TEST_REQUIRE_POSTGRES") == "1" or os.environ.get("CI") == "true"
@@ -101,13 +101,7 @@ def database_url(backend: str, request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def migrated_url(database_url: str) -> str:
-    settings = Settings(database_url=database_url)
-    engines = bootstrap.make_engines(settings)
-    try:
-        bootstrap.apply_migrations(engines)
-    finally:
-        engines.dispose()
-    return database_url
+    return apply_schema(database_url)
 
 
 def fast_settings(**overrides: Any) -> Settings:

@@ -17,6 +17,8 @@ import grpc
 
 from generated.orders.v1 import orders_pb2 as pb
 from generated.orders.v1 import orders_pb2_grpc as pb_grpc
+from server import bootstrap
+from server.config import Settings
 
 T = TypeVar("T")
 
@@ -41,6 +43,16 @@ def server_command() -> list[str]:
     """`orders-server` as the README installs it (the venv's console script)."""
     script = Path(sys.executable).parent / "orders-server"
     return [str(script)] if script.exists() else [sys.executable, "-m", "server.main"]
+
+
+def apply_schema(url: str) -> str:
+    """Both schemas applied to the database at `url`, in this process; returns the URL."""
+    engines = bootstrap.make_engines(Settings(database_url=url))
+    try:
+        bootstrap.apply_migrations(engines)
+    finally:
+        engines.dispose()
+    return url
 
 
 def run_cli(

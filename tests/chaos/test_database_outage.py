@@ -41,10 +41,8 @@ from sqlalchemy.engine import make_url
 from db.engine import EngineSettings, make_engine
 from db.tables import orders
 from generated.orders.v1 import orders_pb2 as pb
-from server import bootstrap
-from server.config import Settings
 from tests.invariants import check_invariants, settled
-from tests.support import ServerProcess, Stubs, wait_until
+from tests.support import ServerProcess, Stubs, apply_schema, wait_until
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.postgres, pytest.mark.timeout(120)]
@@ -165,12 +163,7 @@ def through(url: str, proxy: TcpProxy) -> str:
 
 def migrated(url: str) -> str:
     """The operator's step: the schema is applied directly, not through the proxy."""
-    engines = bootstrap.make_engines(Settings(database_url=url))
-    try:
-        bootstrap.apply_migrations(engines)
-    finally:
-        engines.dispose()
-    return url
+    return apply_schema(url)
 
 
 def start_through_proxy(

@@ -11,21 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import server_command, server_env
+from tests.support import run_cli
 
 pytestmark = pytest.mark.e2e
 
 
 def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*server_command(), *args],
-        env=server_env(env),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(*args, env=env, cwd=cwd, timeout=60)
 
 
 @pytest.mark.parametrize(

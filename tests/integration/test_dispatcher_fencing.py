@@ -32,9 +32,7 @@ from saga.dispatcher import DispatcherSettings, Handler, OutboxDispatcher, Verdi
 from saga.faults import FaultSwitches
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
 from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
-from server import bootstrap
-from server.config import Settings
-from tests.support import Stubs, wait_until
+from tests.support import Stubs, apply_schema, wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -45,13 +43,7 @@ INITIAL_STOCK = 60  # well below the demand of 200 orders: some must fail, none 
 @pytest.fixture
 def pg_url(make_pg_database: Callable[[], str]) -> str:
     """A fresh PostgreSQL database with both schemas, as `orders-server migrate` leaves it."""
-    url = make_pg_database()
-    engines = bootstrap.make_engines(Settings(database_url=url))
-    try:
-        bootstrap.apply_migrations(engines)
-    finally:
-        engines.dispose()
-    return url
+    return apply_schema(make_pg_database())
 
 
 class RunLog:

@@ -10,10 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from generated.orders.v1 import orders_pb2 as pb
-from server import bootstrap
-from server.config import Settings
 from tests.integration.helpers import health_status, rpc_error
-from tests.support import wait_until
+from tests.support import apply_schema, wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -29,11 +27,7 @@ def test_a_server_on_a_migrated_database_is_serving(quiet_server):
 
 
 def migrate(database_url: str) -> None:
-    engines = bootstrap.make_engines(Settings(database_url=database_url))
-    try:
-        bootstrap.apply_migrations(engines)
-    finally:
-        engines.dispose()
+    apply_schema(database_url)
 
 
 def statuses_until_the_stream_ends(watch) -> list[int]:
