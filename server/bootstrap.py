@@ -237,8 +237,9 @@ def build(settings: Settings) -> Service:
             ),
         ],
         options=[
-            # A second server must not silently share the port (grpcio turns reuseport on by default).
-            ("grpc.so_reuseport", 0),
+            # A second server must not silently share the port (grpcio turns reuseport on by default);
+            # only the processes of `--workers N` share it, on purpose (server/supervisor.py).
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -30,6 +31,11 @@ def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -
 class Settings:
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(50051, "gRPC port (0 = any free port, printed in the ready line)")
+    workers: int = _setting(
+        1,
+        "server processes sharing the gRPC port (SO_REUSEPORT), each with its own dispatcher; "
+        "worker i (0 to N-1) serves metrics on metrics_port + i",
+    )
     database_url: str = _setting(
         DEFAULT_DATABASE_URL,
         "orders database, any SQLAlchemy URL: sqlite:///path or postgresql[+psycopg2]://user@host/db",
@@ -92,6 +98,13 @@ class Settings:
     fault_file: str = _setting("", "testing only: a JSON file of fault switches read at run time")
 
     @property
+    def security(self) -> str:
+        """How the gRPC port talks, as the ready line says it."""
+        if self.tls_client_ca_file:
+            return "mutual tls"
+        return "tls" if self.tls_cert_file else "plaintext"
+
+    @property
     def inventory_url(self) -> str:
         return self.inventory_database_url or self.database_url
 
@@ -108,6 +121,11 @@ def _flag(name: str) -> str:
 
 def _env(name: str) -> str:
     return "ORDERS_" + name.upper()
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The `ORDERS_*` variables that give another process exactly these settings."""
+    return {_env(f.name): str(getattr(settings, f.name)) for f in dataclasses.fields(Settings)}
 
 
 def _convert(kind: type, raw: str) -> Any:
@@ -192,6 +210,7 @@ def _check(settings: Settings) -> list[str]:
         if not 0 <= getattr(settings, name) <= 65535:
             problems.append(f"{_flag(name)}: must be a port number 0-65535")
     for name in (
+        "workers",
         "max_workers",
         "max_concurrent_rpcs",
         "max_receive_message_bytes",
@@ -218,6 +237,7 @@ def _check(settings: Settings) -> list[str]:
     ):
         if not getattr(settings, name) > 0:
             problems.append(f"{_flag(name)}: must be greater than 0")
+    problems.extend(_check_workers(settings))
     for name in ("database_url", "inventory_database_url"):
         if getattr(settings, name):
             try:
@@ -243,6 +263,18 @@ def _check(settings: Settings) -> list[str]:
                 problems.append("--auth-tokens-file: the file holds no token")
     if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         problems.append("--redis-url: must start with redis://, rediss:// or unix://")
+    return problems
+
+
+def _check_workers(settings: Settings) -> list[str]:
+    """Several workers need SO_REUSEPORT, and one metrics port each above --metrics-port."""
+    if settings.workers <= 1:
+        return []
+    problems = []
+    if not hasattr(socket, "SO_REUSEPORT"):
+        problems.append("--workers: this platform has no SO_REUSEPORT; run one worker per port")
+    if settings.metrics_port and settings.metrics_port + settings.workers - 1 > 65535:
+        problems.append("--metrics-port: worker metrics ports (metrics_port + i) go past 65535")
     return problems
 
 

@@ -1,5 +1,6 @@
-"""The `orders-server` process: `orders-server [serve]` runs the service, `orders-server migrate`
-applies the schema and exits."""
+"""The `orders-server` process: `orders-server [serve]` runs the service (with `--workers N`, as the
+supervisor of N server processes: server/supervisor.py), `orders-server migrate` applies the schema
+and exits."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from server import admin, bootstrap
+from server import admin, bootstrap, supervisor
 from server.config import Settings, parse
 from server.logs import configure
 
@@ -28,7 +29,8 @@ def migrate(settings: Settings) -> int:
     return 0
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, link: supervisor.WorkerLink | None = None) -> int:
+    """One server process: alone, or worker `link.index` of a `--workers` supervisor."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -37,6 +39,8 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if link is not None:
+        link.on_orphaned(stop.set)
     try:
         service = bootstrap.build(settings)
     except bootstrap.BindError as error:
@@ -44,12 +48,14 @@ def serve(settings: Settings) -> int:
         return 1
     service.start()
     backend = service.engines.orders.dialect.name
-    security = "tls" if settings.tls_cert_file else "plaintext"
-    if settings.tls_client_ca_file:
-        security = "mutual tls"
+    # A worker's line must not read "orders-server ready on": that one is the supervisor's, once
+    # every worker serves.
+    who = "orders-server" if link is None else f"orders-server worker {link.index} (pid {os.getpid()})"
     log.info(
-        "orders-server ready on %s:%d (database: %s, %s)", settings.host, service.port, backend, security
+        "%s ready on %s:%d (database: %s, %s)", who, settings.host, service.port, backend, settings.security
     )
+    if link is not None:
+        link.ready()
     stop.wait()
     finished = service.stop(drain_delay=settings.shutdown_delay_s)
     log.info("orders-server stopped")
@@ -68,7 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return migrate(settings)
     if command == "admin":
         return admin.run(settings, args)
-    return serve(settings)
+    link = supervisor.WorkerLink.from_env(os.environ)
+    if link is None and settings.workers > 1:
+        return supervisor.run(settings)
+    if link is not None:
+        link.tag_logs()
+    return serve(settings, link)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,221 @@
+"""`orders-server --workers N`: N real server processes behind one port (SO_REUSEPORT), under a
+supervisor that announces the pool, restarts a worker that dies and stops them all on SIGTERM
+(docs/operations.md, "Several worker processes").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from generated.orders.v1 import orders_pb2 as pb
+from tests.support import ServerProcess, Stubs, run_cli, wait_until
+
+pytestmark = pytest.mark.e2e
+
+FAST = ("--poll-interval-s", "0.2", "--health-interval-s", "0.2", "--grace-period-s", "2")
+STARTED = re.compile(r"worker (?P<index>\d+) started \(pid (?P<pid>\d+)\)")
+PLACE = "/orders.v1.OrderService/PlaceOrder"
+HANDLED_PLACE = re.compile(
+    r"\[worker-(\d+)/grpc_\d+\] orders\.rpc .* rpc /orders\.v1\.OrderService/PlaceOrder code=OK"
+)
+
+
+def free_port_pair() -> int:
+    """A port P such that P and P + 1 are both free (the metrics ports of two workers)."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise AssertionError("no two consecutive free ports")
+
+
+def worker_pids(server: ServerProcess) -> dict[int, int]:
+    """The latest pid of every worker, from the supervisor's `worker I started (pid P)` lines."""
+    return {int(m.group("index")): int(m.group("pid")) for m in STARTED.finditer(server.log())}
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def fresh_stubs(address: str) -> Stubs:
+    """A channel with a connection of its own: channels of one process otherwise share one
+    connection per address, and the kernel spreads connections, not calls, over the workers."""
+    return Stubs(grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]))
+
+
+def placed_calls(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "orders_rpc_total" and sample.labels == {"method": PLACE, "code": "OK"}
+    )
+
+
+def place_over_fresh_channels(
+    address: str, channels: int, per_channel: int, wait_for_ready: bool = False
+) -> list[str]:
+    """Orders placed over `channels` new connections; `wait_for_ready` retries a connection the
+    kernel reset (as the clients of a pool should, see docs/operations.md)."""
+    request = pb.PlaceOrderRequest(customer_id="workers", items=[pb.OrderItem(sku="W-1", quantity=1)])
+    order_ids = []
+    for _ in range(channels):
+        stubs = fresh_stubs(address)
+        try:
+            for _ in range(per_channel):
+                reply = stubs.orders.PlaceOrder(request, timeout=10, wait_for_ready=wait_for_ready)
+                order_ids.append(reply.order.order_id)
+        finally:
+            stubs.channel.close()
+    return order_ids
+
+
+def test_help_lists_workers(tmp_path: Path) -> None:
+    done = run_cli("--help", cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert "--workers" in done.stdout
+    assert "ORDERS_WORKERS" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--workers", "0"], {}, "--workers"),
+        ([], {"ORDERS_WORKERS": "-2"}, "--workers"),
+        ([], {"ORDERS_WORKERS": "two"}, "ORDERS_WORKERS"),
+        (["--workers", "2", "--metrics-port", "65535"], {}, "--metrics-port"),
+    ],
+    ids=["zero", "negative-from-env", "not-a-number-from-env", "metrics-ports-past-65535"],
+)
+def test_a_bad_workers_setting_exits_2_with_one_line(
+    args: list[str], env: dict[str, str], named: str, tmp_path: Path
+) -> None:
+    done = run_cli(*args, env=env, cwd=tmp_path, timeout=60)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert named in done.stderr
+
+
+@pytest.mark.postgres
+def test_two_workers_share_the_port_settle_orders_and_stop_on_sigterm(
+    make_pg_database: Callable[[], str], spawn_server: Callable[..., ServerProcess]
+) -> None:
+    url = make_pg_database()
+    metrics = free_port_pair()
+    server = spawn_server(
+        "--workers", "2", "--database-url", url, "--migrate-on-start", "always",
+        "--metrics-port", str(metrics), *FAST,
+    )  # fmt: skip
+    assert re.search(
+        r"orders-server ready on 127\.0\.0\.1:\d+ \(database: postgresql, plaintext, 2 workers\)",
+        server.log(),
+    )
+    pids = worker_pids(server)
+    assert sorted(pids) == [0, 1]
+    server.stubs.set_stock("W-1", 1000)
+
+    order_ids = place_over_fresh_channels(server.address, channels=16, per_channel=3)
+
+    # Both workers took calls: each one's own metrics endpoint counted some, together all of them.
+    per_worker = [placed_calls(metrics), placed_calls(metrics + 1)]
+    assert all(count > 0 for count in per_worker), per_worker
+    assert sum(per_worker) == len(order_ids)
+    wait_until(
+        lambda: all(server.stubs.get(o).status == pb.ORDER_STATUS_VALIDATED for o in order_ids),
+        timeout=20,
+        what="every order VALIDATED",
+    )
+    assert server.stubs.stock("W-1").available == 1000 - len(order_ids)
+    # The log says the same: every line names its worker in the thread field.
+    assert set(HANDLED_PLACE.findall(server.log())) == {"0", "1"}
+
+    assert server.stop(signal.SIGTERM) == 0
+    assert not [pid for pid in pids.values() if alive(pid)]
+    assert server.log().rstrip().endswith("orders-server stopped")
+
+
+@pytest.mark.postgres
+def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
+    make_pg_database: Callable[[], str], spawn_server: Callable[..., ServerProcess]
+) -> None:
+    url = make_pg_database()
+    server = spawn_server("--workers", "2", "--database-url", url, "--migrate-on-start", "always", *FAST)
+    server.stubs.set_stock("W-1", 1000)
+    killed = worker_pids(server)[0]
+
+    os.kill(killed, signal.SIGKILL)
+    wait_until(lambda: not alive(killed), what="the killed worker gone")
+
+    # A connection caught by the dying listener is reset, so these calls wait for ready.
+    assert len(place_over_fresh_channels(server.address, 4, 1, wait_for_ready=True)) == 4
+    restarted = wait_until(
+        lambda: (
+            (pid := worker_pids(server)[0]) != killed
+            and f"worker 0 (pid {pid}) ready on" in server.log()
+            and pid
+        ),
+        timeout=30,
+        what="worker 0 restarted and ready",
+    )
+    assert f"worker 0 (pid {killed}) was killed by SIGKILL: restarting it" in server.log()
+    assert not alive(killed) and alive(restarted)
+    assert len(place_over_fresh_channels(server.address, 8, 1, wait_for_ready=True)) == 8
+    assert server.stop(signal.SIGTERM) == 0
+
+
+def test_the_port_of_a_pool_is_not_shared_with_another_server(
+    sqlite_url: str, spawn_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    single = spawn_server("--database-url", sqlite_url, *FAST)
+
+    # A pool never joins a port a single server holds...
+    done = run_cli("--workers", "2", "--port", str(single.port), "--database-url", sqlite_url, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"could not bind 127.0.0.1:{single.port}" in done.stderr
+
+    # ...and a single server never joins the port of a pool.
+    pool = spawn_server("--workers", "2", "--database-url", f"sqlite:///{tmp_path / 'pool.db'}", *FAST)
+    done = run_cli("--port", str(pool.port), "--database-url", sqlite_url, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    # (grpcio raises instead of returning port 0, so this exit is a traceback today, not BindError.)
+    assert "bind" in done.stderr and f"127.0.0.1:{pool.port}" in done.stderr
+
+
+@pytest.mark.postgres
+def test_workers_shut_down_when_their_supervisor_is_killed(
+    make_pg_database: Callable[[], str], spawn_server: Callable[..., ServerProcess]
+) -> None:
+    server = spawn_server(
+        "--workers", "2", "--database-url", make_pg_database(), "--migrate-on-start", "always", *FAST
+    )
+    pids = worker_pids(server)
+
+    server.stop(signal.SIGKILL)
+
+    wait_until(lambda: not any(alive(pid) for pid in pids.values()), timeout=15, what="orphaned workers gone")
+    assert server.log().count("the supervisor is gone: shutting down") == 2
