@@ -6,11 +6,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, Row, and_, insert, or_, select, update
+from sqlalchemy import Connection, Row, Table, and_, insert, or_, select, update
 
 from db.tables import order_items, orders
-from domain.model import Order, OrderItem, OrderStatus
+from domain.errors import InvalidTransitionError
+from domain.model import Order, OrderItem, OrderStatus, can_move
+
+Row_ = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -26,29 +30,28 @@ class OrderRepository:
         self._c = connection
 
     def add(self, order: Order, request_fingerprint: str | None = None) -> None:
-        self._c.execute(
-            insert(orders),
-            [
-                {
-                    "id": order.order_id,
-                    "customer_id": order.customer_id,
-                    "status": order.status.value,
-                    "failure_reason": order.failure_reason,
-                    "version": order.version,
-                    "request_id": order.request_id,
-                    "request_fingerprint": request_fingerprint,
-                    "create_time": order.create_time,
-                    "update_time": order.update_time,
-                }
-            ],
-        )
-        self._c.execute(
-            insert(order_items),
-            [
-                {"order_id": order.order_id, "position": i, "sku": item.sku, "quantity": item.quantity}
-                for i, item in enumerate(order.items)
-            ],
-        )
+        for table, rows in self.new_rows(order, request_fingerprint):
+            self._c.execute(insert(table), rows)
+
+    @staticmethod
+    def new_rows(order: Order, request_fingerprint: str | None = None) -> list[tuple[Table, list[Row_]]]:
+        """The rows that store a new order: its own, then its items (see `add`)."""
+        row = {
+            "id": order.order_id,
+            "customer_id": order.customer_id,
+            "status": order.status.value,
+            "failure_reason": order.failure_reason,
+            "version": order.version,
+            "request_id": order.request_id,
+            "request_fingerprint": request_fingerprint,
+            "create_time": order.create_time,
+            "update_time": order.update_time,
+        }
+        items = [
+            {"order_id": order.order_id, "position": i, "sku": item.sku, "quantity": item.quantity}
+            for i, item in enumerate(order.items)
+        ]
+        return [(orders, [row]), (order_items, items)]
 
     def get(self, order_id: str) -> Order | None:
         row = self._c.execute(select(orders).where(orders.c.id == order_id)).first()
@@ -71,6 +74,26 @@ class OrderRepository:
                 failure_reason=order.failure_reason,
                 version=order.version,
                 update_time=order.update_time,
+            )
+        )
+        return result.rowcount == 1
+
+    def settle_pending(self, order_id: str, target: OrderStatus, reason: str | None, now: datetime) -> bool:
+        """Move the order from PENDING to `target`, one version up; False if it is not PENDING.
+
+        The saga settles without reading the order first: the status in the WHERE clause is the
+        compare-and-set (PostgreSQL re-checks it after waiting on a concurrent writer), and the
+        version still moves, so a client holding the old version sees the change."""
+        if not can_move(OrderStatus.PENDING, target):
+            raise InvalidTransitionError(f"an order cannot move from PENDING to {target.value}")
+        result = self._c.execute(
+            update(orders)
+            .where(orders.c.id == order_id, orders.c.status == OrderStatus.PENDING.value)
+            .values(
+                status=target.value,
+                failure_reason=reason or "",
+                version=orders.c.version + 1,
+                update_time=now,
             )
         )
         return result.rowcount == 1

@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Self
 
-from sqlalchemy import Connection, Engine, RootTransaction, text
+from sqlalchemy import Connection, Engine, RootTransaction, insert
 
-from db.engine import SQLITE_BEGIN_IMMEDIATE, is_sqlite
+from db.chained import insert_together
+from db.engine import SQLITE_BEGIN_IMMEDIATE, is_sqlite, prefix_next_statement
 from db.errors import translate
 from db.inventory import StockRepository
 from db.orders import OrderRepository
 from db.outbox import OutboxStore
+from db.tables import outbox_events
 from domain.errors import DeadlineExceededError
+from domain.events import DomainEvent
+from domain.model import Order
 
 # time.monotonic() by which the current call must be done, or None.
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("db_deadline", default=None)
@@ -79,7 +83,8 @@ class UnitOfWork:
             self._connection = connection
             self._transaction = connection.begin()
             if budget is not None and not is_sqlite(self._engine):
-                connection.execute(text(f"SET LOCAL statement_timeout = {max(budget, 1)}"))
+                # With the first statement of the transaction, not a round trip of its own.
+                prefix_next_statement(connection, f"SET LOCAL statement_timeout = {max(budget, 1)}")
         except Exception as error:
             self._close()
             domain_error = translate(error, deadline_set=budget is not None)
@@ -136,6 +141,27 @@ class OrdersUnitOfWork(UnitOfWork):
     def _started(self) -> None:
         self.orders = OrderRepository(self.connection)
         self.outbox = OutboxStore(self.connection)
+
+    def add_order(
+        self,
+        order: Order,
+        request_fingerprint: str | None,
+        events: Sequence[DomainEvent],
+        correlation_id: str | None,
+    ) -> None:
+        """A new order, its items and its events: on PostgreSQL one statement (the order and item
+        inserts ride along as data-modifying CTEs of the outbox insert), on SQLite three. Placing
+        an order is the hottest write; two round trips fewer is a third of its transaction."""
+        parts = [
+            *OrderRepository.new_rows(order, request_fingerprint),
+            (outbox_events, OutboxStore.new_rows(events, correlation_id, order.create_time)),
+        ]
+        if self.dialect == "postgresql":
+            insert_together(self.connection, parts)
+            return
+        for table, rows in parts:
+            if rows:
+                self.connection.execute(insert(table), rows)
 
 
 class InventoryUnitOfWork(UnitOfWork):

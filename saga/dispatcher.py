@@ -2,13 +2,20 @@
 
 It knows event types and handlers, nothing of what an event means. Per process:
 
-- one dispatcher thread claims at most as many events as the executor has free slots (the
-  bulkhead), so a claimed event never waits in a queue while its lease runs down;
+- one dispatcher thread claims events for the executor's `workers` threads (the bulkhead) and
+  at most one batch ahead of them (`workers` more, waiting in the executor's queue): a claim is
+  a round trip or four, and a worker that finishes finds its next event already there. A queued
+  event waits for one handler at most, far inside its lease; one still queued when the
+  dispatcher stops is handed back at once (a deferral), not left to its lease;
 - each handler runs on the executor with the event's correlation id (and order id) restored in a
   fresh context: an executor does not carry contextvars by itself;
 - the handler's verdict is written back fenced on the lease token (see `db.outbox`): DONE, a
   retry later (exponential backoff with jitter, an attempt counted), a deferral (not an attempt:
   the breaker is open or the rate limit says wait), or DEAD after `max_attempts`;
+- DONE is written in batches: finished events wait for the dispatcher thread, which marks them
+  all DONE in the transaction of its next claim (one statement for the batch). A handler that
+  writes in the orders database can instead complete its event in its own transaction
+  (`Completed`), so its effect and the DONE are one commit, fenced together;
 - the thread sleeps until woken (local commit, a PostgreSQL notification) or the poll interval
   passes, which alone guarantees progress.
 """
@@ -41,6 +48,15 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Completed:
+    """The handler marked the event DONE itself, in the transaction of its own writes, fenced on the
+    lease (`OutboxStore.complete`). `kept=False`: the lease had passed to another process, so the
+    handler wrote nothing."""
+
+    kept: bool = True
+
+
+@dataclass(frozen=True)
 class Retry:
     """A transient failure: run again after a backoff; counts as an attempt."""
 
@@ -55,7 +71,7 @@ class Defer:
     reason: str
 
 
-Verdict = Done | Retry | Defer
+Verdict = Done | Completed | Retry | Defer
 Handler = Callable[[ClaimedEvent], Verdict]
 
 
@@ -116,6 +132,8 @@ class OutboxDispatcher:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified whenever a handler finishes
         self._in_flight = 0
+        # Handled events waiting to be marked DONE, with their handler seconds (under the lock).
+        self._finished: list[tuple[ClaimedEvent, float]] = []
         self._stopping = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="saga")
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
@@ -145,16 +163,20 @@ class OutboxDispatcher:
                 lambda: self._in_flight == 0, timeout=max(deadline - time.monotonic(), 0.0)
             )
         self._executor.shutdown(wait=finished, cancel_futures=True)
+        try:
+            self._claim_and_submit(0)  # marks the last finished events DONE
+        except Exception as error:
+            log.warning("could not mark finished events DONE (%s); they will run again", _describe(error))
         return finished
 
     def _run(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            free = self._settings.workers - self.in_flight
+            free = 2 * self._settings.workers - self.in_flight
             claimed = 0
-            if free > 0:
+            if free > 0 or self._has_finished():
                 try:
-                    claimed = self._claim_and_submit(free)
+                    claimed = self._claim_and_submit(max(free, 0))
                     failures = 0
                 except Exception as error:
                     failures += 1
@@ -171,11 +193,28 @@ class OutboxDispatcher:
                 continue  # a full batch: there may be more due right now
             self._wake.wait(self._settings.poll_interval_s)
 
+    def _has_finished(self) -> bool:
+        with self._lock:
+            return bool(self._finished)
+
     def _claim_and_submit(self, free: int) -> int:
+        """One transaction: mark the finished events DONE, then claim up to `free` due ones."""
         now = self._clock()
-        with self._uow() as uow:
-            events = uow.outbox.claim(free, timedelta(seconds=self._settings.lease_s), now)
-            uow.commit()
+        with self._lock:
+            finished, self._finished = self._finished, []
+        try:
+            with self._uow() as uow:
+                kept = uow.outbox.complete_many([event for event, _ in finished], now)
+                events = uow.outbox.claim(free, timedelta(seconds=self._settings.lease_s), now)
+                uow.commit()
+        except Exception:
+            with self._lock:  # try again with the next claim; a lease that runs out meanwhile fences them
+                self._finished[:0] = finished
+            raise
+        for event, seconds in finished:
+            if event.id not in kept:
+                log.warning("event %d: lease lost to another dispatcher; DONE not recorded", event.id)
+            self._count("done" if event.id in kept else "fenced", event, seconds)
         for event in events:
             lag_s = max((event.claimed_at - event.created_at).total_seconds(), 0.0)
             with self._lock:
@@ -196,12 +235,20 @@ class OutboxDispatcher:
         # measure pickup latency (call start -> handler start).
         log.debug("handling %s event %d", event.event_type, event.id)
         try:
+            if self._stopping.is_set():  # claimed ahead, never started: hand it back now
+                self._count(self._record(event, Defer(0.0, "dispatcher stopping")), event, 0.0)
+                return
             verdict = self._verdict(event)
             self._faults.maybe_delay("handler_delay_s")
             self._faults.maybe_crash("crash_before_complete")
-            outcome = self._record(event, verdict)
-            if self._listener is not None:
-                self._listener(outcome, event, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            if isinstance(verdict, Done):
+                with self._lock:  # the dispatcher thread marks it DONE with its next claim
+                    self._finished.append((event, seconds))
+            elif isinstance(verdict, Completed):
+                self._count("done" if verdict.kept else "fenced", event, seconds)
+            else:
+                self._count(self._record(event, verdict), event, seconds)
         except Exception as error:
             # Recording failed (database gone?): the lease expires and the event runs again.
             log.warning("could not record the outcome of event %d: %s", event.id, _describe(error))
@@ -221,12 +268,11 @@ class OutboxDispatcher:
             log.warning("handler of %s event %d failed: %s", event.event_type, event.id, _describe(error))
             return Retry(_describe(error))
 
-    def _record(self, event: ClaimedEvent, verdict: Verdict) -> str:
+    def _record(self, event: ClaimedEvent, verdict: Retry | Defer) -> str:
+        """Write a retry, a deferral or DEAD, fenced; the outcome, or "fenced"."""
         now = self._clock()
         with self._uow() as uow:
-            if isinstance(verdict, Done):
-                outcome, kept = "done", uow.outbox.complete(event, now)
-            elif isinstance(verdict, Defer):
+            if isinstance(verdict, Defer):
                 later = now + timedelta(seconds=verdict.delay_s)
                 outcome, kept = "deferred", uow.outbox.reschedule(event, later, now, verdict.reason, False)
             elif event.attempts + 1 >= self._settings.max_attempts:
@@ -243,17 +289,18 @@ class OutboxDispatcher:
                 later = now + timedelta(seconds=delay)
                 outcome, kept = "retried", uow.outbox.reschedule(event, later, now, verdict.error, True)
             uow.commit()
-        with self._lock:
-            if not kept:
-                self.stats.fenced += 1
-            else:
-                setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
         if not kept:
             log.warning(
                 "event %d: lease lost to another dispatcher; outcome %r not recorded", event.id, outcome
             )
             return "fenced"
         return outcome
+
+    def _count(self, outcome: str, event: ClaimedEvent, seconds: float) -> None:
+        with self._lock:
+            setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+        if self._listener is not None:
+            self._listener(outcome, event, seconds)
 
 
 def _describe(error: BaseException) -> str:

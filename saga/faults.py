@@ -1,8 +1,10 @@
 """Fault switches for tests: a JSON file (`--fault-file`) read at run time, off when absent.
 
 Tests flip faults on a running process by rewriting the file, e.g.
-`{"inventory_error": true}`, `{"inventory_delay_s": 3}`, `{"handler_delay_s": 5}`,
-`{"crash_after_reserve": true}`, `{"crash_before_complete": true}`.
+`{"inventory_error": true}`, `{"inventory_delay_s": 3}` (before every inventory call),
+`{"settle_delay_s": 5}` (the saga, between reserving and settling), `{"handler_delay_s": 5}` (after
+a handler, before its outcome is recorded), `{"crash_after_reserve": true}`,
+`{"crash_before_complete": true}`.
 The file is re-read when its modification time changes; without the setting nothing is read.
 """
 

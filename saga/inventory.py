@@ -2,12 +2,17 @@
 
 Steps of ORDER_CREATED, each idempotent so that at-least-once delivery has exactly-once effects:
 
-1. Reserve all items or none, in the inventory's own transaction (`InventoryParticipant`), through
-   the rate limiter and the circuit breaker. Reservations are keyed by order id: a redelivery
-   finds them and reserves nothing more.
-2. Settle the order in the orders database, version-checked: VALIDATED when reserved, FAILED with
-   the reason when not (the compensating transaction; nothing was reserved).
-3. If the order changed under the saga (cancelled meanwhile), release what was reserved.
+1. Reserve the event's items, all or none, in the inventory's own transaction
+   (`InventoryParticipant`), through the rate limiter and the circuit breaker. Reservations are
+   keyed by order id: a redelivery finds them and reserves nothing more.
+2. Settle the order and mark the event DONE in one orders transaction, fenced on the lease: the
+   order moves from PENDING to VALIDATED when reserved, to FAILED with the reason when not (the
+   compensating transaction; the order was closed in the inventory first, nothing is held).
+3. If the order was no longer PENDING (cancelled meanwhile, settled by an earlier delivery), read
+   it and release what it holds unless it is VALIDATED.
+
+The happy path reads no order: the event carries the items, and the settle is a compare-and-set
+on the status. Two transactions per order, one in each database.
 
 An open breaker or a denied rate limit defers the event without using an attempt; transient
 errors retry; past `max_attempts` or `saga_timeout_s` the order is FAILED ("inventory
@@ -33,7 +38,7 @@ from domain.errors import ConflictError
 from domain.events import OrderCancelled, OrderExpired, OrderPlaced
 from domain.inventory import ReservationOutcome, Reserved
 from domain.model import Order, OrderItem, OrderStatus, utcnow
-from saga.dispatcher import Defer, Done, Handler, Retry, Verdict
+from saga.dispatcher import Completed, Defer, Done, Handler, Retry, Verdict
 from saga.faults import FaultSwitches
 from saga.resilience import BreakerOpenError, Guard, RateLimitedError
 
@@ -48,7 +53,7 @@ class MalformedEventError(Exception):
     """The event cannot be understood; retrying will not help, so it ends DEAD."""
 
 
-def parse_order_id(raw: str) -> str:
+def _payload(raw: str) -> dict[str, object]:
     try:
         payload = json.loads(raw)
         order_id = payload["order_id"]
@@ -56,7 +61,24 @@ def parse_order_id(raw: str) -> str:
         raise MalformedEventError(f"payload is not an order event: {error}") from error
     if not isinstance(order_id, str) or not order_id:
         raise MalformedEventError("payload has no order_id")
-    return order_id
+    return dict(payload)
+
+
+def parse_order_id(raw: str) -> str:
+    return str(_payload(raw)["order_id"])
+
+
+def parse_placed(raw: str) -> tuple[str, tuple[OrderItem, ...]]:
+    """The order id and items of an ORDER_CREATED payload (see domain.events.OrderPlaced)."""
+    payload = _payload(raw)
+    listed = payload.get("items")
+    if not isinstance(listed, list) or not listed:
+        raise MalformedEventError("payload has no items")
+    try:
+        items = tuple(OrderItem(str(i["sku"]), int(i["quantity"])) for i in listed)
+    except (TypeError, KeyError, ValueError) as error:
+        raise MalformedEventError(f"payload has malformed items: {error}") from error
+    return str(payload["order_id"]), items
 
 
 @dataclass(frozen=True)
@@ -154,45 +176,41 @@ class InventorySaga:
         }
 
     def on_order_created(self, event: ClaimedEvent) -> Verdict:
-        order_id = parse_order_id(event.payload)
-        order = self._load(order_id)
-        if order.status is not OrderStatus.PENDING:
-            # Settled by an earlier delivery, or cancelled/failed meanwhile: make sure nothing
-            # stays reserved for an order that is not VALIDATED.
-            return Done() if order.status is OrderStatus.VALIDATED else self._release(order, event)
-        if self._clock() - order.create_time > timedelta(seconds=self._settings.saga_timeout_s):
-            return self._give_up(order, event, "saga timed out")
+        order_id, items = parse_placed(event.payload)
+        if self._clock() - event.created_at > timedelta(seconds=self._settings.saga_timeout_s):
+            return self._after_settle_refused(order_id, items, event, give_up="saga timed out")
         try:
-            outcome = self._guard.call(self._participant.reserve, order_id, order.items)
+            outcome = self._guard.call(self._participant.reserve, order_id, items)
         except (BreakerOpenError, RateLimitedError) as error:
             return self._defer(error)
         except Exception as error:
             if self._breaker_open():
                 return self._defer(error)  # an outage (this call tripped it, or a probe failed)
             if event.attempts + 1 >= self._settings.max_attempts:
-                return self._give_up(order, event, str(error))
+                return self._after_settle_refused(order_id, items, event, give_up=str(error))
             return Retry(f"reserve failed: {type(error).__name__}: {error}")
         self._faults.maybe_crash("crash_after_reserve")
+        self._faults.maybe_delay("settle_delay_s")
         if isinstance(outcome, Reserved):
             log.info("stock reserved for order %s", order_id)
-            return self._settle(order, order.validate(now=self._clock()), event)
+            return self._settle(order_id, items, event, OrderStatus.VALIDATED, None)
         log.info("order %s cannot be reserved: %s", order_id, outcome.reason)
         # Close the order in the inventory before failing it, so that no step of this saga still
         # running elsewhere (a lost lease) can reserve for an order that is already FAILED.
-        closed = self._release(order, event)
+        closed = self._release(order_id, items)
         if not isinstance(closed, Done):
             return closed
-        return self._settle(order, order.fail(outcome.reason, now=self._clock()), event)
+        return self._settle(order_id, items, event, OrderStatus.FAILED, outcome.reason)
 
     def on_order_cancelled(self, event: ClaimedEvent) -> Verdict:
-        return self._release(self._load(parse_order_id(event.payload)), event)
-
-    def _load(self, order_id: str) -> Order:
-        with self._orders_uow(write=False) as uow:
-            order = uow.orders.get(order_id)
+        order = self._load(parse_order_id(event.payload))
         if order is None:
-            raise MalformedEventError(f"order {order_id} does not exist")
-        return order
+            raise MalformedEventError(f"order {parse_order_id(event.payload)} does not exist")
+        return self._release(order.order_id, order.items)
+
+    def _load(self, order_id: str) -> Order | None:
+        with self._orders_uow(write=False) as uow:
+            return uow.orders.get(order_id)
 
     def _save(self, changed: Order, outcome: str) -> bool:
         """Write the order version-checked; on success tell watchers and metrics. False if the order
@@ -206,23 +224,46 @@ class InventorySaga:
             self._on_outcome(outcome)
         return saved
 
-    def _settle(self, order: Order, changed: Order, event: ClaimedEvent) -> Verdict:
-        if self._save(changed, changed.status.value.lower()):
-            log.info(
-                "order %s is %s%s",
-                order.order_id,
-                changed.status.value,
-                f": {changed.failure_reason}" if changed.failure_reason else "",
-            )
+    def _settle(
+        self,
+        order_id: str,
+        items: tuple[OrderItem, ...],
+        event: ClaimedEvent,
+        target: OrderStatus,
+        reason: str | None,
+    ) -> Verdict:
+        """PENDING -> `target` and the event DONE, one commit; nothing at all if the lease is gone."""
+        now = self._clock()
+        with self._orders_uow() as uow:
+            settled = uow.orders.settle_pending(order_id, target, reason, now)
+            if settled:
+                if not uow.outbox.complete(event, now):
+                    return Completed(kept=False)  # leaving the block rolls the settle back
+                uow.commit()
+        if not settled:
+            return self._after_settle_refused(order_id, items, event)
+        self._on_order_changed(order_id)
+        self._on_outcome(target.value.lower())
+        log.info("order %s is %s%s", order_id, target.value, f": {reason}" if reason else "")
+        return Completed()
+
+    def _after_settle_refused(
+        self, order_id: str, items: tuple[OrderItem, ...], event: ClaimedEvent, give_up: str = ""
+    ) -> Verdict:
+        """The order was not PENDING, or the saga gives up on it (`give_up`, the reason): read it
+        and make sure nothing stays reserved unless it is VALIDATED."""
+        order = self._load(order_id)
+        if order is None:
+            self._release(order_id, items)  # what this step may have reserved
+            raise MalformedEventError(f"order {order_id} does not exist")
+        if give_up and order.status is OrderStatus.PENDING:
+            return self._give_up(order, event, give_up)
+        log.info("order %s is %s, not PENDING, for the saga", order_id, order.status.value)
+        if order.status is OrderStatus.VALIDATED:
             return Done()
-        # The order moved under us (a cancel won the race): undo what this saga reserved.
-        current = self._load(order.order_id)
-        log.info("order %s became %s during the saga", order.order_id, current.status.value)
-        if current.status is OrderStatus.VALIDATED:
-            return Done()
-        if current.status is OrderStatus.PENDING:
+        if order.status is OrderStatus.PENDING:
             return Retry("order changed concurrently and is still PENDING")
-        return self._release(current, event)
+        return self._release(order_id, order.items)
 
     def _give_up(self, order: Order, event: ClaimedEvent, why: str) -> Verdict:
         log.warning("giving up on order %s after %d attempts: %s", order.order_id, event.attempts + 1, why)
@@ -236,10 +277,9 @@ class InventorySaga:
             return self._defer(error)
         return Done()
 
-    def _release(self, order: Order, event: ClaimedEvent) -> Verdict:
-        order_id = order.order_id
+    def _release(self, order_id: str, items: tuple[OrderItem, ...]) -> Verdict:
         try:
-            released = self._guard.call(self._participant.release, order_id, order.items)
+            released = self._guard.call(self._participant.release, order_id, items)
         except (BreakerOpenError, RateLimitedError) as error:
             return self._defer(error)
         except Exception as error:

@@ -48,22 +48,23 @@ class OrderApplication:
         self._clock = clock
 
     def place_order(self, command: PlaceOrderCommand) -> Order:
-        """Store the order, its items and its ORDER_CREATED event in one transaction."""
+        """Store the order, its items and its ORDER_CREATED event in one transaction.
+
+        Idempotency is insert-first: the unique key on request_id decides, and only a call that
+        loses to it reads the stored order (a retry, or a concurrent twin). Reading first would
+        cost every call a second transaction for the rare one that needs it."""
         fingerprint = command.fingerprint()
-        if command.request_id is not None:
-            existing = self._replay(command.request_id, fingerprint)
-            if existing is not None:
-                return existing
         order, placed = Order.place(command.customer_id, command.items, command.request_id, now=self._clock())
         correlation.set_order_id(order.order_id)
         try:
             with self._orders_uow() as uow:
-                uow.orders.add(order, request_fingerprint=fingerprint if command.request_id else None)
-                uow.outbox.add([placed], correlation.current(), order.create_time)
+                uow.add_order(
+                    order, fingerprint if command.request_id else None, [placed], correlation.current()
+                )
                 uow.after_commit(self._signals.outbox_committed)
                 uow.commit()
         except ConflictError:
-            # A concurrent call with the same request_id won the unique key: answer as it did.
+            # An earlier or concurrent call with the same request_id holds the key: answer as it did.
             if command.request_id is None:
                 raise
             existing = self._replay(command.request_id, fingerprint)

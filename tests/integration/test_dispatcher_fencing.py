@@ -247,7 +247,7 @@ def test_two_dispatchers_on_one_database_never_run_an_event_twice(pg_url, dispat
 
 @pytest.mark.parametrize(
     "stall",
-    ["handler_delay_s", "inventory_delay_s"],
+    ["settle_delay_s", "inventory_delay_s"],
     ids=["stalls-after-its-effects", "stalls-before-its-effects"],
 )
 def test_a_dispatcher_that_outlives_its_lease_is_fenced_and_the_effects_happen_once(

@@ -22,7 +22,20 @@ POISON = [
     ("ORDER_CREATED", "{}", "payload is not an order event"),
     ("ORDER_CREATED", '{"order_id": 42}', "payload has no order_id"),
     ("ORDER_CANCELLED", "[1, 2, 3]", "payload is not an order event"),
-    ("ORDER_CREATED", json.dumps({"order_id": "11111111-1111-4111-8111-111111111111"}), "does not exist"),
+    (
+        "ORDER_CREATED",
+        json.dumps({"order_id": "11111111-1111-4111-8111-111111111111"}),
+        "payload has no items",
+    ),
+    ("ORDER_CREATED", json.dumps({"order_id": "o", "items": [{"sku": "SKU-A"}]}), "malformed items"),
+    (
+        "ORDER_CREATED",
+        json.dumps(
+            {"order_id": "11111111-1111-4111-8111-111111111111", "items": [{"sku": "SKU-A", "quantity": 1}]}
+        ),
+        "does not exist",
+    ),
+    ("ORDER_CANCELLED", json.dumps({"order_id": "22222222-2222-4222-8222-222222222222"}), "does not exist"),
     ("ORDER_SHIPPED", "{}", "no handler for event type"),
 ]
 
