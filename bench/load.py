@@ -40,6 +40,7 @@ class Job:
     max_calls: int = 0  # per thread; 0 = until `end`
     seed: int = 0
     rate: float = 0.0  # calls per second of each thread; 0 = closed loop
+    channels: int = 1  # connections per process; threads share them round-robin
 
 
 @dataclass
@@ -94,14 +95,19 @@ def _thread(job: Job, op: Callable[[], str | None], out: Result, lock: threading
 
 
 def client_process(job: Job) -> Result:
-    """One client process: a channel, `job.threads` closed-loop threads; runs in a pool worker."""
-    options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
-    with grpc.insecure_channel(job.address, options=options) as channel:
-        grpc.channel_ready_future(channel).result(timeout=10)
+    """One client process: `job.channels` channels (each its own connection: a server of several
+    `--workers` gets connections, not calls, spread over it), `job.threads` closed-loop threads;
+    runs in a pool worker."""
+    options = [("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(job.address, options=options) for _ in range(job.channels)]
+    try:
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=10)
         result = Result()
         lock = threading.Lock()
         ops = [
-            job.factory(channel, random.Random(job.seed * 1000 + i), job.params) for i in range(job.threads)
+            job.factory(channels[i % len(channels)], random.Random(job.seed * 1000 + i), job.params)
+            for i in range(job.threads)
         ]
         # Wait for the common start (minus warm-up) so every process begins at once.
         result.late_s = max(0.0, time.monotonic() - (job.start - job.warmup))
@@ -112,6 +118,9 @@ def client_process(job: Job) -> Result:
         for worker in workers:
             worker.join()
         return result
+    finally:
+        for channel in channels:
+            channel.close()
 
 
 def run(
@@ -126,6 +135,7 @@ def run(
     warmup: float,
     max_calls: int = 0,
     rate: float = 0.0,
+    channels: int = 1,
 ) -> tuple[Result, float]:
     """Run one scenario; returns the merged result and the measured window in seconds.
 
@@ -144,6 +154,7 @@ def run(
             max_calls,
             n + 1,
             rate / (processes * threads),
+            channels,
         )
         for n in range(processes)
     ]

@@ -52,10 +52,12 @@ QUICK = {
     "pickup_s": 5.0,
     "pickup_wait_s": 2.0,
     "soak_s": 10.0,
+    "workers": [1, 2],
+    "workers_flow": False,
     "note": "Quick run: 4 s per scenario after 0.5 s warm-up (full: 30 s after 3 s), pgbench 2 s per "
     "script (full: 12 s), 2 s watching the saga backlog (full: 3 s), a drain of 4,000 events (full: "
     "50,000), pickup for 5 s and 2 s for the stragglers (full: 10 s and 10 s), and a 10 s soak (full: "
-    "10 minutes).",
+    "10 minutes), and `--workers` 1 and 2 with baseline and place only (full: 1, 2 and 3, with flow).",
 }
 FULL = {
     "duration_s": 30.0,
@@ -64,6 +66,8 @@ FULL = {
     "pickup_s": 10.0,
     "pickup_wait_s": 10.0,
     "soak_s": 600.0,
+    "workers": [1, 2, 3],
+    "workers_flow": True,
     "note": "Full run: 30 s per scenario, a drain of 50,000 events, pickup for 10 s, a 10-minute soak.",
 }
 PICKUP_RATE = 200.0  # jobs (orders) per second, the issue's steady rate
@@ -224,6 +228,7 @@ class Runner:
         params: dict[str, Any],
         max_calls: int = 0,
         rate: float = 0.0,
+        channels: int = 1,
     ) -> dict[str, Any]:
         duration = self.duration * 3 if max_calls else self.duration  # a counted run gets a cap
         result, window = load.run(
@@ -237,6 +242,7 @@ class Runner:
             warmup=0.0 if max_calls else self.warmup,
             max_calls=max_calls,
             rate=rate,
+            channels=channels,
         )
         row = load.summary(result, window, self.processes * self.threads)
         if rate:
@@ -444,6 +450,28 @@ def our_pickup(workdir: Path, server_args: list[str], seconds: float, wait_s: fl
     return row
 
 
+def run_workers(runner: Runner, workdir: Path, args: list[str], plan: dict[str, Any]) -> dict[str, Any]:
+    """Baseline, place and (full run) flow against `--workers N` for each N, fresh database each.
+
+    Every client thread has its own connection here (the kernel spreads connections, not calls,
+    over the workers' sockets), for N = 1 as well, so the rows compare like with like."""
+    out: dict[str, Any] = {}
+    params = {"skus": SKUS}
+    chosen = [("baseline", scenarios.health_op, {}), ("place", scenarios.place_op, params)]
+    if plan["workers_flow"]:
+        chosen.append(("flow", scenarios.flow_op, params))
+    for count in plan["workers"]:
+        with postgres_server(workdir, f"workers-{count}", [*args, "--workers", str(count)]) as (server, _):
+            row: dict[str, Any] = {}
+            for name, factory, op_params in chosen:
+                label, threads = f"{name}, --workers {count}", runner.threads
+                row[name] = runner.scenario(label, server.address, factory, op_params, channels=threads)
+            row["server_log_errors"] = log_errors(server)
+            row["server_exit"] = server.stop()
+        out[str(count)] = row
+    return out
+
+
 def run_soak(runner: Runner, workdir: Path, server_args: list[str], plan: dict[str, Any]) -> dict[str, Any]:
     """Closed-loop place for the soak's length on a fresh server, its VmRSS sampled every second.
 
@@ -622,10 +650,40 @@ def markdown(result: dict[str, Any]) -> str:
         "were still PENDING when it ended (the saga did not keep up if that is large).",
         *relay_notes(result),
         "",
-        "Not measured yet (issue 7): scaling with `--workers N`.",
-        "",
+        *workers_table(result),
     ]
     return "\n".join(lines)
+
+
+def workers_table(result: dict[str, Any]) -> list[str]:
+    """Throughput per `--workers N`, each also as a ratio to N = 1 of the same run."""
+    runs = result.get("workers") or {}
+    if not runs:
+        return []
+    lines = [
+        "Scaling with `--workers N` (each client thread on its own connection; fresh database per N):",
+        "",
+        "| workers | baseline per s | place per s | flow per s | place / baseline | "
+        "baseline vs 1 | place vs 1 | flow vs 1 |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    one = runs.get("1") or {}
+
+    def per_s(row: dict[str, Any], name: str) -> float | None:
+        return (row.get(name) or {}).get("per_s")
+
+    for count, row in runs.items():
+        cells = [per_s(row, n) for n in ("baseline", "place", "flow")]
+        versus = [ratio(per_s(row, n), per_s(one, n)) for n in ("baseline", "place", "flow")]
+        lines.append(
+            f"| {count} | "
+            + " | ".join(f"{c:.0f}" if c is not None else "-" for c in cells)
+            + f" | {ratio(cells[1], cells[0])} | "
+            + " | ".join(str(v) if v is not None else "-" for v in versus)
+            + " |"
+        )
+    lines.append("")
+    return lines
 
 
 def relay_rows(lines: list[str], relay_result: dict[str, Any]) -> None:
@@ -824,6 +882,8 @@ def main() -> int:
         result["relay"] = run_relay(result["plan"], workdir, server_args)
         section("Soak", began)
         result["soak"] = run_soak(runner, workdir, server_args, result["plan"])
+        section("Scaling with --workers N", began)
+        result["workers"] = run_workers(runner, workdir, server_args, plan)
     result["elapsed_s"] = round(time.monotonic() - began, 1)
     result["figures"] = figures(result)
     (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -6,9 +6,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Row, Table, and_, insert, or_, select, update
+from sqlalchemy import Connection, Row, Select, Table, Update, and_, bindparam, insert, or_, select, update
 
 from db.tables import order_items, orders
 from domain.errors import InvalidTransitionError
@@ -54,8 +55,11 @@ class OrderRepository:
         return [(orders, [row]), (order_items, items)]
 
     def get(self, order_id: str) -> Order | None:
-        row = self._c.execute(select(orders).where(orders.c.id == order_id)).first()
-        return None if row is None else self._load([row])[0]
+        row = self._c.execute(_order_by_id(), {"order_id": order_id}).first()
+        if row is None:
+            return None
+        items = self._c.execute(_items_of_order(), {"order_id": order_id})
+        return _order(row, [OrderItem(item.sku, item.quantity) for item in items])
 
     def find_by_request_id(self, request_id: str) -> tuple[Order, str | None] | None:
         """The order placed with this idempotency key, and the fingerprint of its request."""
@@ -86,17 +90,8 @@ class OrderRepository:
         version still moves, so a client holding the old version sees the change."""
         if not can_move(OrderStatus.PENDING, target):
             raise InvalidTransitionError(f"an order cannot move from PENDING to {target.value}")
-        result = self._c.execute(
-            update(orders)
-            .where(orders.c.id == order_id, orders.c.status == OrderStatus.PENDING.value)
-            .values(
-                status=target.value,
-                failure_reason=reason or "",
-                version=orders.c.version + 1,
-                update_time=now,
-            )
-        )
-        return result.rowcount == 1
+        parameters = {"order_id": order_id, "target": target.value, "reason": reason or "", "now": now}
+        return self._c.execute(_settle_pending(), parameters).rowcount == 1
 
     def pending_since(self, cutoff: datetime, limit: int) -> list[Order]:
         """PENDING orders created before `cutoff`, oldest first: sagas that should have settled."""
@@ -144,17 +139,50 @@ class OrderRepository:
         )
         for item in item_rows:
             items[item.order_id].append(OrderItem(item.sku, item.quantity))
-        return [
-            Order(
-                order_id=row.id,
-                customer_id=row.customer_id,
-                items=tuple(items[row.id]),
-                status=OrderStatus(row.status),
-                version=row.version,
-                create_time=row.create_time,
-                update_time=row.update_time,
-                failure_reason=row.failure_reason,
-                request_id=row.request_id,
-            )
-            for row in rows
-        ]
+        return [_order(row, items[row.id]) for row in rows]
+
+
+def _order(row: Row[Any], items: list[OrderItem]) -> Order:
+    return Order(
+        order_id=row.id,
+        customer_id=row.customer_id,
+        items=tuple(items),
+        status=OrderStatus(row.status),
+        version=row.version,
+        create_time=row.create_time,
+        update_time=row.update_time,
+        failure_reason=row.failure_reason,
+        request_id=row.request_id,
+    )
+
+
+# Statements of the hot paths (GetOrder, WatchOrder, the saga's settle), built once: SQLAlchemy
+# then only binds parameters.
+
+
+@lru_cache(maxsize=1)
+def _order_by_id() -> Select[Any]:
+    return select(orders).where(orders.c.id == bindparam("order_id"))
+
+
+@lru_cache(maxsize=1)
+def _items_of_order() -> Select[Any]:
+    return (
+        select(order_items.c.sku, order_items.c.quantity)
+        .where(order_items.c.order_id == bindparam("order_id"))
+        .order_by(order_items.c.position)
+    )
+
+
+@lru_cache(maxsize=1)
+def _settle_pending() -> Update:
+    return (
+        update(orders)
+        .where(orders.c.id == bindparam("order_id"), orders.c.status == OrderStatus.PENDING.value)
+        .values(
+            status=bindparam("target"),
+            failure_reason=bindparam("reason"),
+            version=orders.c.version + 1,
+            update_time=bindparam("now", type_=orders.c.update_time.type),
+        )
+    )

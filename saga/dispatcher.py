@@ -3,10 +3,11 @@
 It knows event types and handlers, nothing of what an event means. Per process:
 
 - one dispatcher thread claims events for the executor's `workers` threads (the bulkhead) and
-  at most one batch ahead of them (`workers` more, waiting in the executor's queue): a claim is
-  a round trip or four, and a worker that finishes finds its next event already there. A queued
-  event waits for one handler at most, far inside its lease; one still queued when the
-  dispatcher stops is handed back at once (a deferral), not left to its lease;
+  at most one batch ahead of them (`workers` more, waiting in the executor's queue), and only
+  while some worker is idle: a claim is a round trip or four, and a worker that finishes finds
+  its next event already there, while workers all stuck on slow handlers claim nothing more. One
+  still queued when the dispatcher stops is handed back at once (a deferral), not left to its
+  lease;
 - each handler runs on the executor with the event's correlation id (and order id) restored in a
   fresh context: an executor does not carry contextvars by itself;
 - the handler's verdict is written back fenced on the lease token (see `db.outbox`): DONE, a
@@ -172,7 +173,10 @@ class OutboxDispatcher:
     def _run(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            free = 2 * self._settings.workers - self.in_flight
+            held = self.in_flight
+            # Claim ahead only while a worker is idle: when every worker is stuck on a slow
+            # handler, events claimed now would sit out their leases in the queue.
+            free = 2 * self._settings.workers - held if held < self._settings.workers else 0
             claimed = 0
             if free > 0 or self._has_finished():
                 try:
