@@ -19,7 +19,23 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Integer, Update, bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Integer,
+    String,
+    Update,
+    any_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 
 from db.tables import outbox_events as outbox
 from domain.events import DomainEvent
@@ -138,14 +154,23 @@ def _complete_statement() -> Update:
     )
 
 
-@lru_cache(maxsize=1)
-def _complete_many_statement() -> Update:
+@lru_cache(maxsize=2)
+def _complete_many_statement(dialect: str) -> Update:
+    """On PostgreSQL `id = ANY(:ids) AND lease_token = ANY(:tokens)`: two array parameters, where
+    an expanding tuple IN costs SQLAlchemy a rewrite of the statement per call. It is a looser
+    match than the (id, token) pairs, and safe: tokens are this process's own, so it can only mark
+    an event whose lease this process holds and one of whose runs here has finished."""
+    matched: tuple[ColumnElement[bool], ...]
+    if dialect == "postgresql":
+        matched = (
+            outbox.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger))),
+            outbox.c.lease_token == any_(bindparam("tokens", type_=postgresql.ARRAY(String))),
+        )
+    else:
+        matched = (tuple_(outbox.c.id, outbox.c.lease_token).in_(bindparam("leases", expanding=True)),)
     return (
         update(outbox)
-        .where(
-            tuple_(outbox.c.id, outbox.c.lease_token).in_(bindparam("leases", expanding=True)),
-            outbox.c.status == PENDING,
-        )
+        .where(*matched, outbox.c.status == PENDING)
         .values(
             status=DONE,
             lease_token=None,
@@ -247,10 +272,14 @@ class OutboxStore:
         """`complete` for a batch in one statement: the ids that were still this process's to mark."""
         if not events:
             return set()
-        result = self._c.execute(
-            _complete_many_statement(), {"leases": [(e.id, e.lease_token) for e in events], "now": now}
-        )
-        return set(result.scalars())
+        dialect = self._c.dialect.name
+        parameters: dict[str, Any] = {"now": now}
+        if dialect == "postgresql":
+            parameters["ids"] = [e.id for e in events]
+            parameters["tokens"] = list({e.lease_token for e in events})
+        else:
+            parameters["leases"] = [(e.id, e.lease_token) for e in events]
+        return set(self._c.execute(_complete_many_statement(dialect), parameters).scalars())
 
     def reschedule(
         self,
