@@ -55,11 +55,10 @@ class OrderRepository:
         return [(orders, [row]), (order_items, items)]
 
     def get(self, order_id: str) -> Order | None:
-        row = self._c.execute(_order_by_id(), {"order_id": order_id}).first()
-        if row is None:
+        rows = self._c.execute(_order_with_items(), {"order_id": order_id}).all()
+        if not rows:
             return None
-        items = self._c.execute(_items_of_order(), {"order_id": order_id})
-        return _order(row, [OrderItem(item.sku, item.quantity) for item in items])
+        return _order(rows[0], [OrderItem(row.sku, row.quantity) for row in rows if row.sku is not None])
 
     def find_by_request_id(self, request_id: str) -> tuple[Order, str | None] | None:
         """The order placed with this idempotency key, and the fingerprint of its request."""
@@ -161,15 +160,12 @@ def _order(row: Row[Any], items: list[OrderItem]) -> Order:
 
 
 @lru_cache(maxsize=1)
-def _order_by_id() -> Select[Any]:
-    return select(orders).where(orders.c.id == bindparam("order_id"))
-
-
-@lru_cache(maxsize=1)
-def _items_of_order() -> Select[Any]:
+def _order_with_items() -> Select[Any]:
+    """The order's row once per item, with the item's SKU and quantity: one query, not two."""
     return (
-        select(order_items.c.sku, order_items.c.quantity)
-        .where(order_items.c.order_id == bindparam("order_id"))
+        select(orders, order_items.c.sku, order_items.c.quantity)
+        .outerjoin(order_items, order_items.c.order_id == orders.c.id)
+        .where(orders.c.id == bindparam("order_id"))
         .order_by(order_items.c.position)
     )
 
