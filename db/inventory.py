@@ -86,22 +86,28 @@ class StockRepository:
             return None
         return ACTIVE if ACTIVE in statuses else RELEASED
 
-    def reserve(self, order_id: str, items: Sequence[OrderItem], now: datetime) -> ReservationOutcome:
-        """Reserve every item or (returning Rejected) leave the caller to roll back what was taken.
+    def reserve(
+        self, order_id: str, items: Sequence[OrderItem], now: datetime, check_first: bool = True
+    ) -> ReservationOutcome:
+        """Reserve every item; the caller commits a fresh Reserved and rolls back anything else.
 
-        An order that reserved before is Reserved again (a redelivery); one closed by a release
-        (see `release`) is Rejected, so a late step of its saga cannot take stock any more."""
-        status = self.reservation_status(order_id)
-        if status == ACTIVE:
-            return Reserved()
-        if status == RELEASED:
-            return Rejected("reservation was already released")
+        An order that reserved before is Reserved again, not fresh (a redelivery); one closed by a
+        release (see `release`) is Rejected, so a late step of its saga cannot take stock any more.
+
+        `check_first=False` skips reading the order's reservations up front, for a first delivery,
+        which almost never has any: a decrement that fails reads them then, and an order that has
+        them (ACTIVE or RELEASED) makes the final insert fail on its key, a ConflictError after
+        which the caller tries again with the check."""
+        if check_first:
+            settled = self._settled_reservation(order_id)
+            if settled is not None:
+                return settled
         for item in sorted(items, key=lambda i: i.sku):
             taken = self._c.execute(
                 _guarded_decrement(), {"b_sku": item.sku, "quantity": item.quantity, "now": now}
             ).rowcount
             if taken != 1:
-                return self._why_not(item)
+                return (None if check_first else self._settled_reservation(order_id)) or self._why_not(item)
         self._c.execute(
             insert(stock_reservations),
             [
@@ -117,6 +123,15 @@ class StockRepository:
             ],
         )
         return Reserved()
+
+    def _settled_reservation(self, order_id: str) -> ReservationOutcome | None:
+        """The outcome for an order that reserved before, or None if it never did."""
+        status = self.reservation_status(order_id)
+        if status == ACTIVE:
+            return Reserved(fresh=False)
+        if status == RELEASED:
+            return Rejected("reservation was already released")
+        return None
 
     def _why_not(self, item: OrderItem) -> Rejected:
         level = self.get(item.sku)

@@ -15,7 +15,10 @@ class StockLevel:
 
 @dataclass(frozen=True)
 class Reserved:
-    """Every item of the order is reserved (now, or by an earlier delivery of the same event)."""
+    """Every item of the order is reserved: now (`fresh`, to commit), or by an earlier delivery of
+    the same event (nothing to write)."""
+
+    fresh: bool = True
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ unavailable") and anything reserved is released. A malformed event raises and en
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -111,13 +112,16 @@ class InventoryParticipant:
 
     def reserve(self, order_id: str, items: tuple[OrderItem, ...]) -> ReservationOutcome:
         self._inject()
+        tries = itertools.count()
 
         def attempt() -> ReservationOutcome:
+            # The first try skips the up-front read of earlier reservations (see StockRepository).
+            check_first = next(tries) > 0
             with self._uow() as uow:
-                outcome = uow.stock.reserve(order_id, items, self._clock())
-                if isinstance(outcome, Reserved):
+                outcome = uow.stock.reserve(order_id, items, self._clock(), check_first=check_first)
+                if isinstance(outcome, Reserved) and outcome.fresh:
                     uow.commit()
-                return outcome  # Rejected: leaving the block rolls back what was taken
+                return outcome  # otherwise leaving the block rolls back what was taken
 
         return self._with_conflict_retries(attempt)
 
