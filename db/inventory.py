@@ -94,20 +94,16 @@ class StockRepository:
         An order that reserved before is Reserved again, not fresh (a redelivery); one closed by a
         release (see `release`) is Rejected, so a late step of its saga cannot take stock any more.
 
-        `check_first=False` skips reading the order's reservations up front, for a first delivery,
-        which almost never has any: a decrement that fails reads them then, and an order that has
-        them (ACTIVE or RELEASED) makes the final insert fail on its key, a ConflictError after
-        which the caller tries again with the check."""
+        The reservation rows go in first: their key (order, SKU) is the check that the order never
+        reserved and was never closed, and a stock row is locked only for its decrement and the
+        commit, not for the insert too (on a hot SKU every reservation queues on that lock).
+        `check_first=False` skips reading earlier reservations up front, for a first delivery,
+        which almost never has any: an order that has them makes the insert fail on its key, a
+        ConflictError after which the caller tries again with the check."""
         if check_first:
             settled = self._settled_reservation(order_id)
             if settled is not None:
                 return settled
-        for item in sorted(items, key=lambda i: i.sku):
-            taken = self._c.execute(
-                _guarded_decrement(), {"b_sku": item.sku, "quantity": item.quantity, "now": now}
-            ).rowcount
-            if taken != 1:
-                return (None if check_first else self._settled_reservation(order_id)) or self._why_not(item)
         self._c.execute(
             insert(stock_reservations),
             [
@@ -122,6 +118,12 @@ class StockRepository:
                 for item in items
             ],
         )
+        for item in sorted(items, key=lambda i: i.sku):
+            taken = self._c.execute(
+                _guarded_decrement(), {"b_sku": item.sku, "quantity": item.quantity, "now": now}
+            ).rowcount
+            if taken != 1:
+                return self._why_not(item)
         return Reserved()
 
     def _settled_reservation(self, order_id: str) -> ReservationOutcome | None:
