@@ -164,10 +164,11 @@ class OutboxDispatcher:
                 lambda: self._in_flight == 0, timeout=max(deadline - time.monotonic(), 0.0)
             )
         self._executor.shutdown(wait=finished, cancel_futures=True)
-        try:
-            self._claim_and_submit(0)  # marks the last finished events DONE
-        except Exception as error:
-            log.warning("could not mark finished events DONE (%s); they will run again", _describe(error))
+        if self._has_finished():
+            try:
+                self._claim_and_submit(0)  # marks the last finished events DONE
+            except Exception as error:
+                log.warning("could not mark finished events DONE (%s); they will run again", _describe(error))
         return finished
 
     def _run(self) -> None:

@@ -1,0 +1,87 @@
+"""What a stopping dispatcher leaves behind: finished events DONE, and events it claimed ahead of
+its workers handed back at once instead of held until their leases run out."""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+
+import pytest
+
+from db.engine import make_engine
+from db.outbox import OutboxRow
+from db.tables import outbox_events
+from db.unit_of_work import OrdersUnitOfWork
+from domain.model import utcnow
+from saga.dispatcher import DispatcherSettings, Done, OutboxDispatcher
+from saga.signals import WakeUp
+from tests.support import wait_until
+
+
+@pytest.fixture
+def engine(migrated_url: str):
+    engine = make_engine(migrated_url)
+    yield engine
+    engine.dispose()
+
+
+def add_events(engine, count: int) -> list[int]:
+    with OrdersUnitOfWork(engine) as uow:
+        ids = [uow.outbox.add_raw(f"aggregate-{i}", "TEST", "{}", {}, utcnow()) for i in range(count)]
+        uow.commit()
+    return ids
+
+
+def rows(engine) -> dict[int, OutboxRow]:
+    with OrdersUnitOfWork(engine, write=False) as uow:
+        return {row.id: row for row in uow.outbox.rows(limit=1000)}
+
+
+def lease_of(engine, event_id: int) -> str | None:
+    with engine.connect() as connection:
+        return (
+            connection.execute(outbox_events.select().where(outbox_events.c.id == event_id)).one().lease_token
+        )
+
+
+def test_an_event_claimed_ahead_is_handed_back_when_the_dispatcher_stops(engine):
+    first, second, third = add_events(engine, 3)
+    gate, started = threading.Event(), []
+
+    def handler(event):
+        started.append(event.id)
+        gate.wait(10)  # the only worker is busy until the test lets it go
+        return Done()
+
+    settings = DispatcherSettings(workers=1, poll_interval_s=0.05, lease_s=30.0)
+    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": handler}, settings, WakeUp())
+    dispatcher.start()
+    # One worker: the first claim takes two events, one to run and one queued behind it.
+    wait_until(lambda: started == [first] and dispatcher.stats.claimed == 2, what="a claim one ahead")
+    assert lease_of(engine, second) is not None
+
+    threading.Timer(0.2, gate.set).start()
+    assert dispatcher.stop(5.0)
+
+    after = rows(engine)
+    assert after[first].status == "DONE"
+    assert started == [first], "the queued event must not run once the dispatcher is stopping"
+    assert (after[second].status, after[second].attempts) == ("PENDING", 0)
+    assert after[second].last_error == "dispatcher stopping"
+    assert lease_of(engine, second) is None, "handed back, not held for its 30 s lease"
+    assert (after[third].status, lease_of(engine, third)) == ("PENDING", None)
+
+
+def test_every_finished_event_is_done_when_stop_returns(engine):
+    ids = add_events(engine, 40)
+    settings = DispatcherSettings(workers=4, poll_interval_s=0.05, lease_s=30.0)
+    dispatcher = OutboxDispatcher(
+        partial(OrdersUnitOfWork, engine), {"TEST": lambda _event: Done()}, settings, WakeUp()
+    )
+    dispatcher.start()
+    wait_until(lambda: dispatcher.stats.claimed == len(ids), what="every event claimed")
+
+    assert dispatcher.stop(5.0)
+
+    assert {row.status for row in rows(engine).values()} == {"DONE"}
+    assert dispatcher.stats.done == len(ids)
