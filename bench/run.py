@@ -656,6 +656,9 @@ def markdown(result: dict[str, Any]) -> str:
         *relay_notes(result),
         "",
         *workers_table(result),
+        "What the profiles show, and what stands in the way of each target: "
+        "[performance.md](performance.md).",
+        "",
     ]
     return "\n".join(lines)
 

@@ -207,10 +207,11 @@ class InventorySaga:
         return self._settle(order_id, items, event, OrderStatus.FAILED, outcome.reason)
 
     def on_order_cancelled(self, event: ClaimedEvent) -> Verdict:
-        order = self._load(parse_order_id(event.payload))
+        order_id = parse_order_id(event.payload)
+        order = self._load(order_id)
         if order is None:
-            raise MalformedEventError(f"order {parse_order_id(event.payload)} does not exist")
-        return self._release(order.order_id, order.items)
+            raise MalformedEventError(f"order {order_id} does not exist")
+        return self._release(order_id, order.items)
 
     def _load(self, order_id: str) -> Order | None:
         with self._orders_uow(write=False) as uow:
