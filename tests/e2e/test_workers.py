@@ -185,7 +185,7 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
     assert f"worker 0 (pid {killed}) was killed by SIGKILL: restarting it" in server.log()
     assert not alive(killed) and alive(restarted)
     assert len(place_over_fresh_channels(server.address, 8, 1, wait_for_ready=True)) == 8
-    assert server.stop(signal.SIGTERM) == 0
+    assert server.stop(signal.SIGTERM) == 0, server.log()[-4000:]
 
 
 def test_the_port_of_a_pool_is_not_shared_with_another_server(
