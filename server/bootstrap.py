@@ -157,13 +157,20 @@ def _address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def build(settings: Settings) -> Service:
-    engines = make_engines(settings)
-    wants_migrations = settings.migrate_on_start == "always" or (
+def migrate_if_configured(settings: Settings, engines: Engines) -> bool:
+    """Apply migrations when `migrate_on_start` says so: `always`, or `auto` on SQLite only (the
+    embedded default migrates itself; PostgreSQL waits for `orders-server migrate`)."""
+    wanted = settings.migrate_on_start == "always" or (
         settings.migrate_on_start == "auto" and all(is_sqlite(e) for e in engines.distinct)
     )
-    if wants_migrations:
+    if wanted:
         apply_migrations(engines)
+    return wanted
+
+
+def build(settings: Settings) -> Service:
+    engines = make_engines(settings)
+    migrate_if_configured(settings, engines)
 
     changes = OrderChanges()
     wake = WakeUp()

@@ -31,7 +31,6 @@ from types import FrameType
 
 from sqlalchemy.engine import make_url
 
-from db.engine import is_sqlite
 from server import bootstrap
 from server.config import Settings, environment
 
@@ -105,7 +104,7 @@ def run(settings: Settings) -> int:
         log.error("could not bind %s:%d: %s", settings.host, settings.port, error)
         return 1
     with reservation:
-        migrate_if_configured(settings)
+        migrate_once(settings)
         return _Pool(settings, int(reservation.getsockname()[1])).run()
 
 
@@ -131,15 +130,14 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return reservation
 
 
-def migrate_if_configured(settings: Settings) -> None:
-    """Migrations once, before any worker starts, by the rule `bootstrap.build` applies in a single
-    process (`always`, or `auto` on SQLite); the workers then start with `never`."""
+def migrate_once(settings: Settings) -> None:
+    """Migrations once, before any worker starts, by the rule a single process applies
+    (`bootstrap.migrate_if_configured`); the workers then start with `never`."""
     if settings.migrate_on_start == "never":
         return
     engines = bootstrap.make_engines(settings)
     try:
-        if settings.migrate_on_start == "always" or all(is_sqlite(e) for e in engines.distinct):
-            bootstrap.apply_migrations(engines)
+        if bootstrap.migrate_if_configured(settings, engines):
             log.info("migrations applied")
     finally:
         engines.dispose()
