@@ -60,8 +60,15 @@ def test_an_event_claimed_ahead_is_handed_back_when_the_dispatcher_stops(engine)
     wait_until(lambda: started == [first] and dispatcher.stats.claimed == 2, what="a claim one ahead")
     assert lease_of(engine, second) is not None
 
-    threading.Timer(0.2, gate.set).start()
-    assert dispatcher.stop(5.0)
+    stopped: list[bool] = []
+    stopper = threading.Thread(target=lambda: stopped.append(dispatcher.stop(5.0)))
+    stopper.start()
+    # The busy worker finishes only once the dispatcher is stopping, so the queued event meets a
+    # stopping dispatcher whatever the machine's speed.
+    wait_until(lambda: dispatcher._stopping.is_set(), what="the dispatcher to stop claiming")
+    gate.set()
+    stopper.join(10)
+    assert stopped == [True]
 
     after = rows(engine)
     assert after[first].status == "DONE"
