@@ -136,24 +136,6 @@ def _claim_statement() -> Update:
     )
 
 
-@lru_cache(maxsize=1)
-def _complete_statement() -> Update:
-    return (
-        update(outbox)
-        .where(
-            outbox.c.id == bindparam("event_id"),
-            outbox.c.lease_token == bindparam("token"),
-            outbox.c.status == PENDING,
-        )
-        .values(
-            status=DONE,
-            lease_token=None,
-            locked_until=None,
-            updated_at=bindparam("now", type_=outbox.c.updated_at.type),
-        )
-    )
-
-
 @lru_cache(maxsize=2)
 def _complete_many_statement(dialect: str) -> Update:
     """On PostgreSQL `id = ANY(:ids) AND lease_token = ANY(:tokens)`: two array parameters, where
@@ -265,8 +247,7 @@ class OutboxStore:
 
     def complete(self, event: ClaimedEvent, now: datetime) -> bool:
         """Mark DONE if this lease still holds the event; False means another process took it over."""
-        parameters = {"event_id": event.id, "token": event.lease_token, "now": now}
-        return self._c.execute(_complete_statement(), parameters).rowcount == 1
+        return event.id in self.complete_many([event], now)
 
     def complete_many(self, events: Sequence[ClaimedEvent], now: datetime) -> set[int]:
         """`complete` for a batch in one statement: the ids that were still this process's to mark."""
