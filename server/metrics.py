@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from db.outbox import ClaimedEvent
-from server.interceptors import Around, WrappingInterceptor
+from server.interceptors import WrappingInterceptor
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BREAKER_STATES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
@@ -132,13 +132,11 @@ class MetricsInterceptor(WrappingInterceptor):
     """Counts every call and its latency by method and final status code."""
 
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self._metrics = metrics
 
-    def around(self, details: grpc.HandlerCallDetails) -> Around:
-        return self._around
-
     @contextmanager
-    def _around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    def around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
         started = time.perf_counter()
         default = grpc.StatusCode.OK
         try:
