@@ -7,6 +7,10 @@
 - `Listener` holds its own autocommit connection (LISTEN cannot share a pooled one), reconnects
   with backoff, re-LISTENs and fires its callbacks once after every (re)connect, since
   notifications sent while it was away are lost. Polling stays the guarantee of progress.
+  It drops notifications its own process's `Notifier` sent (matched by backend pid): the local
+  dispatcher and watchers were told in-process at commit, and the echo woke the dispatcher for a
+  claim that found nothing and the watchers for a read that found nothing new, hundreds of times
+  a second under load.
 Neither works through PgBouncer in transaction mode; the poll interval then carries the load.
 """
 
@@ -44,7 +48,12 @@ class Notifier:
         self._outbox_pending = False
         self._orders: list[str] = []
         self._stopping = False
+        self._backend_pid: int | None = None
         self._thread = threading.Thread(target=self._run, name="pg-notify", daemon=True)
+
+    def sent_by_me(self, backend_pid: int) -> bool:
+        """Whether a notification from this server backend came from this notifier's connection."""
+        return backend_pid == self._backend_pid
 
     def start(self) -> None:
         self._thread.start()
@@ -82,7 +91,9 @@ class Notifier:
             outbox, orders = work
             try:
                 if connection is None or connection.closed:
+                    self._backend_pid = None
                     connection = _connect(self._engine)
+                    self._backend_pid = connection.info.backend_pid
                 with connection.cursor() as cursor:
                     if outbox:
                         cursor.execute("SELECT pg_notify(%s, '')", (OUTBOX_CHANNEL,))
@@ -119,8 +130,10 @@ class Listener:
         on_outbox: Callable[[], None],
         on_orders: Callable[[list[str]], None],
         reconnect_max_s: float = 5.0,
+        sent_locally: Callable[[int], bool] = lambda _backend_pid: False,
     ) -> None:
         self._engine = engine
+        self._sent_locally = sent_locally
         self._on_outbox = on_outbox
         self._on_orders = on_orders
         self._reconnect_max_s = reconnect_max_s
@@ -158,6 +171,8 @@ class Listener:
                     orders: list[str] = []
                     while connection.notifies:
                         note = connection.notifies.pop(0)
+                        if self._sent_locally(note.pid):
+                            continue
                         if note.channel == OUTBOX_CHANNEL:
                             outbox = True
                         elif note.payload:

@@ -25,35 +25,51 @@ class WakeUp:
 
 
 class OrderChanges:
-    """Per-order change counters that watcher threads wait on; publishers never block on them."""
+    """Per-order change counters that watcher threads wait on; publishers never block on them.
+
+    Each watched order has its own condition (all on one lock), so a change wakes only the watchers
+    of that order: with one condition for all, every change woke every watcher of the process,
+    and a busy server spent its time in wake-ups that found nothing new."""
 
     def __init__(self) -> None:
-        self._condition = threading.Condition()
+        self._lock = threading.Lock()
         self._generation: dict[str, int] = {}
+        self._waiting: dict[str, tuple[threading.Condition, int]] = {}  # condition, watchers
         self._closed = False
 
     def generation(self, order_id: str) -> int:
-        with self._condition:
+        with self._lock:
             return self._generation.get(order_id, 0)
 
     def publish(self, order_ids: Iterable[str]) -> None:
-        with self._condition:
+        with self._lock:
             for order_id in order_ids:
                 self._generation[order_id] = self._generation.get(order_id, 0) + 1
                 if len(self._generation) > 100_000:  # counters are hints: forget the oldest
                     self._generation.pop(next(iter(self._generation)))
-            self._condition.notify_all()
+                waiting = self._waiting.get(order_id)
+                if waiting is not None:
+                    waiting[0].notify_all()
 
     def wait(self, order_id: str, since: int, timeout: float) -> int:
         """Block until the order's counter moves past `since`, the hub closes, or timeout."""
         deadline = time.monotonic() + timeout
-        with self._condition:
-            while not self._closed and self._generation.get(order_id, 0) == since:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._condition.wait(left)
-            return self._generation.get(order_id, 0)
+        with self._lock:
+            condition, watchers = self._waiting.get(order_id) or (threading.Condition(self._lock), 0)
+            self._waiting[order_id] = (condition, watchers + 1)
+            try:
+                while not self._closed and self._generation.get(order_id, 0) == since:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    condition.wait(left)
+                return self._generation.get(order_id, 0)
+            finally:
+                condition, watchers = self._waiting[order_id]
+                if watchers == 1:
+                    del self._waiting[order_id]
+                else:
+                    self._waiting[order_id] = (condition, watchers - 1)
 
     @property
     def closed(self) -> bool:
@@ -61,9 +77,10 @@ class OrderChanges:
 
     def close(self) -> None:
         """Wake every waiter for good (server shutdown)."""
-        with self._condition:
+        with self._lock:
             self._closed = True
-            self._condition.notify_all()
+            for condition, _watchers in self._waiting.values():
+                condition.notify_all()
 
 
 class RemoteNotifier(Protocol):

@@ -228,7 +228,9 @@ def build(settings: Settings) -> Service:
             listener=metrics.on_handled,
             on_claimed=metrics.on_claimed,
         )
-    listener = Listener(engines.orders, wake.set, changes.publish) if on_postgres else None
+    listener = None
+    if notifier is not None:
+        listener = Listener(engines.orders, wake.set, changes.publish, sent_locally=notifier.sent_by_me)
     watcher = OrderWatcher(app.get_order, changes)
 
     server = grpc.server(

@@ -1,0 +1,54 @@
+"""OrderChanges: a watcher wakes for its own order's change, not for others', and at close."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from saga.signals import OrderChanges
+
+
+def _wait_in_thread(
+    changes: OrderChanges, order_id: str, since: int, timeout: float
+) -> tuple[threading.Thread, list[int]]:
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(changes.wait(order_id, since, timeout)))
+    thread.start()
+    return thread, result
+
+
+def test_a_change_of_the_watched_order_ends_the_wait() -> None:
+    changes = OrderChanges()
+    thread, result = _wait_in_thread(changes, "order-a", 0, timeout=30)
+    changes.publish(["order-a"])  # before or during the wait: either way the counter moved past 0
+    thread.join(10)
+    assert result == [1]
+
+
+def test_a_change_of_another_order_does_not_end_the_wait() -> None:
+    changes = OrderChanges()
+    changes.publish(["order-b"])
+    began = time.monotonic()
+    assert changes.wait("order-a", 0, timeout=0.2) == 0  # only the timeout ended it
+    assert time.monotonic() - began >= 0.2
+    assert changes.generation("order-b") == 1
+
+
+def test_two_watchers_of_one_order_both_wake() -> None:
+    changes = OrderChanges()
+    first, first_result = _wait_in_thread(changes, "order-a", 0, timeout=30)
+    second, second_result = _wait_in_thread(changes, "order-a", 0, timeout=30)
+    changes.publish(["order-a", "order-a"])
+    first.join(10)
+    second.join(10)
+    assert first_result == second_result == [2]
+
+
+def test_close_ends_every_wait() -> None:
+    changes = OrderChanges()
+    threads = [_wait_in_thread(changes, f"order-{n}", 0, timeout=30) for n in range(3)]
+    changes.close()
+    for thread, result in threads:
+        thread.join(10)
+        assert result == [0]
+    assert changes.closed
