@@ -15,16 +15,32 @@ from typing import Any
 
 from sqlalchemy import Connection, Insert, Table, bindparam, insert
 
+from db import precompiled
+
 Rows = Sequence[Mapping[str, Any]]
 # (table, row count, column names) per table, in insert order.
 _Shape = tuple[tuple[Table, int, tuple[str, ...]], ...]
 
 
-def insert_together(connection: Connection, parts: Sequence[tuple[Table, Rows]]) -> None:
-    """Insert every part's rows, in order, in one statement; parts without rows are skipped."""
+def insert_together(
+    connection: Connection, parts: Sequence[tuple[Table, Rows]], returning: bool = False
+) -> list[int]:
+    """Insert every part's rows, in order, in one statement; parts without rows are skipped. With
+    `returning`, the primary key of the last row of the last part (one row is what needs it)."""
+    prepared = statement_for(parts, returning)
+    if prepared is None:
+        return []
+    result = precompiled.execute(connection, *prepared)
+    return [int(key) for key in result.scalars()] if returning else []
+
+
+def statement_for(
+    parts: Sequence[tuple[Table, Rows]], returning: bool = False
+) -> tuple[Insert, dict[str, Any]] | None:
+    """The statement (built once per shape) and parameters of `insert_together`; None if no rows."""
     parts = [(table, rows) for table, rows in parts if rows]
     if not parts:
-        return
+        return None
     shape = tuple((table, len(rows), tuple(rows[0])) for table, rows in parts)
     parameters = {
         _name(t, r, column): value
@@ -32,7 +48,7 @@ def insert_together(connection: Connection, parts: Sequence[tuple[Table, Rows]])
         for r, row in enumerate(rows)
         for column, value in row.items()
     }
-    connection.execute(_statement(shape), parameters)
+    return _statement(shape, returning), parameters
 
 
 def _name(table: int, row: int, column: str) -> str:
@@ -40,7 +56,7 @@ def _name(table: int, row: int, column: str) -> str:
 
 
 @lru_cache(maxsize=128)
-def _statement(shape: _Shape) -> Insert:
+def _statement(shape: _Shape, returning: bool) -> Insert:
     # One single-row INSERT per row: SQLAlchemy does not cache a multi-row VALUES statement.
     inserts = [
         insert(table).values({c: bindparam(_name(t, r, c), type_=table.c[c].type) for c in columns})
@@ -48,4 +64,6 @@ def _statement(shape: _Shape) -> Insert:
         for r in range(count)
     ]
     *riders, last = inserts
+    if returning:
+        last = last.returning(*shape[-1][0].primary_key.columns)
     return last.add_cte(*(rider.cte(f"w{i}") for i, rider in enumerate(riders)))

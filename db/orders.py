@@ -87,10 +87,18 @@ class OrderRepository:
         The saga settles without reading the order first: the status in the WHERE clause is the
         compare-and-set (PostgreSQL re-checks it after waiting on a concurrent writer), and the
         version still moves, so a client holding the old version sees the change."""
+        parameters = self.settle_parameters(order_id, target, reason, now)
+        return self._c.execute(settle_pending_statement(), parameters).rowcount == 1
+
+    @staticmethod
+    def settle_parameters(
+        order_id: str, target: OrderStatus, reason: str | None, now: datetime
+    ) -> dict[str, Any]:
+        """The parameters of `settle_pending_statement` (see `settle_pending`); a target PENDING
+        cannot move to is refused here, before any statement runs."""
         if not can_move(OrderStatus.PENDING, target):
             raise InvalidTransitionError(f"an order cannot move from PENDING to {target.value}")
-        parameters = {"order_id": order_id, "target": target.value, "reason": reason or "", "now": now}
-        return self._c.execute(_settle_pending(), parameters).rowcount == 1
+        return {"order_id": order_id, "target": target.value, "reason": reason or "", "now": now}
 
     def pending_since(self, cutoff: datetime, limit: int) -> list[Order]:
         """PENDING orders created before `cutoff`, oldest first: sagas that should have settled."""
@@ -171,7 +179,9 @@ def _order_with_items() -> Select[Any]:
 
 
 @lru_cache(maxsize=1)
-def _settle_pending() -> Update:
+def settle_pending_statement() -> Update:
+    """`settle_pending`'s compare-and-set; the orders unit of work also runs it as a CTE of the
+    event's completion (`OrdersUnitOfWork.settle_and_complete`)."""
     return (
         update(orders)
         .where(orders.c.id == bindparam("order_id"), orders.c.status == OrderStatus.PENDING.value)

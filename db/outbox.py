@@ -37,6 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 
+from db import precompiled
 from db.tables import outbox_events as outbox
 from domain.events import DomainEvent
 
@@ -63,6 +64,17 @@ class ClaimedEvent:
     @property
     def correlation_id(self) -> str | None:
         return self.headers.get("correlation_id")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease taken before the events exist: a process that will run the events it is about to
+    commit writes them already leased to itself (`token` until `until`), so no claim is needed
+    and no other process takes them; `count` events, one worker each (saga.dispatcher)."""
+
+    token: str
+    until: datetime
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -167,16 +179,31 @@ class OutboxStore:
     def __init__(self, connection: Connection) -> None:
         self._c = connection
 
-    def add(self, events: Iterable[DomainEvent], correlation_id: str | None, now: datetime) -> None:
-        rows = self.new_rows(events, correlation_id, now)
-        if rows:
+    def add(
+        self,
+        events: Iterable[DomainEvent],
+        correlation_id: str | None,
+        now: datetime,
+        lease: Lease | None = None,
+    ) -> list[ClaimedEvent]:
+        """Store `events`; with a `lease`, already leased, and returned as claimed (else [])."""
+        rows = self.new_rows(events, correlation_id, now, lease)
+        if not rows:
+            return []
+        if lease is None:
             self._c.execute(insert(outbox), rows)
+            return []
+        ids = [int(self._c.execute(insert(outbox).returning(outbox.c.id), row).scalar_one()) for row in rows]
+        return self.leased(rows, ids, lease, now)
 
     @staticmethod
     def new_rows(
-        events: Iterable[DomainEvent], correlation_id: str | None, now: datetime
+        events: Iterable[DomainEvent],
+        correlation_id: str | None,
+        now: datetime,
+        lease: Lease | None = None,
     ) -> list[dict[str, Any]]:
-        """The PENDING rows that store `events` (see `add`)."""
+        """The PENDING rows that store `events` (see `add`), leased when `lease` is given."""
         headers = json.dumps({"correlation_id": correlation_id} if correlation_id else {})
         rows: list[dict[str, Any]] = [
             {
@@ -192,7 +219,33 @@ class OutboxStore:
             }
             for event in events
         ]
+        if lease is not None:
+            if len(rows) != lease.count:
+                raise ValueError(f"a lease for {lease.count} event(s) cannot hold {len(rows)}")
+            for row in rows:
+                row["lease_token"] = lease.token
+                row["locked_until"] = lease.until
         return rows
+
+    @staticmethod
+    def leased(
+        rows: Sequence[Mapping[str, Any]], ids: Sequence[int], lease: Lease, now: datetime
+    ) -> list[ClaimedEvent]:
+        """The events of `rows` (see `new_rows`), stored under `ids`, as their lease holder sees them."""
+        return [
+            ClaimedEvent(
+                id=event_id,
+                aggregate_id=row["aggregate_id"],
+                event_type=row["event_type"],
+                payload=row["payload"],
+                headers=_headers(row["headers"]),
+                attempts=0,
+                created_at=row["created_at"],
+                lease_token=lease.token,
+                claimed_at=now,
+            )
+            for row, event_id in zip(rows, ids, strict=True)
+        ]
 
     def add_raw(
         self, aggregate_id: str, event_type: str, payload: str, headers: Mapping[str, str], now: datetime
@@ -219,8 +272,8 @@ class OutboxStore:
         if limit <= 0:
             return []
         token = str(uuid.uuid4())
-        rows = self._c.execute(
-            _claim_statement(), {"limit": limit, "now": now, "until": now + lease, "token": token}
+        rows = precompiled.execute(
+            self._c, _claim_statement(), {"limit": limit, "now": now, "until": now + lease, "token": token}
         ).all()
         return sorted(
             (
@@ -260,7 +313,8 @@ class OutboxStore:
             parameters["tokens"] = list({e.lease_token for e in events})
         else:
             parameters["leases"] = [(e.id, e.lease_token) for e in events]
-        return set(self._c.execute(_complete_many_statement(dialect), parameters).scalars())
+        statement = _complete_many_statement(dialect)
+        return set(precompiled.execute(self._c, statement, parameters).scalars())
 
     def reschedule(
         self,

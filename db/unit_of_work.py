@@ -13,21 +13,36 @@ import contextvars
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
+from functools import lru_cache
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-from sqlalchemy import Connection, Engine, RootTransaction
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Engine,
+    RootTransaction,
+    Select,
+    String,
+    bindparam,
+    exists,
+    func,
+    select,
+    update,
+)
 
+from db import precompiled
 from db.chained import insert_together
-from db.engine import SQLITE_BEGIN_IMMEDIATE, is_sqlite, prefix_next_statement
+from db.engine import SQLITE_BEGIN_IMMEDIATE, WriterGate, is_sqlite, prefix_next_statement, writer_gate
 from db.errors import translate
 from db.inventory import StockRepository
-from db.orders import OrderRepository
-from db.outbox import OutboxStore
-from db.tables import outbox_events
-from domain.errors import DeadlineExceededError
+from db.orders import OrderRepository, settle_pending_statement
+from db.outbox import DONE, PENDING, ClaimedEvent, Lease, OutboxStore
+from db.tables import orders, outbox_events
+from domain.errors import DeadlineExceededError, UnavailableError
 from domain.events import DomainEvent
-from domain.model import Order
+from domain.model import Order, OrderStatus
 
 # time.monotonic() by which the current call must be done, or None.
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("db_deadline", default=None)
@@ -61,6 +76,7 @@ class UnitOfWork:
         self._transaction: RootTransaction | None = None
         self._after_commit: list[Callable[[], None]] = []
         self._committed = False
+        self._gate: WriterGate | None = None
 
     @property
     def connection(self) -> Connection:
@@ -76,6 +92,8 @@ class UnitOfWork:
         budget = remaining_ms()
         if budget is not None and budget < _MIN_BUDGET_MS:
             raise DeadlineExceededError("deadline exceeded before the database was reached")
+        if self._write:
+            self._pass_gate(budget)
         try:
             connection = self._engine.connect()
             if self._write and is_sqlite(self._engine):
@@ -93,6 +111,18 @@ class UnitOfWork:
             raise
         self._started()
         return self
+
+    def _pass_gate(self, budget_ms: int | None) -> None:
+        """On SQLite, wait for this process's other writers (db.engine.WriterGate)."""
+        gate = writer_gate(self._engine)
+        if gate is None:
+            return
+        wait_s = gate.timeout_s if budget_ms is None else min(gate.timeout_s, budget_ms / 1000)
+        if not gate.lock.acquire(timeout=max(wait_s, 0.0)):
+            if budget_ms is not None:
+                raise DeadlineExceededError("deadline exceeded while waiting for the database")
+            raise UnavailableError("database is busy: other writers held it too long")
+        self._gate = gate
 
     def _started(self) -> None:
         """Hook for subclasses to build repositories on the connection."""
@@ -126,9 +156,14 @@ class UnitOfWork:
                 callback()
 
     def _close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-        self._connection = None
+        try:
+            if self._connection is not None:
+                self._connection.close()
+        finally:
+            self._connection = None
+            if self._gate is not None:
+                self._gate.lock.release()
+                self._gate = None
         self._transaction = None
 
 
@@ -148,19 +183,67 @@ class OrdersUnitOfWork(UnitOfWork):
         request_fingerprint: str | None,
         events: Sequence[DomainEvent],
         correlation_id: str | None,
-    ) -> None:
+        lease: Lease | None = None,
+    ) -> list[ClaimedEvent]:
         """A new order, its items and its events: on PostgreSQL one statement (the order and item
         inserts ride along as data-modifying CTEs of the outbox insert), on SQLite three. Placing
-        an order is the hottest write; two round trips fewer is a third of its transaction."""
+        an order is the hottest write; two round trips fewer is a third of its transaction.
+
+        With a `lease` (one event: the statement returns one key), the event is stored leased to
+        this process and returned as claimed, for the local dispatcher to run without a claim."""
+        if lease is not None and len(events) != 1:
+            raise ValueError("an order placed under a lease has exactly one event")
         if self.dialect != "postgresql":
             self.orders.add(order, request_fingerprint)
-            self.outbox.add(events, correlation_id, order.create_time)
-            return
-        parts = [
-            *OrderRepository.new_rows(order, request_fingerprint),
-            (outbox_events, OutboxStore.new_rows(events, correlation_id, order.create_time)),
-        ]
-        insert_together(self.connection, parts)
+            return self.outbox.add(events, correlation_id, order.create_time, lease)
+        rows = OutboxStore.new_rows(events, correlation_id, order.create_time, lease)
+        parts = [*OrderRepository.new_rows(order, request_fingerprint), (outbox_events, rows)]
+        ids = insert_together(self.connection, parts, returning=lease is not None)
+        return [] if lease is None else OutboxStore.leased(rows, ids, lease, order.create_time)
+
+    def settle_and_complete(
+        self, order_id: str, target: OrderStatus, reason: str | None, event: ClaimedEvent, now: datetime
+    ) -> tuple[bool, bool]:
+        """Settle a PENDING order (`OrderRepository.settle_pending`) and mark its event DONE, fenced
+        on the lease (`OutboxStore.complete`): (settled, completed). The event is completed only
+        if the order settled. On PostgreSQL one statement (the settle is a CTE of the completion),
+        on SQLite two. The caller commits only (True, True)."""
+        if self.dialect != "postgresql":
+            settled = self.orders.settle_pending(order_id, target, reason, now)
+            return settled, settled and self.outbox.complete(event, now)
+        parameters = OrderRepository.settle_parameters(order_id, target, reason, now)
+        parameters.update(event_id=event.id, token=event.lease_token)
+        row = precompiled.execute(self.connection, _settle_and_complete(), parameters).one()
+        return bool(row.settled), bool(row.completed)
+
+
+@lru_cache(maxsize=1)
+def _settle_and_complete() -> Select[Any]:
+    """`settle_and_complete` on PostgreSQL: WITH settled AS (the settle, RETURNING id), completed
+    AS (the fenced completion of the event, only if the order settled, RETURNING id) SELECT both
+    counts. One statement, so one round trip and one execution of SQLAlchemy's per-call work."""
+    settled = settle_pending_statement().returning(orders.c.id).cte("settled")
+    completed = (
+        update(outbox_events)
+        .where(
+            outbox_events.c.id == bindparam("event_id", type_=BigInteger),
+            outbox_events.c.lease_token == bindparam("token", type_=String),
+            outbox_events.c.status == PENDING,
+            exists(select(settled.c.id)),
+        )
+        .values(
+            status=DONE,
+            lease_token=None,
+            locked_until=None,
+            updated_at=bindparam("now", type_=outbox_events.c.updated_at.type),
+        )
+        .returning(outbox_events.c.id)
+        .cte("completed")
+    )
+    return select(
+        select(func.count()).select_from(settled).scalar_subquery().label("settled"),
+        select(func.count()).select_from(completed).scalar_subquery().label("completed"),
+    )
 
 
 class InventoryUnitOfWork(UnitOfWork):

@@ -14,11 +14,21 @@ It knows event types and handlers, nothing of what an event means. Per process:
   retry later (exponential backoff with jitter, an attempt counted), a deferral (not an attempt:
   the breaker is open or the rate limit says wait), or DEAD after `max_attempts`;
 - DONE is written in batches: finished events wait for the dispatcher thread, which marks them
-  all DONE in the transaction of its next claim (one statement for the batch). A handler that
+  all DONE in the transaction of its next claim (one statement for the batch), or on their own
+  once two batches' worth have gathered or nothing is left running. A handler that
   writes in the orders database can instead complete its event in its own transaction
   (`Completed`), so its effect and the DONE are one commit, fenced together;
 - the thread sleeps until woken (local commit, a PostgreSQL notification) or the poll interval
-  passes, which alone guarantees progress.
+  passes, which alone guarantees progress. A finished handler wakes it only when that can find
+  work: the last claim was a full batch (more may be due), DONEs are waiting to be written (see
+  above), or a later event of the same order was committed here meanwhile (`note_committed`; it
+  could not be claimed while this one ran). Waking on every finish made one claim transaction
+  per event that mostly found nothing;
+- hand-off: an event this process is about to commit, while a worker is idle, skips the claim.
+  `take_slots` reserves the worker and gives a lease, the event is written already leased to
+  this process (no other dispatcher can take it), and `hand` runs it once committed: no wake-up,
+  no claim transaction, and no waiting for the dispatcher thread. If the process dies first, the
+  lease runs out and any dispatcher claims the event as usual.
 """
 
 from __future__ import annotations
@@ -28,12 +38,13 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from db.outbox import ClaimedEvent
+from db.outbox import ClaimedEvent, Lease
 from db.unit_of_work import OrdersUnitOfWork
 from domain import correlation
 from domain.model import utcnow
@@ -133,6 +144,11 @@ class OutboxDispatcher:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified whenever a handler finishes
         self._in_flight = 0
+        self._reserved = 0  # workers promised to events being committed (`take_slots`)
+        self._more_due = False  # the last claim filled its batch: more events may be due now
+        self._running: dict[str, int] = {}  # aggregates of the events in flight, with counts
+        self._followed: set[str] = set()  # running aggregates with a later event committed here
+        self._started = False
         # Handled events waiting to be marked DONE, with their handler seconds (under the lock).
         self._finished: list[tuple[ClaimedEvent, float]] = []
         self._stopping = threading.Event()
@@ -146,10 +162,58 @@ class OutboxDispatcher:
             return self._in_flight
 
     def start(self) -> None:
+        with self._lock:
+            self._started = True
         self._thread.start()
+
+    def take_slots(self, count: int) -> Lease | None:
+        """Reserve idle workers for `count` events about to be committed by this process, and the
+        lease to write them under; None when too few workers are idle (claim them as usual). The
+        caller must `hand` the events once committed, or `return_slots` if they never are."""
+        with self._lock:
+            busy = self._in_flight + self._reserved
+            if not self._started or self._stopping.is_set() or busy + count > self._settings.workers:
+                return None
+            self._reserved += count
+        until = self._clock() + timedelta(seconds=self._settings.lease_s)
+        return Lease(str(uuid.uuid4()), until, count)
+
+    def return_slots(self, lease: Lease) -> None:
+        """The events of `lease` were not committed: free the workers reserved for them."""
+        with self._lock:
+            self._reserved -= lease.count
+
+    def hand(self, lease: Lease, events: Sequence[ClaimedEvent]) -> None:
+        """Run events committed under `lease`. When the dispatcher has begun to stop, hand them
+        back to the queue instead (a deferral), or leave them to their lease if even that fails."""
+        with self._lock:
+            self._reserved -= lease.count
+            stopping = self._stopping.is_set()
+            if not stopping:
+                self._in_flight += len(events)
+                self.stats.claimed += len(events)
+                for event in events:
+                    self._enter(event)
+        if stopping:
+            for event in events:
+                try:
+                    self._count(self._record(event, Defer(0.0, "dispatcher stopping")), event, 0.0)
+                except Exception as error:
+                    log.warning("event %d left to its lease at stop: %s", event.id, _describe(error))
+            return
+        now = self._clock()
+        for event in events:
+            self._submit(event, max((now - event.created_at).total_seconds(), 0.0))
 
     def wake(self) -> None:
         self._wake.set()
+
+    def note_committed(self, aggregate_id: str) -> None:
+        """An event of `aggregate_id` was committed in this process: if one of its earlier events
+        is running here, claim again as soon as that one finishes (see the module docstring)."""
+        with self._lock:
+            if aggregate_id in self._running:
+                self._followed.add(aggregate_id)
 
     def stop(self, timeout: float) -> bool:
         """Stop claiming, let running handlers finish for up to `timeout` seconds. True if all did;
@@ -174,15 +238,19 @@ class OutboxDispatcher:
     def _run(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            held = self.in_flight
+            with self._lock:
+                held = self._in_flight + self._reserved
             # Claim ahead only while a worker is idle: when every worker is stuck on a slow
             # handler, events claimed now would sit out their leases in the queue.
             free = 2 * self._settings.workers - held if held < self._settings.workers else 0
             claimed = 0
-            if free > 0 or self._has_finished():
+            if free > 0 or self._flush_due():
                 try:
                     claimed = self._claim_and_submit(max(free, 0))
                     failures = 0
+                    if free > 0:
+                        with self._lock:
+                            self._more_due = claimed == free
                 except Exception as error:
                     failures += 1
                     cap = max(5 * self._settings.poll_interval_s, 5.0)
@@ -202,6 +270,11 @@ class OutboxDispatcher:
         with self._lock:
             return bool(self._finished)
 
+    def _flush_due(self) -> bool:
+        """Finished events should be marked DONE now, without a claim (under the lock or not)."""
+        waiting = len(self._finished)
+        return waiting >= 2 * self._settings.workers or (waiting > 0 and self._in_flight == 0)
+
     def _claim_and_submit(self, free: int) -> int:
         """One transaction: mark the finished events DONE, then claim up to `free` due ones."""
         now = self._clock()
@@ -220,17 +293,29 @@ class OutboxDispatcher:
             if event.id not in kept:
                 log.warning("event %d: lease lost to another dispatcher; DONE not recorded", event.id)
             self._count("done" if event.id in kept else "fenced", event, seconds)
+        with self._lock:
+            self._in_flight += len(events)
+            self.stats.claimed += len(events)
+            for event in events:
+                self._enter(event)
         for event in events:
-            lag_s = max((event.claimed_at - event.created_at).total_seconds(), 0.0)
-            with self._lock:
-                self._in_flight += 1
-                self.stats.claimed += 1
-            if self._on_claimed is not None:
-                self._on_claimed(event, lag_s)
-            # A fresh context per task: one context entered by two threads at once raises.
-            context = contextvars.Context()
-            self._executor.submit(context.run, self._handle, event)
+            self._submit(event, max((event.claimed_at - event.created_at).total_seconds(), 0.0))
         return len(events)
+
+    def _submit(self, event: ClaimedEvent, lag_s: float) -> None:
+        """Run a leased event, already counted in flight, on the executor."""
+        if self._on_claimed is not None:
+            self._on_claimed(event, lag_s)
+        # A fresh context per task: one context entered by two threads at once raises.
+        context = contextvars.Context()
+        try:
+            self._executor.submit(context.run, self._handle, event)
+        except RuntimeError:  # the executor shut down after a stop that gave up waiting
+            log.warning("event %d left to its lease: the dispatcher has stopped", event.id)
+            with self._idle:
+                self._in_flight -= 1
+                self._leave(event)
+                self._idle.notify_all()
 
     def _handle(self, event: ClaimedEvent) -> None:
         correlation.set_current(event.correlation_id)
@@ -261,7 +346,23 @@ class OutboxDispatcher:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
-            self._wake.set()
+                self._leave(event)
+                wake = self._more_due or self._flush_due() or event.aggregate_id in self._followed
+                self._followed.discard(event.aggregate_id)
+            if wake:
+                self._wake.set()
+
+    def _enter(self, event: ClaimedEvent) -> None:
+        """Count `event` as running (under the lock)."""
+        self._running[event.aggregate_id] = self._running.get(event.aggregate_id, 0) + 1
+
+    def _leave(self, event: ClaimedEvent) -> None:
+        """`event` stopped running (under the lock)."""
+        left = self._running.get(event.aggregate_id, 1) - 1
+        if left > 0:
+            self._running[event.aggregate_id] = left
+        else:
+            self._running.pop(event.aggregate_id, None)
 
     def _verdict(self, event: ClaimedEvent) -> Verdict:
         handler = self._handlers.get(event.event_type)

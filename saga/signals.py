@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
+
+from db.outbox import ClaimedEvent, Lease
 
 
 class WakeUp:
@@ -83,6 +85,18 @@ class OrderChanges:
                 condition.notify_all()
 
 
+class Handoff(Protocol):
+    """The local dispatcher's hand-off (saga.dispatcher.OutboxDispatcher)."""
+
+    def take_slots(self, count: int) -> Lease | None: ...
+
+    def return_slots(self, lease: Lease) -> None: ...
+
+    def hand(self, lease: Lease, events: Sequence[ClaimedEvent]) -> None: ...
+
+    def note_committed(self, aggregate_id: str) -> None: ...
+
+
 class RemoteNotifier(Protocol):
     def outbox_committed(self) -> None: ...
 
@@ -93,12 +107,40 @@ class CommitSignals:
     """What a commit tells others: the local dispatcher and watchers at once, other processes
     through the (optional) remote notifier."""
 
-    def __init__(self, wake: WakeUp, changes: OrderChanges, remote: RemoteNotifier | None = None) -> None:
+    def __init__(
+        self,
+        wake: WakeUp,
+        changes: OrderChanges,
+        remote: RemoteNotifier | None = None,
+        handoff: Handoff | None = None,
+    ) -> None:
         self._wake = wake
         self._changes = changes
         self._remote = remote
+        self.handoff = handoff
 
-    def outbox_committed(self) -> None:
+    def lease_new_events(self, count: int) -> Lease | None:
+        """A lease for `count` events about to be committed, if the local dispatcher can run them
+        at once (see `events_committed`); None otherwise."""
+        return self.handoff.take_slots(count) if self.handoff is not None else None
+
+    def events_committed(self, lease: Lease | None, events: Sequence[ClaimedEvent]) -> None:
+        """Outbox events committed: under a lease, straight to the local dispatcher (no other
+        process may take them, so nobody else is told); else the usual wake-up and notification."""
+        if lease is not None and self.handoff is not None:
+            self.handoff.hand(lease, events)
+        else:
+            self.outbox_committed()
+
+    def lease_unused(self, lease: Lease | None) -> None:
+        """The events of `lease` were not committed."""
+        if lease is not None and self.handoff is not None:
+            self.handoff.return_slots(lease)
+
+    def outbox_committed(self, aggregate_id: str | None = None) -> None:
+        """Events were committed (of `aggregate_id`, when one order's): claim them."""
+        if aggregate_id is not None and self.handoff is not None:
+            self.handoff.note_committed(aggregate_id)
         self._wake.set()
         if self._remote is not None:
             self._remote.outbox_committed()

@@ -228,6 +228,7 @@ def build(settings: Settings) -> Service:
             listener=metrics.on_handled,
             on_claimed=metrics.on_claimed,
         )
+        signals.handoff = dispatcher
     listener = None
     if notifier is not None:
         listener = Listener(engines.orders, wake.set, changes.publish, sent_locally=notifier.sent_by_me)

@@ -75,9 +75,9 @@ def refused_outbox_rows(reached: list[str]):
     items: on SQLite as the third statement, on PostgreSQL inside the one statement with them."""
     real = db.outbox.OutboxStore.new_rows
 
-    def new_rows(events, correlation_id, now):
+    def new_rows(events, correlation_id, now, lease=None):
         reached.append("outbox")
-        return [{**row, "status": None} for row in real(events, correlation_id, now)]
+        return [{**row, "status": None} for row in real(events, correlation_id, now, lease)]
 
     return staticmethod(new_rows)
 

@@ -1,0 +1,209 @@
+"""Hand-off: an order placed while a saga worker is idle goes to the local dispatcher already
+leased, with no claim; other dispatchers cannot take it until its lease runs out, and workers
+promised to events that were never committed are given back."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from functools import partial
+
+import grpc
+import pytest
+
+import db.outbox
+from db.engine import make_engine
+from db.outbox import ClaimedEvent, Lease, OutboxStore
+from db.tables import outbox_events
+from db.unit_of_work import OrdersUnitOfWork
+from domain.model import Order, OrderItem, utcnow
+from generated.orders.v1 import orders_pb2 as pb
+from saga.dispatcher import Completed, DispatcherSettings, Done, OutboxDispatcher
+from saga.signals import WakeUp
+from tests.integration.helpers import place_request, rows_of, rpc_error
+from tests.integration.saga_support import wait_for_status
+from tests.support import wait_until
+
+
+@pytest.fixture
+def engine(migrated_url: str):
+    engine = make_engine(migrated_url)
+    yield engine
+    engine.dispose()
+
+
+def test_an_order_placed_while_a_worker_is_idle_runs_without_a_claim(server, monkeypatch):
+    claimed_ids: list[int] = []
+    real_claim = OutboxStore.claim
+
+    def recording_claim(self, limit, lease, now):
+        events = real_claim(self, limit, lease, now)
+        claimed_ids.extend(event.id for event in events)
+        return events
+
+    monkeypatch.setattr(OutboxStore, "claim", recording_claim)
+    server.stubs.set_stock("SKU-1", 5)
+
+    placed = server.stubs.place("ann", [("SKU-1", 2)])
+    assert wait_for_status(server.stubs, placed.order_id).status == pb.ORDER_STATUS_VALIDATED
+
+    (event,) = rows_of(server).events(placed.order_id)
+    assert event.status == "DONE"
+    assert event.id not in claimed_ids, "the event was handed over, not claimed"
+    assert server.service.dispatcher is not None
+    assert server.service.dispatcher.stats.claimed >= 1  # a hand-off counts as claimed
+
+
+def _place_leased(engine, dispatcher: OutboxDispatcher) -> tuple[Lease, list[ClaimedEvent]]:
+    lease = dispatcher.take_slots(1)
+    assert lease is not None
+    order, placed = Order.place("ann", (OrderItem("SKU-1", 1),), None, now=utcnow())
+    with OrdersUnitOfWork(engine) as uow:
+        events = uow.add_order(order, None, [placed], "corr-1", lease)
+        uow.commit()
+    return lease, events
+
+
+def test_a_leased_event_is_not_claimable_until_its_lease_runs_out(engine):
+    settings = DispatcherSettings(workers=1, poll_interval_s=60.0, lease_s=30.0)
+    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {}, settings, WakeUp())
+    dispatcher.start()
+    try:
+        _lease, (event,) = _place_leased(engine, dispatcher)
+        with OrdersUnitOfWork(engine) as uow:
+            assert uow.outbox.claim(10, timedelta(seconds=30), utcnow()) == []
+            later = utcnow() + timedelta(seconds=31)
+            (taken_over,) = uow.outbox.claim(10, timedelta(seconds=30), later)
+            uow.commit()
+        assert taken_over.id == event.id
+        assert taken_over.lease_token != event.lease_token, "the late lease holder is fenced out"
+    finally:
+        dispatcher.stop(1.0)
+
+
+def test_only_idle_workers_are_promised_and_returned_ones_can_be_promised_again(engine):
+    settings = DispatcherSettings(workers=2, poll_interval_s=60.0)
+    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {}, settings, WakeUp())
+    assert dispatcher.take_slots(1) is None, "not before the dispatcher runs"
+    dispatcher.start()
+    try:
+        first, second = dispatcher.take_slots(1), dispatcher.take_slots(1)
+        assert first is not None and second is not None
+        assert dispatcher.take_slots(1) is None, "both workers are promised"
+        dispatcher.return_slots(first)
+        assert dispatcher.take_slots(1) is not None
+    finally:
+        dispatcher.stop(1.0)
+
+
+def test_a_failed_place_gives_its_worker_back(server, monkeypatch):
+    real = db.outbox.OutboxStore.new_rows
+
+    def refused(events, correlation_id, now, lease=None):
+        return [{**row, "status": None} for row in real(events, correlation_id, now, lease)]
+
+    monkeypatch.setattr(db.outbox.OutboxStore, "new_rows", staticmethod(refused))
+    dispatcher = server.service.dispatcher
+    assert dispatcher is not None
+    for _ in range(dispatcher._settings.workers + 1):
+        error = rpc_error(server.stubs.orders.PlaceOrder, place_request("bob"), timeout=10)
+        assert error.code() == grpc.StatusCode.INTERNAL
+    # Had each failure kept its promised worker, none would be left to promise now.
+    leases = [dispatcher.take_slots(1) for _ in range(dispatcher._settings.workers)]
+    assert all(lease is not None for lease in leases)
+
+
+def test_events_handed_to_a_stopping_dispatcher_go_back_to_the_queue(engine):
+    ran: list[int] = []
+    settings = DispatcherSettings(workers=1, poll_interval_s=60.0, lease_s=30.0)
+    dispatcher = OutboxDispatcher(
+        partial(OrdersUnitOfWork, engine),
+        {"ORDER_CREATED": lambda event: ran.append(event.id) or Done()},
+        settings,
+        WakeUp(),
+    )
+    dispatcher.start()
+    lease = dispatcher.take_slots(1)
+    assert lease is not None
+    order, placed = Order.place("ann", (OrderItem("SKU-1", 1),), None, now=utcnow())
+    with OrdersUnitOfWork(engine) as uow:
+        events = uow.add_order(order, None, [placed], "corr-1", lease)
+        uow.commit()
+    stopper = threading.Thread(target=dispatcher.stop, args=(5.0,))
+    stopper.start()
+    wait_until(lambda: dispatcher._stopping.is_set(), what="the dispatcher to stop")
+    dispatcher.hand(lease, events)
+    stopper.join(10)
+
+    assert ran == []
+    with engine.connect() as connection:
+        row = connection.execute(outbox_events.select().where(outbox_events.c.id == events[0].id)).one()
+    assert (row.status, row.attempts, row.lease_token) == ("PENDING", 0, None)
+    assert row.last_error == "dispatcher stopping"
+
+
+def test_finished_events_do_not_wake_the_dispatcher_for_claims_that_find_nothing(engine, monkeypatch):
+    claims: list[int] = []
+    real_claim = OutboxStore.claim
+
+    def counting_claim(self, limit, lease, now):
+        claims.append(limit)
+        return real_claim(self, limit, lease, now)
+
+    monkeypatch.setattr(OutboxStore, "claim", counting_claim)
+    ran: list[int] = []
+    settings = DispatcherSettings(workers=2, poll_interval_s=60.0)
+    dispatcher = OutboxDispatcher(
+        partial(OrdersUnitOfWork, engine),
+        {"ORDER_CREATED": lambda event: ran.append(event.id) or Completed()},
+        settings,
+        WakeUp(),
+    )
+    dispatcher.start()
+    try:
+        wait_until(lambda: claims, what="the first claim at start")
+        for n in range(1, 6):
+            dispatcher.hand(*_place_leased(engine, dispatcher))
+            wait_until(lambda n=n: len(ran) == n and dispatcher.in_flight == 0, what="the handler")
+        assert len(ran) == 5
+        assert len(claims) == 1, "a handler that finished found nothing more to claim, so none ran"
+    finally:
+        dispatcher.stop(1.0)
+
+
+def test_a_later_event_of_a_running_order_is_claimed_as_soon_as_the_first_finishes(engine):
+    gate, ran = threading.Event(), []
+
+    def handler(event):
+        ran.append(event.event_type)
+        if event.event_type == "FIRST":
+            gate.wait(10)
+        # Marks itself DONE, as the saga does: nothing is left for the dispatcher to write, so
+        # only the note of the later event can bring the dispatcher back before its poll.
+        with OrdersUnitOfWork(engine) as uow:
+            assert uow.outbox.complete(event, utcnow())
+            uow.commit()
+        return Completed()
+
+    settings = DispatcherSettings(workers=2, poll_interval_s=60.0)  # polling alone would take a minute
+    wake = WakeUp()
+    dispatcher = OutboxDispatcher(
+        partial(OrdersUnitOfWork, engine), {"FIRST": handler, "SECOND": handler}, settings, wake
+    )
+    dispatcher.start()
+    try:
+        with OrdersUnitOfWork(engine) as uow:
+            uow.outbox.add_raw("order-1", "FIRST", "{}", {}, utcnow())
+            uow.commit()
+        wake.set()
+        wait_until(lambda: ran == ["FIRST"], what="the first event to run")
+        with OrdersUnitOfWork(engine) as uow:
+            uow.outbox.add_raw("order-1", "SECOND", "{}", {}, utcnow())
+            uow.commit()
+        dispatcher.note_committed("order-1")
+        wake.set()  # its claim finds the second event blocked behind the running first one
+        gate.set()
+        wait_until(lambda: ran == ["FIRST", "SECOND"], timeout=10, what="the second event to run")
+    finally:
+        gate.set()
+        dispatcher.stop(1.0)

@@ -1,0 +1,90 @@
+"""Statements run from SQL compiled once (db.precompiled) reach the driver exactly as
+`connection.execute` would send them: the same SQL, the same processed parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, event
+
+from db import precompiled
+from db.chained import statement_for
+from db.engine import make_engine
+from db.inventory import _reserve_all
+from db.orders import OrderRepository
+from db.outbox import OutboxStore, _claim_statement, _complete_many_statement
+from db.tables import order_items, orders, outbox_events
+from db.unit_of_work import _settle_and_complete
+from domain.model import Order, OrderItem, OrderStatus, utcnow
+from tests.support import apply_schema
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def engine(make_pg_database: Callable[[], str]) -> Iterator[Engine]:
+    engine = make_engine(apply_schema(make_pg_database()))
+    yield engine
+    engine.dispose()
+
+
+def _sent(engine: Engine, run: Callable[[Connection], object]) -> tuple[str, dict[str, Any]]:
+    """What reached the driver when `run` executed one statement (rolled back afterwards)."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        seen.append((statement, dict(parameters)))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with engine.connect() as connection, connection.begin() as transaction:
+            run(connection)
+            transaction.rollback()
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    (sent,) = seen
+    return sent
+
+
+def _same_either_way(engine: Engine, statement: Any, parameters: Mapping[str, Any]) -> None:
+    usual = _sent(engine, lambda c: c.execute(statement, dict(parameters)))
+    once = _sent(engine, lambda c: precompiled.execute(c, statement, parameters))
+    assert once == usual
+
+
+def test_the_claim_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
+    now = utcnow()
+    parameters = {"limit": 8, "now": now, "until": now + timedelta(seconds=30), "token": "t-1"}
+    _same_either_way(engine, _claim_statement(), parameters)
+
+
+def test_the_batch_completion_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
+    parameters = {"now": utcnow(), "ids": [1, 2, 3], "tokens": ["t-1", "t-2"]}
+    _same_either_way(engine, _complete_many_statement("postgresql"), parameters)
+
+
+def test_the_place_statement_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
+    order, placed = Order.place("ann", (OrderItem("SKU-1", 2), OrderItem("SKU-2", 1)), "req-1", now=utcnow())
+    parts = [
+        *OrderRepository.new_rows(order, "fingerprint"),
+        (outbox_events, OutboxStore.new_rows([placed], "corr-1", order.create_time)),
+    ]
+    assert [table for table, _ in parts] == [orders, order_items, outbox_events]
+    for returning in (False, True):
+        prepared = statement_for(parts, returning)
+        assert prepared is not None
+        _same_either_way(engine, *prepared)
+
+
+def test_the_reservation_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
+    parameters = {"order_id": "o-1", "skus": ["SKU-1", "SKU-2"], "quantities": [2, 1], "now": utcnow()}
+    _same_either_way(engine, _reserve_all(), parameters)
+
+
+def test_the_settle_and_completion_go_out_as_sqlalchemy_would_send_them(engine: Engine) -> None:
+    parameters = OrderRepository.settle_parameters("o-1", OrderStatus.VALIDATED, None, utcnow())
+    parameters.update(event_id=7, token="t-1")
+    _same_either_way(engine, _settle_and_complete(), parameters)
