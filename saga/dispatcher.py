@@ -20,7 +20,8 @@ It knows event types and handlers, nothing of what an event means. Per process:
   (`Completed`), so its effect and the DONE are one commit, fenced together;
 - the thread sleeps until woken (local commit, a PostgreSQL notification) or the poll interval
   passes, which alone guarantees progress. A finished handler wakes it only when that can find
-  work: the last claim was a full batch (more may be due), DONEs are waiting to be written (see
+  work: the last claim was a full batch or there was no worker free to claim for (more may be
+  due), DONEs are waiting to be written (see
   above), or a later event of the same order was committed here meanwhile (`note_committed`; it
   could not be claimed while this one ran). Waking on every finish made one claim transaction
   per event that mostly found nothing;
@@ -244,6 +245,10 @@ class OutboxDispatcher:
             # handler, events claimed now would sit out their leases in the queue.
             free = 2 * self._settings.workers - held if held < self._settings.workers else 0
             claimed = 0
+            if free == 0:
+                # Woken with no worker free, it cannot look: a finished handler must bring it back.
+                with self._lock:
+                    self._more_due = True
             if free > 0 or self._flush_due():
                 try:
                     claimed = self._claim_and_submit(max(free, 0))

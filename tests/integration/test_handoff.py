@@ -207,3 +207,37 @@ def test_a_later_event_of_a_running_order_is_claimed_as_soon_as_the_first_finish
     finally:
         gate.set()
         dispatcher.stop(1.0)
+
+
+def test_an_event_committed_while_every_worker_is_busy_runs_as_soon_as_one_is_free(engine):
+    gate, ran = threading.Event(), []
+
+    def handler(event):
+        ran.append(event.aggregate_id)
+        if event.aggregate_id == "busy":
+            gate.wait(10)
+        with OrdersUnitOfWork(engine) as uow:
+            assert uow.outbox.complete(event, utcnow())
+            uow.commit()
+        return Completed()
+
+    settings = DispatcherSettings(workers=1, poll_interval_s=60.0)  # polling alone would take a minute
+    wake = WakeUp()
+    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": handler}, settings, wake)
+    dispatcher.start()
+    try:
+        with OrdersUnitOfWork(engine) as uow:
+            uow.outbox.add_raw("busy", "TEST", "{}", {}, utcnow())
+            uow.commit()
+        wake.set()
+        wait_until(lambda: ran == ["busy"], what="the only worker to be busy")
+        with OrdersUnitOfWork(engine) as uow:
+            uow.outbox.add_raw("waiting", "TEST", "{}", {}, utcnow())
+            uow.commit()
+        wake.set()  # no worker is free: the dispatcher cannot claim it now
+        wait_until(lambda: not dispatcher._wake._event.is_set(), what="the dispatcher to take the wake-up")
+        gate.set()
+        wait_until(lambda: ran == ["busy", "waiting"], timeout=10, what="the waiting event to run")
+    finally:
+        gate.set()
+        dispatcher.stop(1.0)
