@@ -7,6 +7,7 @@ takes it apart in the order that loses nothing.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +110,7 @@ class Service:
     _stop_metrics: Callable[[], None] | None = None
 
     def start(self) -> None:
+        threading.Thread(target=self._warm_pools, name="pool-warm", daemon=True).start()
         if self.settings.metrics_port:
             self._stop_metrics = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         if self.notifier is not None:
@@ -120,6 +122,25 @@ class Service:
         if self.dispatcher is not None:
             self.dispatcher.start()
         self.housekeeper.start()
+
+    def _warm_pools(self) -> None:
+        """Open PostgreSQL connections at start, in the background: as many as the saga workers
+        and a few handlers use at once, so that the first calls after a start do not each wait
+        for a new backend (milliseconds apiece). The pools open more on demand, up to their
+        size. A database that is down fails nothing here: health reports it."""
+        want = min(self.settings.pool_size(), self.settings.saga_workers + 8)
+        for engine in self.engines.distinct:
+            if is_sqlite(engine):
+                continue
+            opened = []
+            try:
+                for _ in range(want):
+                    opened.append(engine.connect())
+            except Exception as error:
+                log.warning("could not open database connections ahead (%s)", type(error).__name__)
+            finally:
+                for connection in opened:
+                    connection.close()
 
     def stop(self, grace: float | None = None, drain_delay: float = 0.0) -> bool:
         """Health NOT_SERVING (then `drain_delay` seconds of serving on, for load balancers to

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server import bootstrap
 from tests.conftest import fast_settings
+from tests.support import wait_until
 
 
 class SilentDatabase:
@@ -82,3 +83,11 @@ def test_a_starting_process_does_not_report_serving_before_its_database_answered
         service.stop(grace=0.5)
     assert answers, "no probe was sent while the process started"
     assert "SERVING" not in answers, f"probes during start-up heard: {sorted(set(answers))}"
+
+
+@pytest.mark.postgres
+def test_a_started_server_opens_database_connections_ahead_of_calls(make_pg_database, start_server):
+    server = start_server(database_url=make_pg_database(), saga_workers=2)
+    pool = server.service.engines.orders.pool
+    # Saga workers and a few handlers' worth, opened in the background at start.
+    wait_until(lambda: pool.checkedin() >= 10, what="the pool to be warmed")
