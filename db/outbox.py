@@ -24,6 +24,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Integer,
+    Select,
     String,
     Update,
     any_,
@@ -31,7 +32,9 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal,
     select,
+    true,
     tuple_,
     update,
 )
@@ -105,13 +108,30 @@ def _headers(raw: str) -> dict[str, str]:
 # (building them per call was most of the dispatcher thread's time in a profile).
 
 
-@lru_cache(maxsize=1)
-def _claim_statement() -> Update:
+_CLAIMED = (
+    outbox.c.id,
+    outbox.c.aggregate_id,
+    outbox.c.event_type,
+    outbox.c.payload,
+    outbox.c.headers,
+    outbox.c.attempts,
+    outbox.c.created_at,
+)
+
+
+@lru_cache(maxsize=2)
+def _claim_statement(sparing_ids: bool = False) -> Update:
+    """The claim; `sparing_ids`: never an event listed in the array parameter `ids` (the batch the
+    same statement completes, see `_complete_and_claim_statement`)."""
     now = bindparam("now", type_=outbox.c.available_at.type)
     earlier = outbox.alias("earlier")
+    spared = (
+        (~(outbox.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger)))),) if sparing_ids else ()
+    )
     due = (
         select(outbox.c.id)
         .where(
+            *spared,
             outbox.c.status == PENDING,
             outbox.c.available_at <= now,
             (outbox.c.locked_until.is_(None)) | (outbox.c.locked_until < now),
@@ -136,15 +156,7 @@ def _claim_statement() -> Update:
             locked_until=bindparam("until", type_=outbox.c.locked_until.type),
             updated_at=now,
         )
-        .returning(
-            outbox.c.id,
-            outbox.c.aggregate_id,
-            outbox.c.event_type,
-            outbox.c.payload,
-            outbox.c.headers,
-            outbox.c.attempts,
-            outbox.c.created_at,
-        )
+        .returning(*_CLAIMED)
     )
 
 
@@ -172,6 +184,25 @@ def _complete_many_statement(dialect: str) -> Update:
             updated_at=bindparam("now", type_=outbox.c.updated_at.type),
         )
         .returning(outbox.c.id)
+    )
+
+
+@lru_cache(maxsize=1)
+def _complete_and_claim_statement() -> Select[Any]:
+    """`complete_and_claim` on PostgreSQL, one statement:
+
+        WITH done AS (<complete_many> RETURNING id), claimed AS (<claim sparing done's ids> RETURNING ...)
+        SELECT (SELECT array_agg(id) FROM done) AS done_ids, claimed.* FROM (SELECT 1) LEFT JOIN claimed
+
+    Always one row at least, so the completed ids come back when nothing is claimed. Both parts see
+    the statement's one snapshot: an event whose earlier event of the same order is completed here
+    is claimable only from the next claim on."""
+    done = _complete_many_statement("postgresql").cte("done")
+    claimed = _claim_statement(sparing_ids=True).cte("claimed")
+    done_ids = select(func.array_agg(done.c.id)).scalar_subquery().label("done_ids")
+    one = select(literal(1).label("one")).subquery("one")
+    return select(done_ids, *(claimed.c[column.name] for column in _CLAIMED)).select_from(
+        one.outerjoin(claimed, true())
     )
 
 
@@ -275,6 +306,10 @@ class OutboxStore:
         rows = precompiled.execute(
             self._c, _claim_statement(), {"limit": limit, "now": now, "until": now + lease, "token": token}
         ).all()
+        return self._claimed(rows, token, now)
+
+    @staticmethod
+    def _claimed(rows: Sequence[Any], token: str, now: datetime) -> list[ClaimedEvent]:
         return sorted(
             (
                 ClaimedEvent(
@@ -292,6 +327,27 @@ class OutboxStore:
             ),
             key=lambda e: e.id,
         )
+
+    def complete_and_claim(
+        self, finished: Sequence[ClaimedEvent], limit: int, lease: timedelta, now: datetime
+    ) -> tuple[set[int], list[ClaimedEvent]]:
+        """`complete_many(finished)`, then `claim(limit)`: the completed ids and the claimed events.
+        On PostgreSQL one statement (`_complete_and_claim_statement`), the dispatcher's every
+        round; on SQLite the two."""
+        if self._c.dialect.name != "postgresql" or not finished or limit <= 0:
+            return self.complete_many(finished, now), self.claim(limit, lease, now)
+        token = str(uuid.uuid4())
+        parameters = {
+            "now": now,
+            "ids": [e.id for e in finished],
+            "tokens": list({e.lease_token for e in finished}),
+            "limit": limit,
+            "until": now + lease,
+            "token": token,
+        }
+        rows = precompiled.execute(self._c, _complete_and_claim_statement(), parameters).all()
+        done = set(rows[0].done_ids or ())
+        return done, self._claimed([row for row in rows if row.id is not None], token, now)
 
     def _fenced(self, event: ClaimedEvent) -> Any:
         return update(outbox).where(

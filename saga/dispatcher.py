@@ -244,14 +244,14 @@ class OutboxDispatcher:
             # Claim ahead only while a worker is idle: when every worker is stuck on a slow
             # handler, events claimed now would sit out their leases in the queue.
             free = 2 * self._settings.workers - held if held < self._settings.workers else 0
-            claimed = 0
+            claimed = completed = 0
             if free == 0:
                 # Woken with no worker free, it cannot look: a finished handler must bring it back.
                 with self._lock:
                     self._more_due = True
             if free > 0 or self._flush_due():
                 try:
-                    claimed = self._claim_and_submit(max(free, 0))
+                    claimed, completed = self._claim_and_submit(max(free, 0))
                     failures = 0
                     if free > 0:
                         with self._lock:
@@ -269,6 +269,10 @@ class OutboxDispatcher:
                     continue
             if claimed and claimed == free:
                 continue  # a full batch: there may be more due right now
+            if completed:
+                # Later events of the orders just completed were not claimable in that statement
+                # (see OutboxStore.complete_and_claim): look again now.
+                continue
             self._wake.wait(self._settings.poll_interval_s)
 
     def _has_finished(self) -> bool:
@@ -280,15 +284,17 @@ class OutboxDispatcher:
         waiting = len(self._finished)
         return waiting >= 2 * self._settings.workers or (waiting > 0 and self._in_flight == 0)
 
-    def _claim_and_submit(self, free: int) -> int:
-        """One transaction: mark the finished events DONE, then claim up to `free` due ones."""
+    def _claim_and_submit(self, free: int) -> tuple[int, int]:
+        """One transaction: mark the finished events DONE, then claim up to `free` due ones. The
+        number claimed, and the number marked DONE."""
         now = self._clock()
         with self._lock:
             finished, self._finished = self._finished, []
         try:
             with self._uow() as uow:
-                kept = uow.outbox.complete_many([event for event, _ in finished], now)
-                events = uow.outbox.claim(free, timedelta(seconds=self._settings.lease_s), now)
+                lease = timedelta(seconds=self._settings.lease_s)
+                done = [event for event, _ in finished]
+                kept, events = uow.outbox.complete_and_claim(done, free, lease, now)
                 uow.commit()
         except Exception:
             with self._lock:  # try again with the next claim; a lease that runs out meanwhile fences them
@@ -305,7 +311,7 @@ class OutboxDispatcher:
                 self._enter(event)
         for event in events:
             self._submit(event, max((event.claimed_at - event.created_at).total_seconds(), 0.0))
-        return len(events)
+        return len(events), len(kept)
 
     def _submit(self, event: ClaimedEvent, lag_s: float) -> None:
         """Run a leased event, already counted in flight, on the executor."""

@@ -34,14 +34,14 @@ def engine(migrated_url: str):
 
 def test_an_order_placed_while_a_worker_is_idle_runs_without_a_claim(server, monkeypatch):
     claimed_ids: list[int] = []
-    real_claim = OutboxStore.claim
+    real = OutboxStore.complete_and_claim
 
-    def recording_claim(self, limit, lease, now):
-        events = real_claim(self, limit, lease, now)
+    def recording(self, finished, limit, lease, now):
+        done, events = real(self, finished, limit, lease, now)
         claimed_ids.extend(event.id for event in events)
-        return events
+        return done, events
 
-    monkeypatch.setattr(OutboxStore, "claim", recording_claim)
+    monkeypatch.setattr(OutboxStore, "complete_and_claim", recording)  # the dispatcher's claim
     server.stubs.set_stock("SKU-1", 5)
 
     placed = server.stubs.place("ann", [("SKU-1", 2)])
@@ -144,13 +144,13 @@ def test_events_handed_to_a_stopping_dispatcher_go_back_to_the_queue(engine):
 
 def test_finished_events_do_not_wake_the_dispatcher_for_claims_that_find_nothing(engine, monkeypatch):
     claims: list[int] = []
-    real_claim = OutboxStore.claim
+    real = OutboxStore.complete_and_claim
 
-    def counting_claim(self, limit, lease, now):
+    def counting(self, finished, limit, lease, now):
         claims.append(limit)
-        return real_claim(self, limit, lease, now)
+        return real(self, finished, limit, lease, now)
 
-    monkeypatch.setattr(OutboxStore, "claim", counting_claim)
+    monkeypatch.setattr(OutboxStore, "complete_and_claim", counting)  # the dispatcher's claim
     ran: list[int] = []
     settings = DispatcherSettings(workers=2, poll_interval_s=60.0)
     dispatcher = OutboxDispatcher(

@@ -15,7 +15,7 @@ from db.chained import statement_for
 from db.engine import make_engine
 from db.inventory import _reserve_all
 from db.orders import OrderRepository
-from db.outbox import OutboxStore, _claim_statement, _complete_many_statement
+from db.outbox import OutboxStore, _claim_statement, _complete_and_claim_statement, _complete_many_statement
 from db.tables import order_items, orders, outbox_events
 from db.unit_of_work import _settle_and_complete
 from domain.model import Order, OrderItem, OrderStatus, utcnow
@@ -88,3 +88,16 @@ def test_the_settle_and_completion_go_out_as_sqlalchemy_would_send_them(engine: 
     parameters = OrderRepository.settle_parameters("o-1", OrderStatus.VALIDATED, None, utcnow())
     parameters.update(event_id=7, token="t-1")
     _same_either_way(engine, _settle_and_complete(), parameters)
+
+
+def test_the_completion_with_a_claim_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
+    now = utcnow()
+    parameters = {
+        "now": now,
+        "ids": [1, 2],
+        "tokens": ["t-1"],
+        "limit": 8,
+        "until": now + timedelta(seconds=30),
+        "token": "t-2",
+    }
+    _same_either_way(engine, _complete_and_claim_statement(), parameters)
