@@ -184,9 +184,13 @@ class OutboxDispatcher:
         with self._lock:
             self._reserved -= lease.count
 
-    def hand(self, lease: Lease, events: Sequence[ClaimedEvent]) -> None:
+    def hand(
+        self, lease: Lease, events: Sequence[ClaimedEvent], committed_at: datetime | None = None
+    ) -> None:
         """Run events committed under `lease`. When the dispatcher has begun to stop, hand them
-        back to the queue instead (a deferral), or leave them to their lease if even that fails."""
+        back to the queue instead (a deferral), or leave them to their lease if even that fails.
+        Their dispatch lag counts from `committed_at` (a claimed event's can only count from its
+        creation, before its transaction, and so includes that transaction)."""
         with self._lock:
             self._reserved -= lease.count
             stopping = self._stopping.is_set()
@@ -204,7 +208,8 @@ class OutboxDispatcher:
             return
         now = self._clock()
         for event in events:
-            self._submit(event, max((now - event.created_at).total_seconds(), 0.0))
+            since = committed_at or event.created_at
+            self._submit(event, max((now - since).total_seconds(), 0.0))
 
     def wake(self) -> None:
         self._wake.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 from db.outbox import ClaimedEvent, Lease
@@ -92,7 +93,9 @@ class Handoff(Protocol):
 
     def return_slots(self, lease: Lease) -> None: ...
 
-    def hand(self, lease: Lease, events: Sequence[ClaimedEvent]) -> None: ...
+    def hand(
+        self, lease: Lease, events: Sequence[ClaimedEvent], committed_at: datetime | None = None
+    ) -> None: ...
 
     def note_committed(self, aggregate_id: str) -> None: ...
 
@@ -124,11 +127,14 @@ class CommitSignals:
         at once (see `events_committed`); None otherwise."""
         return self.handoff.take_slots(count) if self.handoff is not None else None
 
-    def events_committed(self, lease: Lease | None, events: Sequence[ClaimedEvent]) -> None:
-        """Outbox events committed: under a lease, straight to the local dispatcher (no other
-        process may take them, so nobody else is told); else the usual wake-up and notification."""
+    def events_committed(
+        self, lease: Lease | None, events: Sequence[ClaimedEvent], committed_at: datetime | None = None
+    ) -> None:
+        """Outbox events committed (at `committed_at`): under a lease, straight to the local
+        dispatcher (no other process may take them, so nobody else is told); else the usual
+        wake-up and notification."""
         if lease is not None and self.handoff is not None:
-            self.handoff.hand(lease, events)
+            self.handoff.hand(lease, events, committed_at)
         else:
             self.outbox_committed()
 

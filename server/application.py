@@ -77,7 +77,7 @@ class OrderApplication:
         except BaseException:
             self._signals.lease_unused(lease)
             raise
-        self._signals.events_committed(lease, leased)
+        self._signals.events_committed(lease, leased, self._clock())
         return order
 
     def _replay(self, request_id: str, fingerprint: str) -> Order | None:

@@ -50,7 +50,7 @@ class Metrics:
         )
         self.dispatch_lag = Histogram(
             "orders_outbox_dispatch_lag_seconds",
-            "commit-to-claim lag of outbox events",
+            "outbox events: commit to dispatch (handed over at commit), or creation to claim",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -241,3 +241,25 @@ def test_an_event_committed_while_every_worker_is_busy_runs_as_soon_as_one_is_fr
     finally:
         gate.set()
         dispatcher.stop(1.0)
+
+
+def test_a_handed_event_s_dispatch_lag_counts_from_its_commit(engine):
+    lags: list[float] = []
+    settings = DispatcherSettings(workers=1, poll_interval_s=60.0)
+    dispatcher = OutboxDispatcher(
+        partial(OrdersUnitOfWork, engine),
+        {"ORDER_CREATED": lambda event: Completed()},
+        settings,
+        WakeUp(),
+        on_claimed=lambda _event, lag_s: lags.append(lag_s),
+    )
+    dispatcher.start()
+    try:
+        lease, events = _place_leased(engine, dispatcher)
+        committed_at = events[0].created_at + timedelta(hours=1)  # a commit an hour after creation
+        dispatcher.hand(lease, events, committed_at)
+        wait_until(lambda: lags, what="the hand-off")
+        # Counted from the creation, the lag would be positive; from that commit, nothing is left.
+        assert lags == [0.0]
+    finally:
+        dispatcher.stop(1.0)
