@@ -169,20 +169,31 @@ class OutboxDispatcher:
 
     def take_slots(self, count: int) -> Lease | None:
         """Reserve idle workers for `count` events about to be committed by this process, and the
-        lease to write them under; None when too few workers are idle (claim them as usual). The
-        caller must `hand` the events once committed, or `return_slots` if they never are."""
+        lease to write them under; None when too few workers are idle, or when events may be
+        waiting for a claim (they go first: otherwise every worker that frees up goes to a newer
+        event handed over, and the waiting ones wait for the poll). The caller must `hand` the
+        events once committed, or `return_slots` if they never are."""
         with self._lock:
             busy = self._in_flight + self._reserved
-            if not self._started or self._stopping.is_set() or busy + count > self._settings.workers:
+            if (
+                not self._started
+                or self._stopping.is_set()
+                or self._more_due
+                or busy + count > self._settings.workers
+            ):
                 return None
             self._reserved += count
         until = self._clock() + timedelta(seconds=self._settings.lease_s)
         return Lease(str(uuid.uuid4()), until, count)
 
     def return_slots(self, lease: Lease) -> None:
-        """The events of `lease` were not committed: free the workers reserved for them."""
+        """The events of `lease` were not committed: free the workers reserved for them (for a
+        claim at once, if events may be waiting for one)."""
         with self._lock:
             self._reserved -= lease.count
+            owed = self._more_due
+        if owed:
+            self._wake.set()
 
     def hand(
         self, lease: Lease, events: Sequence[ClaimedEvent], committed_at: datetime | None = None

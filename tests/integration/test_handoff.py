@@ -263,3 +263,42 @@ def test_a_handed_event_s_dispatch_lag_counts_from_its_commit(engine):
         assert lags == [0.0]
     finally:
         dispatcher.stop(1.0)
+
+
+def test_events_waiting_for_a_claim_get_the_next_free_worker_before_new_hand_offs(engine):
+    gate, ran = threading.Event(), []
+
+    def handler(event):
+        ran.append(event.aggregate_id)
+        if event.aggregate_id == "busy":
+            gate.wait(30)  # longer than the waits below: only the freed worker can run it
+        with OrdersUnitOfWork(engine) as uow:
+            assert uow.outbox.complete(event, utcnow())
+            uow.commit()
+        return Completed()
+
+    settings = DispatcherSettings(workers=2, poll_interval_s=60.0)  # polling alone would take a minute
+    wake = WakeUp()
+    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": handler}, settings, wake)
+    dispatcher.start()
+    try:
+        _add_and_wake(engine, wake, "busy")
+        wait_until(lambda: ran == ["busy"], what="one worker to be busy")
+        promised = dispatcher.take_slots(1)  # the other worker, for an order being placed
+        assert promised is not None
+        _add_and_wake(engine, wake, "waiting")  # committed unleased: no worker free to claim it
+        wait_until(lambda: not wake._event.is_set(), what="the dispatcher to take the wake-up")
+        dispatcher.return_slots(promised)  # that order failed: its worker is free again
+
+        assert dispatcher.take_slots(1) is None, "the free worker belongs to the waiting event"
+        wait_until(lambda: ran == ["busy", "waiting"], timeout=10, what="the waiting event to run")
+    finally:
+        gate.set()
+        dispatcher.stop(1.0)
+
+
+def _add_and_wake(engine, wake: WakeUp, aggregate_id: str) -> None:
+    with OrdersUnitOfWork(engine) as uow:
+        uow.outbox.add_raw(aggregate_id, "TEST", "{}", {}, utcnow())
+        uow.commit()
+    wake.set()
