@@ -96,6 +96,9 @@ class DispatcherSettings:
     max_attempts: int = 8
     retry_base_s: float = 0.5
     retry_max_s: float = 60.0
+    # How long events may wait for a claim while newer ones are handed over before hand-offs
+    # stop until the claim is made (see `take_slots`).
+    handoff_yield_after_s: float = 0.05
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
@@ -147,6 +150,7 @@ class OutboxDispatcher:
         self._in_flight = 0
         self._reserved = 0  # workers promised to events being committed (`take_slots`)
         self._more_due = False  # the last claim filled its batch: more events may be due now
+        self._owed_since: float | None = None  # monotonic time since which `_more_due` holds
         self._running: dict[str, int] = {}  # aggregates of the events in flight, with counts
         self._followed: set[str] = set()  # running aggregates with a later event committed here
         self._started = False
@@ -169,18 +173,17 @@ class OutboxDispatcher:
 
     def take_slots(self, count: int) -> Lease | None:
         """Reserve idle workers for `count` events about to be committed by this process, and the
-        lease to write them under; None when too few workers are idle, or when events may be
-        waiting for a claim (they go first: otherwise every worker that frees up goes to a newer
-        event handed over, and the waiting ones wait for the poll). The caller must `hand` the
-        events once committed, or `return_slots` if they never are."""
+        lease to write them under; None when too few workers are idle, or when events have waited
+        for a claim longer than `handoff_yield_after_s` (otherwise every worker that frees up can
+        go to a newer event handed over, and the waiting ones wait for the poll; stopping at once
+        instead puts every order through claims after any burst, which costs more). The caller
+        must `hand` the events once committed, or `return_slots` if they never are."""
         with self._lock:
             busy = self._in_flight + self._reserved
-            if (
-                not self._started
-                or self._stopping.is_set()
-                or self._more_due
-                or busy + count > self._settings.workers
-            ):
+            owed = self._owed_since is not None and (
+                time.monotonic() - self._owed_since >= self._settings.handoff_yield_after_s
+            )
+            if not self._started or self._stopping.is_set() or owed or busy + count > self._settings.workers:
                 return None
             self._reserved += count
         until = self._clock() + timedelta(seconds=self._settings.lease_s)
@@ -264,14 +267,14 @@ class OutboxDispatcher:
             if free == 0:
                 # Woken with no worker free, it cannot look: a finished handler must bring it back.
                 with self._lock:
-                    self._more_due = True
+                    self._owe_claim(True)
             if free > 0 or self._flush_due():
                 try:
                     claimed, completed = self._claim_and_submit(max(free, 0))
                     failures = 0
                     if free > 0:
                         with self._lock:
-                            self._more_due = claimed == free
+                            self._owe_claim(claimed == free)
                 except Exception as error:
                     failures += 1
                     cap = max(5 * self._settings.poll_interval_s, 5.0)
@@ -290,6 +293,14 @@ class OutboxDispatcher:
                 # (see OutboxStore.complete_and_claim): look again now.
                 continue
             self._wake.wait(self._settings.poll_interval_s)
+
+    def _owe_claim(self, owed: bool) -> None:
+        """Whether more events may be due than were claimed (under the lock)."""
+        if owed and not self._more_due:
+            self._owed_since = time.monotonic()
+        elif not owed:
+            self._owed_since = None
+        self._more_due = owed
 
     def _has_finished(self) -> bool:
         with self._lock:

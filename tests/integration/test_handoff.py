@@ -265,7 +265,7 @@ def test_a_handed_event_s_dispatch_lag_counts_from_its_commit(engine):
         dispatcher.stop(1.0)
 
 
-def test_events_waiting_for_a_claim_get_the_next_free_worker_before_new_hand_offs(engine):
+def test_events_kept_waiting_for_a_claim_get_the_next_free_worker_before_new_hand_offs(engine):
     gate, ran = threading.Event(), []
 
     def handler(event):
@@ -277,7 +277,8 @@ def test_events_waiting_for_a_claim_get_the_next_free_worker_before_new_hand_off
             uow.commit()
         return Completed()
 
-    settings = DispatcherSettings(workers=2, poll_interval_s=60.0)  # polling alone would take a minute
+    # Polling alone would take a minute; waiting events go first at once.
+    settings = DispatcherSettings(workers=2, poll_interval_s=60.0, handoff_yield_after_s=0.0)
     wake = WakeUp()
     dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": handler}, settings, wake)
     dispatcher.start()
