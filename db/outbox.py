@@ -177,14 +177,19 @@ def _complete_many_statement(dialect: str) -> Update:
     return (
         update(outbox)
         .where(*matched, outbox.c.status == PENDING)
-        .values(
-            status=DONE,
-            lease_token=None,
-            locked_until=None,
-            updated_at=bindparam("now", type_=outbox.c.updated_at.type),
-        )
+        .values(done_values())
         .returning(outbox.c.id)
     )
+
+
+def done_values() -> dict[str, Any]:
+    """What marking an event DONE writes (`now` is a parameter); the fenced completions use it."""
+    return {
+        "status": DONE,
+        "lease_token": None,
+        "locked_until": None,
+        "updated_at": bindparam("now", type_=outbox.c.updated_at.type),
+    }
 
 
 @lru_cache(maxsize=1)

@@ -38,7 +38,7 @@ from db.engine import SQLITE_BEGIN_IMMEDIATE, WriterGate, is_sqlite, prefix_next
 from db.errors import translate
 from db.inventory import StockRepository
 from db.orders import OrderRepository, settle_pending_statement
-from db.outbox import DONE, PENDING, ClaimedEvent, Lease, OutboxStore
+from db.outbox import PENDING, ClaimedEvent, Lease, OutboxStore, done_values
 from db.tables import orders, outbox_events
 from domain.errors import DeadlineExceededError, UnavailableError
 from domain.events import DomainEvent
@@ -231,12 +231,7 @@ def _settle_and_complete() -> Select[Any]:
             outbox_events.c.status == PENDING,
             exists(select(settled.c.id)),
         )
-        .values(
-            status=DONE,
-            lease_token=None,
-            locked_until=None,
-            updated_at=bindparam("now", type_=outbox_events.c.updated_at.type),
-        )
+        .values(done_values())
         .returning(outbox_events.c.id)
         .cte("completed")
     )

@@ -5,8 +5,10 @@ promised to events that were never committed are given back."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
+from typing import Any
 
 import grpc
 import pytest
@@ -173,17 +175,7 @@ def test_finished_events_do_not_wake_the_dispatcher_for_claims_that_find_nothing
 
 def test_a_later_event_of_a_running_order_is_claimed_as_soon_as_the_first_finishes(engine):
     gate, ran = threading.Event(), []
-
-    def handler(event):
-        ran.append(event.event_type)
-        if event.event_type == "FIRST":
-            gate.wait(10)
-        # Marks itself DONE, as the saga does: nothing is left for the dispatcher to write, so
-        # only the note of the later event can bring the dispatcher back before its poll.
-        with OrdersUnitOfWork(engine) as uow:
-            assert uow.outbox.complete(event, utcnow())
-            uow.commit()
-        return Completed()
+    handler = _self_completing(engine, ran, gate, "FIRST", key=lambda event: event.event_type)
 
     settings = DispatcherSettings(workers=2, poll_interval_s=60.0)  # polling alone would take a minute
     wake = WakeUp()
@@ -211,30 +203,16 @@ def test_a_later_event_of_a_running_order_is_claimed_as_soon_as_the_first_finish
 
 def test_an_event_committed_while_every_worker_is_busy_runs_as_soon_as_one_is_free(engine):
     gate, ran = threading.Event(), []
-
-    def handler(event):
-        ran.append(event.aggregate_id)
-        if event.aggregate_id == "busy":
-            gate.wait(10)
-        with OrdersUnitOfWork(engine) as uow:
-            assert uow.outbox.complete(event, utcnow())
-            uow.commit()
-        return Completed()
+    handler = _self_completing(engine, ran, gate, "busy", key=lambda event: event.aggregate_id)
 
     settings = DispatcherSettings(workers=1, poll_interval_s=60.0)  # polling alone would take a minute
     wake = WakeUp()
     dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": handler}, settings, wake)
     dispatcher.start()
     try:
-        with OrdersUnitOfWork(engine) as uow:
-            uow.outbox.add_raw("busy", "TEST", "{}", {}, utcnow())
-            uow.commit()
-        wake.set()
+        _add_and_wake(engine, wake, "busy")
         wait_until(lambda: ran == ["busy"], what="the only worker to be busy")
-        with OrdersUnitOfWork(engine) as uow:
-            uow.outbox.add_raw("waiting", "TEST", "{}", {}, utcnow())
-            uow.commit()
-        wake.set()  # no worker is free: the dispatcher cannot claim it now
+        _add_and_wake(engine, wake, "waiting")  # no worker is free: the dispatcher cannot claim it now
         wait_until(lambda: not dispatcher._wake._event.is_set(), what="the dispatcher to take the wake-up")
         gate.set()
         wait_until(lambda: ran == ["busy", "waiting"], timeout=10, what="the waiting event to run")
@@ -267,15 +245,7 @@ def test_a_handed_event_s_dispatch_lag_counts_from_its_commit(engine):
 
 def test_events_kept_waiting_for_a_claim_get_the_next_free_worker_before_new_hand_offs(engine):
     gate, ran = threading.Event(), []
-
-    def handler(event):
-        ran.append(event.aggregate_id)
-        if event.aggregate_id == "busy":
-            gate.wait(30)  # longer than the waits below: only the freed worker can run it
-        with OrdersUnitOfWork(engine) as uow:
-            assert uow.outbox.complete(event, utcnow())
-            uow.commit()
-        return Completed()
+    handler = _self_completing(engine, ran, gate, "busy", key=lambda event: event.aggregate_id)
 
     # Polling alone would take a minute; waiting events go first at once.
     settings = DispatcherSettings(workers=2, poll_interval_s=60.0, handoff_yield_after_s=0.0)
@@ -303,3 +273,20 @@ def _add_and_wake(engine, wake: WakeUp, aggregate_id: str) -> None:
         uow.outbox.add_raw(aggregate_id, "TEST", "{}", {}, utcnow())
         uow.commit()
     wake.set()
+
+
+def _self_completing(engine, ran: list[str], gate: threading.Event, blocked: str, key: Callable[[Any], str]):
+    """A handler that records `key(event)`, waits for `gate` on the event keyed `blocked`, and marks
+    its event DONE itself, as the saga does: nothing is left for the dispatcher to write, so only
+    what the test is about can bring the dispatcher back before its (long) poll."""
+
+    def handler(event):
+        ran.append(key(event))
+        if key(event) == blocked:
+            gate.wait(30)  # longer than the tests' waits: only what they test can run the rest
+        with OrdersUnitOfWork(engine) as uow:
+            assert uow.outbox.complete(event, utcnow())
+            uow.commit()
+        return Completed()
+
+    return handler
