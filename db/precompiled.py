@@ -8,14 +8,15 @@ events (the statement-timeout prefix of db.engine), error wrapping and disconnec
 still apply. What SQLAlchemy would still do per call is kept: literal values of the statement
 are filled in, and the bind processors of the parameters' types (UTC datetimes, arrays) run.
 
-Only for statements built once and kept (the callers' `lru_cache`d builders): the cache is keyed
-by the statement object. SQLite runs statements the usual way (its parameters need SQLAlchemy's
+Only for statements built once and kept (the callers' `lru_cache`d builders): the cache is keyed,
+weakly, by the statement object. SQLite runs statements the usual way (its parameters need SQLAlchemy's
 processing of dates, and its statements are not the bottleneck there).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,13 +32,14 @@ class Precompiled:
     processors: Mapping[str, Callable[[Any], Any]]  # bind processors of the parameters' types
 
 
-_compiled: dict[tuple[ClauseElement, str], Precompiled] = {}
+# Weakly keyed: a statement its builder's cache lets go of (say, the place statement of a rare
+# item count) takes its compiled form with it, so no sequence of calls grows this without end.
+_compiled: weakref.WeakKeyDictionary[ClauseElement, dict[str, Precompiled]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
 def precompile(statement: ClauseElement, dialect: Dialect) -> Precompiled:
-    key = (statement, dialect.name)
-    found = _compiled.get(key)
+    found = _compiled.get(statement, {}).get(dialect.name)
     if found is not None:
         return found
     compiled = statement.compile(dialect=dialect)
@@ -53,7 +55,7 @@ def precompile(statement: ClauseElement, dialect: Dialect) -> Precompiled:
             processors[name] = processor
     found = Precompiled(compiled.string, defaults, processors)
     with _lock:
-        _compiled.setdefault(key, found)
+        _compiled.setdefault(statement, {})[dialect.name] = found
     return found
 
 

@@ -101,3 +101,17 @@ def test_the_completion_with_a_claim_goes_out_as_sqlalchemy_would_send_it(engine
         "token": "t-2",
     }
     _same_either_way(engine, _complete_and_claim_statement(), parameters)
+
+
+def test_a_statement_let_go_of_takes_its_compiled_form_with_it(engine: Engine) -> None:
+    import gc
+
+    from sqlalchemy import select
+
+    statement = select(outbox_events.c.id).where(outbox_events.c.id == 1)
+    with engine.connect() as connection:
+        precompiled.execute(connection, statement, {})
+    held = len(precompiled._compiled)
+    del statement
+    gc.collect()
+    assert len(precompiled._compiled) == held - 1
