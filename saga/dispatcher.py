@@ -149,8 +149,9 @@ class OutboxDispatcher:
         self._idle = threading.Condition(self._lock)  # notified whenever a handler finishes
         self._in_flight = 0
         self._reserved = 0  # workers promised to events being committed (`take_slots`)
-        self._more_due = False  # the last claim filled its batch: more events may be due now
-        self._owed_since: float | None = None  # monotonic time since which `_more_due` holds
+        # Since when (monotonic) a claim is owed: the last claim filled its batch, or a wake-up
+        # found no worker free, so more events may be due than were claimed; None when not.
+        self._owed_since: float | None = None
         self._running: dict[str, int] = {}  # aggregates of the events in flight, with counts
         self._followed: set[str] = set()  # running aggregates with a later event committed here
         self._started = False
@@ -194,7 +195,7 @@ class OutboxDispatcher:
         claim at once, if events may be waiting for one)."""
         with self._lock:
             self._reserved -= lease.count
-            owed = self._more_due
+            owed = self._owed_since is not None
         if owed:
             self._wake.set()
 
@@ -296,11 +297,10 @@ class OutboxDispatcher:
 
     def _owe_claim(self, owed: bool) -> None:
         """Whether more events may be due than were claimed (under the lock)."""
-        if owed and not self._more_due:
-            self._owed_since = time.monotonic()
-        elif not owed:
+        if not owed:
             self._owed_since = None
-        self._more_due = owed
+        elif self._owed_since is None:
+            self._owed_since = time.monotonic()
 
     def _has_finished(self) -> bool:
         with self._lock:
@@ -385,7 +385,9 @@ class OutboxDispatcher:
                 self._in_flight -= 1
                 self._idle.notify_all()
                 self._leave(event)
-                wake = self._more_due or self._flush_due() or event.aggregate_id in self._followed
+                wake = (
+                    self._owed_since is not None or self._flush_due() or event.aggregate_id in self._followed
+                )
                 self._followed.discard(event.aggregate_id)
             if wake:
                 self._wake.set()
