@@ -213,7 +213,7 @@ def test_an_event_committed_while_every_worker_is_busy_runs_as_soon_as_one_is_fr
         _add_and_wake(engine, wake, "busy")
         wait_until(lambda: ran == ["busy"], what="the only worker to be busy")
         _add_and_wake(engine, wake, "waiting")  # no worker is free: the dispatcher cannot claim it now
-        wait_until(lambda: not dispatcher._wake._event.is_set(), what="the dispatcher to take the wake-up")
+        wait_until(lambda: dispatcher._owed_since is not None, what="the dispatcher to owe a claim")
         gate.set()
         wait_until(lambda: ran == ["busy", "waiting"], timeout=10, what="the waiting event to run")
     finally:
@@ -258,7 +258,7 @@ def test_events_kept_waiting_for_a_claim_get_the_next_free_worker_before_new_han
         promised = dispatcher.take_slots(1)  # the other worker, for an order being placed
         assert promised is not None
         _add_and_wake(engine, wake, "waiting")  # committed unleased: no worker free to claim it
-        wait_until(lambda: not wake._event.is_set(), what="the dispatcher to take the wake-up")
+        wait_until(lambda: dispatcher._owed_since is not None, what="the dispatcher to owe a claim")
         dispatcher.return_slots(promised)  # that order failed: its worker is free again
 
         assert dispatcher.take_slots(1) is None, "the free worker belongs to the waiting event"

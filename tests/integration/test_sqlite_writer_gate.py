@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import event
 
 from db.engine import make_engine, writer_gate
 from db.unit_of_work import OrdersUnitOfWork, deadline_bound
@@ -59,11 +60,16 @@ def _write_in_thread(engine, deadline_s: float | None) -> list[object]:
 
 def test_a_writer_waits_for_the_gate_no_longer_than_its_deadline(engine):
     assert writer_gate(engine) is not None
+    begun: list[object] = []
+    event.listen(engine, "begin", begun.append, insert=True)  # before the hook that issues BEGIN
     release, holding = threading.Event(), threading.Event()
     holder = _hold_a_writer(engine, release, holding)
     try:
         (outcome,) = _write_in_thread(engine, deadline_s=0.2)
         assert isinstance(outcome, DeadlineExceededError)
+        # It waited at the gate, not in SQLite: only the holder ever began a transaction (without
+        # the gate, the waiter would begin and give up in SQLite's busy handler, same status).
+        assert len(begun) == 1
     finally:
         release.set()
         holder.join(10)
