@@ -60,8 +60,13 @@ def _write_in_thread(engine, deadline_s: float | None) -> list[object]:
 
 def test_a_writer_waits_for_the_gate_no_longer_than_its_deadline(engine):
     assert writer_gate(engine) is not None
-    begun: list[object] = []
-    event.listen(engine, "begin", begun.append, insert=True)  # before the hook that issues BEGIN
+    begun: list[str] = []
+
+    def count_begins(_conn, _cursor, statement, *_args) -> None:
+        if statement.startswith("BEGIN"):
+            begun.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count_begins)
     release, holding = threading.Event(), threading.Event()
     holder = _hold_a_writer(engine, release, holding)
     try:
