@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 
 from db import migrate
 from db.engine import EngineSettings, is_sqlite, make_engine, normalise_url
-from db.notifications import Listener, Notifier
+from db.notifications import Listener, Notifier, listener_name
 from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
 from generated.orders.v1 import orders_pb2, orders_pb2_grpc
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
@@ -196,7 +196,9 @@ def build(settings: Settings) -> Service:
     changes = OrderChanges()
     wake = WakeUp()
     on_postgres = engines.orders.dialect.name == "postgresql"
-    notifier = Notifier(engines.orders) if on_postgres else None
+    # This process's listener is no peer of its notifier (db/notifications.py).
+    listener_app = listener_name()
+    notifier = Notifier(engines.orders, own_listener=listener_app) if on_postgres else None
     signals = CommitSignals(wake, changes, notifier)
     orders_uow = partial(OrdersUnitOfWork, engines.orders)
     inventory_uow = partial(InventoryUnitOfWork, engines.inventory)
@@ -252,7 +254,13 @@ def build(settings: Settings) -> Service:
         signals.handoff = dispatcher
     listener = None
     if notifier is not None:
-        listener = Listener(engines.orders, wake.set, changes.publish, sent_locally=notifier.sent_by_me)
+        listener = Listener(
+            engines.orders,
+            wake.set,
+            changes.publish,
+            sent_locally=notifier.sent_by_me,
+            application_name=listener_app,
+        )
     watcher = OrderWatcher(app.get_order, changes)
 
     server = grpc.server(
