@@ -18,6 +18,7 @@ from functools import lru_cache
 from types import TracebackType
 from typing import Any, Self
 
+from psycopg2.extensions import STATUS_READY
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -67,11 +68,20 @@ def remaining_ms() -> int | None:
 
 
 class UnitOfWork:
-    """Base: a transaction on one engine. Use as a context manager; `commit()` or it rolls back."""
+    """Base: a transaction on one engine. Use as a context manager; `commit()` or it rolls back.
 
-    def __init__(self, engine: Engine, *, write: bool = True) -> None:
+    `single_statement=True` is the caller's promise to run at most one statement, a read. On
+    PostgreSQL that statement is then its own transaction (autocommit, see `_autocommit`), which
+    saves the BEGIN and ROLLBACK round trips. Reads only: a write sent that way commits when the
+    server runs it, even after its caller gave up on it (a deadline passed while the network held
+    the statement back), and API.md promises that work abandoned at the deadline is not done
+    later. A write's COMMIT is sent only after its statements answered in time."""
+
+    def __init__(self, engine: Engine, *, write: bool = True, single_statement: bool = False) -> None:
         self._engine = engine
         self._write = write
+        self._single_statement = single_statement
+        self._autocommitting: Any = None  # the DBAPI connection put in autocommit for this one
         self._connection: Connection | None = None
         self._transaction: RootTransaction | None = None
         self._after_commit: list[Callable[[], None]] = []
@@ -99,6 +109,8 @@ class UnitOfWork:
             if self._write and is_sqlite(self._engine):
                 connection = connection.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
             self._connection = connection
+            if self._single_statement and not is_sqlite(self._engine):
+                self._autocommit(connection)
             self._transaction = connection.begin()
             if budget is not None and not is_sqlite(self._engine):
                 # With the first statement of the transaction, not a round trip of its own.
@@ -111,6 +123,19 @@ class UnitOfWork:
             raise
         self._started()
         return self
+
+    def _autocommit(self, connection: Connection) -> None:
+        """A single-statement unit of work on PostgreSQL runs its statement as its own transaction.
+
+        psycopg2 sends BEGIN as a round trip of its own before a transaction's first statement,
+        and COMMIT or ROLLBACK is another: for one statement, two of three round trips. A single
+        statement is atomic by itself (with its statement-timeout prefix, sent in the same query
+        string, it runs in one implicit transaction). Switching autocommit is client-side in
+        psycopg2; the connection goes back to the pool with it off (`_close`)."""
+        dbapi = connection.connection.dbapi_connection
+        if dbapi is not None and not dbapi.autocommit and dbapi.status == STATUS_READY:
+            dbapi.autocommit = True
+            self._autocommitting = dbapi
 
     def _pass_gate(self, budget_ms: int | None) -> None:
         """On SQLite, wait for this process's other writers (db.engine.WriterGate)."""
@@ -157,6 +182,13 @@ class UnitOfWork:
 
     def _close(self) -> None:
         try:
+            if self._autocommitting is not None:
+                dbapi, self._autocommitting = self._autocommitting, None
+                try:
+                    dbapi.autocommit = False
+                except Exception:  # a broken connection: never back into the pool
+                    if self._connection is not None:
+                        self._connection.invalidate()
             if self._connection is not None:
                 self._connection.close()
         finally:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from db.outbox import ClaimedEvent, Lease
-from db.unit_of_work import OrdersUnitOfWork
+from db.unit_of_work import OrdersUowFactory
 from domain import correlation
 from domain.model import utcnow
 from saga.faults import FaultSwitches
@@ -128,7 +128,7 @@ class OutboxDispatcher:
 
     def __init__(
         self,
-        uow: Callable[[], OrdersUnitOfWork],
+        uow: OrdersUowFactory,
         handlers: Mapping[str, Handler],
         settings: DispatcherSettings,
         wake: WakeUp | None = None,

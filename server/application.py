@@ -95,7 +95,7 @@ class OrderApplication:
 
     def get_order(self, order_id: str) -> Order:
         correlation.set_order_id(order_id)
-        with self._orders_uow(write=False) as uow:
+        with self._orders_uow(write=False, single_statement=True) as uow:  # one SELECT (a join)
             order = uow.orders.get(order_id)
         if order is None:
             raise NotFoundError(f"order {order_id} not found")
@@ -148,7 +148,7 @@ class OrderApplication:
         return level
 
     def get_stock(self, sku: str) -> StockLevel:
-        with self._inventory_uow(write=False) as uow:
+        with self._inventory_uow(write=False, single_statement=True) as uow:
             level = uow.stock.get(sku)
         if level is None:
             raise NotFoundError(f"SKU {sku!r} not found")
