@@ -18,7 +18,8 @@ from functools import lru_cache
 from types import TracebackType
 from typing import Any, Self
 
-from psycopg2.extensions import STATUS_READY
+import psycopg2
+from psycopg2.extensions import STATUS_READY, TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INERROR
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import exc as sa_exc
 
 from db import precompiled
 from db.chained import insert_together
@@ -81,7 +83,7 @@ class UnitOfWork:
         self._engine = engine
         self._write = write
         self._single_statement = single_statement
-        self._autocommitting: Any = None  # the DBAPI connection put in autocommit for this one
+        self._autocommitting: Any = None  # the DBAPI connection whose transactions this one sends
         self._connection: Connection | None = None
         self._transaction: RootTransaction | None = None
         self._after_commit: list[Callable[[], None]] = []
@@ -109,12 +111,16 @@ class UnitOfWork:
             if self._write and is_sqlite(self._engine):
                 connection = connection.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
             self._connection = connection
-            if self._single_statement and not is_sqlite(self._engine):
-                self._autocommit(connection)
+            prefixes: list[str] = []
+            if not is_sqlite(self._engine):
+                if self._take_transaction_control(connection) and not self._single_statement:
+                    prefixes.append("BEGIN")
+                if budget is not None:
+                    prefixes.append(f"SET LOCAL statement_timeout = {max(budget, 1)}")
             self._transaction = connection.begin()
-            if budget is not None and not is_sqlite(self._engine):
-                # With the first statement of the transaction, not a round trip of its own.
-                prefix_next_statement(connection, f"SET LOCAL statement_timeout = {max(budget, 1)}")
+            if prefixes:
+                # With the first statement of the transaction, not round trips of their own.
+                prefix_next_statement(connection, "; ".join(prefixes))
         except Exception as error:
             self._close()
             domain_error = translate(error, deadline_set=budget is not None)
@@ -124,18 +130,34 @@ class UnitOfWork:
         self._started()
         return self
 
-    def _autocommit(self, connection: Connection) -> None:
-        """A single-statement unit of work on PostgreSQL runs its statement as its own transaction.
-
-        psycopg2 sends BEGIN as a round trip of its own before a transaction's first statement,
-        and COMMIT or ROLLBACK is another: for one statement, two of three round trips. A single
-        statement is atomic by itself (with its statement-timeout prefix, sent in the same query
-        string, it runs in one implicit transaction). Switching autocommit is client-side in
-        psycopg2; the connection goes back to the pool with it off (`_close`)."""
+    def _take_transaction_control(self, connection: Connection) -> bool:
+        """On PostgreSQL the unit of work, not psycopg2, sends BEGIN: in front of the first
+        statement, in the same query string. psycopg2 sends it as a round trip of its own, one of
+        the three of a one-statement transaction. The driver is put in autocommit (client-side in
+        psycopg2) so that it sends no BEGIN; `commit` and `__exit__` send COMMIT and ROLLBACK, and
+        the connection goes back to the pool with autocommit off and no transaction open, or is
+        discarded (`_close`). A single-statement read sends no BEGIN at all: the statement is a
+        transaction of its own (with its statement-timeout prefix, sent in the same query string,
+        it runs in one implicit transaction). False (psycopg2 keeps control) if the connection is
+        not idle, which a checkout never leaves it."""
         dbapi = connection.connection.dbapi_connection
-        if dbapi is not None and not dbapi.autocommit and dbapi.status == STATUS_READY:
-            dbapi.autocommit = True
-            self._autocommitting = dbapi
+        if dbapi is None or dbapi.autocommit or dbapi.status != STATUS_READY:
+            return False
+        dbapi.autocommit = True
+        self._autocommitting = dbapi
+        return True
+
+    def _end_transaction(self, command: str) -> None:
+        """COMMIT or ROLLBACK on the driver's own cursor, as psycopg2's commit() and rollback() send
+        them (SQLAlchemy's execution around a statement costs more CPU than the round trip); its
+        errors reach the caller wrapped as SQLAlchemy's would be, for `translate`."""
+        cursor = self._autocommitting.cursor()
+        try:
+            cursor.execute(command)
+        except psycopg2.Error as error:
+            raise sa_exc.DBAPIError.instance(command, None, error, psycopg2.Error) from error
+        finally:
+            cursor.close()
 
     def _pass_gate(self, budget_ms: int | None) -> None:
         """On SQLite, wait for this process's other writers (db.engine.WriterGate)."""
@@ -159,6 +181,13 @@ class UnitOfWork:
     def commit(self) -> None:
         if self._transaction is None:
             raise RuntimeError("unit of work used outside its `with` block")
+        if self._autocommitting is not None:
+            status = self._autocommitting.info.transaction_status
+            if status == TRANSACTION_STATUS_INERROR:
+                # COMMIT would answer with a rollback, and psycopg2 would not raise.
+                raise RuntimeError("commit after a failed statement: the transaction is rolled back")
+            if status != TRANSACTION_STATUS_IDLE:  # IDLE: nothing ran, or a single statement did
+                self._end_transaction("COMMIT")
         self._transaction.commit()
         self._committed = True
 
@@ -167,6 +196,9 @@ class UnitOfWork:
     ) -> None:
         try:
             if not self._committed and self._transaction is not None and self._transaction.is_active:
+                dbapi = self._autocommitting
+                if dbapi is not None and dbapi.info.transaction_status != TRANSACTION_STATUS_IDLE:
+                    self._end_transaction("ROLLBACK")
                 self._transaction.rollback()
         except Exception:
             pass
@@ -185,8 +217,10 @@ class UnitOfWork:
             if self._autocommitting is not None:
                 dbapi, self._autocommitting = self._autocommitting, None
                 try:
+                    if dbapi.info.transaction_status != TRANSACTION_STATUS_IDLE:
+                        raise RuntimeError("a transaction is still open")
                     dbapi.autocommit = False
-                except Exception:  # a broken connection: never back into the pool
+                except Exception:  # broken, or still in a transaction: never back into the pool
                     if self._connection is not None:
                         self._connection.invalidate()
             if self._connection is not None:

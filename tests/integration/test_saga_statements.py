@@ -58,7 +58,11 @@ def statements(engine: Engine) -> Iterator[list[str]]:
     sent: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.split(None, 1)[0].upper() != "BEGIN":
+        # On PostgreSQL the unit of work sends BEGIN in front of the first statement, and COMMIT
+        # and ROLLBACK as statements of their own; SQLite's BEGIN is a statement of its own.
+        if statement.startswith("BEGIN; "):
+            statement = statement[len("BEGIN; ") :]
+        if statement.split(None, 1)[0].upper().rstrip(";") not in ("BEGIN", "COMMIT", "ROLLBACK"):
             sent.append(statement)
 
     event.listen(engine, "before_cursor_execute", record)
