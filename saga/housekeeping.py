@@ -6,6 +6,9 @@ The sweep fails a PENDING order older than `saga_timeout_s` ("saga timed out") a
 ORDER_EXPIRED event in the same transaction, whose handler releases whatever was reserved. A saga
 still running for that order loses its version check and releases too, so either way the order
 ends FAILED with nothing reserved.
+
+On a PostgreSQL database with autovacuum off, it also keeps the planner's statistics of the
+orders tables, as autovacuum would (db.statistics): the outbox claim needs them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from db import statistics
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import utcnow
 
@@ -34,7 +38,10 @@ class Housekeeper:
         saga_timeout_s: float | None = None,
         on_commit: Callable[[], None] = lambda: None,
         clock: Callable[[], datetime] = utcnow,
+        keep_statistics: bool | None = None,
     ) -> None:
+        """`keep_statistics`: ANALYZE stale tables (see `refresh_statistics`); None: on
+        PostgreSQL when its autovacuum is off (found at the first pass)."""
         self._uow = uow
         self._retention = timedelta(seconds=retention_s)
         self._interval_s = interval_s
@@ -43,6 +50,7 @@ class Housekeeper:
         self._saga_timeout = timedelta(seconds=saga_timeout_s) if saga_timeout_s else None
         self._on_commit = on_commit
         self._clock = clock
+        self._keep_statistics = keep_statistics
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
 
@@ -88,6 +96,26 @@ class Housekeeper:
             self._on_commit()
         return swept
 
+    def refresh_statistics(self) -> list[str]:
+        """ANALYZE the orders tables whose statistics are stale (db.statistics), if this
+        housekeeper keeps them; the tables analyzed."""
+        if self._keep_statistics is False:
+            return []
+        with self._uow() as uow:
+            if uow.dialect != "postgresql":
+                self._keep_statistics = False
+            if self._keep_statistics is None:
+                self._keep_statistics = not statistics.autovacuum_on(uow.connection)
+                if self._keep_statistics:
+                    log.info("autovacuum is off: housekeeping analyzes the orders tables itself")
+            if not self._keep_statistics:
+                return []
+            tables = statistics.stale(uow.connection, statistics.ORDERS_TABLES)
+            for table in tables:
+                statistics.analyze(uow.connection, table)
+            uow.commit()
+        return tables
+
     def observe_backlog(self) -> tuple[int, float]:
         with self._uow(write=False) as uow:
             pending, oldest_age_s = uow.outbox.backlog(self._clock())
@@ -101,5 +129,6 @@ class Housekeeper:
                 self.observe_backlog()
                 self.purge_once()
                 self.sweep_expired_sagas()
+                self.refresh_statistics()
             except Exception as error:
                 log.warning("housekeeping failed: %s: %s", type(error).__name__, str(error).splitlines()[0])

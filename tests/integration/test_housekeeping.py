@@ -1,14 +1,17 @@
-"""DONE outbox rows are deleted in bounded batches once their retention has passed."""
+"""DONE outbox rows are deleted in bounded batches once their retention has passed; where autovacuum
+is off, the orders tables' statistics are refreshed as autovacuum would."""
 
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, text
 
 from db.engine import make_engine
 from db.tables import outbox_events
 from db.unit_of_work import OrdersUnitOfWork
 from saga.housekeeping import Housekeeper
+from tests.support import apply_schema, wait_until
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -47,5 +50,70 @@ def test_done_events_past_retention_are_deleted_and_recent_ones_kept(migrated_ur
             )
         assert left == {"DONE": 2, "PENDING": 1}
         assert keeper.observe_backlog()[0] == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_stale_outbox_statistics_are_refreshed_where_autovacuum_would(make_pg_database):
+    engine = make_engine(apply_schema(make_pg_database()))
+    try:
+        uow_factory = partial(OrdersUnitOfWork, engine)
+        keeper = Housekeeper(uow_factory, retention_s=3600, keep_statistics=True)
+        assert keeper.refresh_statistics() == []  # nothing changed yet
+        with uow_factory() as uow:
+            for i in range(500):
+                uow.outbox.add_raw(f"agg-{i}", "NOOP", "{}", {}, T0)
+            uow.commit()
+
+        def planner_rows() -> float:
+            with engine.connect() as connection:
+                return float(
+                    connection.execute(
+                        text("SELECT reltuples FROM pg_class WHERE relname = 'outbox_events'")
+                    ).scalar_one()
+                )
+
+        assert planner_rows() <= 0  # never analyzed: the planner guesses
+        # Row counts reach the statistics views when the writer's backend reports them (within a
+        # second or so): until then nothing looks stale.
+        analyzed: list[str] = []
+        wait_until(lambda: analyzed.extend(keeper.refresh_statistics()) or analyzed, timeout=10)
+        assert analyzed == ["outbox_events"]
+        assert planner_rows() == 500
+        assert keeper.refresh_statistics() == []  # fresh now
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_statistics_are_kept_by_default_only_where_autovacuum_is_off(make_pg_database):
+    engine = make_engine(apply_schema(make_pg_database()))
+    try:
+        uow_factory = partial(OrdersUnitOfWork, engine)
+        keeper = Housekeeper(uow_factory, retention_s=3600)  # decides by the database's setting
+        with uow_factory() as uow:
+            for i in range(500):
+                uow.outbox.add_raw(f"agg-{i}", "NOOP", "{}", {}, T0)
+            uow.commit()
+        with engine.connect() as connection:
+            autovacuum = str(connection.execute(text("SHOW autovacuum")).scalar_one())
+
+        def changed_rows() -> int:
+            with engine.connect() as connection:
+                return int(
+                    connection.execute(
+                        text(
+                            "SELECT n_mod_since_analyze FROM pg_stat_user_tables"
+                            " WHERE relname = 'outbox_events'"
+                        )
+                    ).scalar_one()
+                )
+
+        wait_until(
+            lambda: changed_rows() >= 500, timeout=10, what="the inserts to reach the statistics views"
+        )
+        expected = ["outbox_events"] if autovacuum == "off" else []
+        assert keeper.refresh_statistics() == expected
     finally:
         engine.dispose()
