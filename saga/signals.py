@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -27,8 +29,19 @@ class WakeUp:
         return woken
 
 
+@dataclass
+class _Watched:
+    generation: int  # changes published since the first watcher came
+    watchers: int
+    condition: threading.Condition
+
+
 class OrderChanges:
     """Per-order change counters that watcher threads wait on; publishers never block on them.
+
+    A counter exists only while the order is watched (`watching`): a change of an order nobody
+    watches leaves nothing behind. Keeping a counter for every order ever changed (up to 100,000
+    of them) grew a busy server by megabytes for orders no one would watch.
 
     Each watched order has its own condition (all on one lock), so a change wakes only the watchers
     of that order: with one condition for all, every change woke every watcher of the process,
@@ -36,43 +49,58 @@ class OrderChanges:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._generation: dict[str, int] = {}
-        self._waiting: dict[str, tuple[threading.Condition, int]] = {}  # condition, watchers
+        self._watched: dict[str, _Watched] = {}
         self._closed = False
+
+    @contextmanager
+    def watching(self, order_id: str) -> Iterator[None]:
+        """Count the order's changes from now until the block ends (for `generation` and `wait`)."""
+        with self._lock:
+            entry = self._watched.get(order_id)
+            if entry is None:
+                entry = self._watched[order_id] = _Watched(0, 0, threading.Condition(self._lock))
+            entry.watchers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                entry.watchers -= 1
+                if entry.watchers == 0:
+                    del self._watched[order_id]
+
+    @property
+    def watched(self) -> int:
+        """How many orders are watched now."""
+        with self._lock:
+            return len(self._watched)
 
     def generation(self, order_id: str) -> int:
         with self._lock:
-            return self._generation.get(order_id, 0)
+            entry = self._watched.get(order_id)
+            return entry.generation if entry is not None else 0
 
     def publish(self, order_ids: Iterable[str]) -> None:
         with self._lock:
             for order_id in order_ids:
-                self._generation[order_id] = self._generation.get(order_id, 0) + 1
-                if len(self._generation) > 100_000:  # counters are hints: forget the oldest
-                    self._generation.pop(next(iter(self._generation)))
-                waiting = self._waiting.get(order_id)
-                if waiting is not None:
-                    waiting[0].notify_all()
+                entry = self._watched.get(order_id)
+                if entry is not None:
+                    entry.generation += 1
+                    entry.condition.notify_all()
 
     def wait(self, order_id: str, since: int, timeout: float) -> int:
-        """Block until the order's counter moves past `since`, the hub closes, or timeout."""
+        """Inside `watching(order_id)`: block until the order's counter moves past `since`, the hub
+        closes, or timeout."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            condition, watchers = self._waiting.get(order_id) or (threading.Condition(self._lock), 0)
-            self._waiting[order_id] = (condition, watchers + 1)
-            try:
-                while not self._closed and self._generation.get(order_id, 0) == since:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    condition.wait(left)
-                return self._generation.get(order_id, 0)
-            finally:
-                condition, watchers = self._waiting[order_id]
-                if watchers == 1:
-                    del self._waiting[order_id]
-                else:
-                    self._waiting[order_id] = (condition, watchers - 1)
+            entry = self._watched.get(order_id)
+            if entry is None:
+                raise RuntimeError(f"order {order_id} is not being watched")
+            while not self._closed and entry.generation == since:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                entry.condition.wait(left)
+            return entry.generation
 
     @property
     def closed(self) -> bool:
@@ -82,8 +110,8 @@ class OrderChanges:
         """Wake every waiter for good (server shutdown)."""
         with self._lock:
             self._closed = True
-            for condition, _watchers in self._waiting.values():
-                condition.notify_all()
+            for entry in self._watched.values():
+                entry.condition.notify_all()
 
 
 class Handoff(Protocol):

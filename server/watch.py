@@ -22,15 +22,16 @@ class OrderWatcher:
         self._safety_poll_s = safety_poll_s
 
     def watch(self, order_id: str, is_active: Callable[[], bool]) -> Iterator[Order]:
-        seen = self._changes.generation(order_id)
-        order = self._load(order_id)
-        yield order
-        while not order.status.is_settled and is_active():
-            if self._changes.closed:
-                # Ending with OK here would read as "settled" to a client holding a PENDING order.
-                raise UnavailableError("server shutting down: watch again on another instance")
-            seen = self._changes.wait(order_id, seen, self._safety_poll_s)
-            latest = self._load(order_id)
-            if latest.version != order.version:
-                yield latest
-            order = latest
+        with self._changes.watching(order_id):  # counted from before the first read
+            seen = self._changes.generation(order_id)
+            order = self._load(order_id)
+            yield order
+            while not order.status.is_settled and is_active():
+                if self._changes.closed:
+                    # Ending with OK here would read as "settled" to a client holding a PENDING order.
+                    raise UnavailableError("server shutting down: watch again on another instance")
+                seen = self._changes.wait(order_id, seen, self._safety_poll_s)
+                latest = self._load(order_id)
+                if latest.version != order.version:
+                    yield latest
+                order = latest
