@@ -73,7 +73,7 @@ class UnitOfWork:
     """Base: a transaction on one engine. Use as a context manager; `commit()` or it rolls back.
 
     `single_statement=True` is the caller's promise to run at most one statement, a read. On
-    PostgreSQL that statement is then its own transaction (autocommit, see `_autocommit`), which
+    PostgreSQL that statement is then its own transaction (see `_take_transaction_control`), which
     saves the BEGIN and ROLLBACK round trips. Reads only: a write sent that way commits when the
     server runs it, even after its caller gave up on it (a deadline passed while the network held
     the statement back), and API.md promises that work abandoned at the deadline is not done

@@ -54,6 +54,22 @@ def test_done_events_past_retention_are_deleted_and_recent_ones_kept(migrated_ur
         engine.dispose()
 
 
+def _add_pending(uow_factory, count: int) -> None:
+    with uow_factory() as uow:
+        for i in range(count):
+            uow.outbox.add_raw(f"agg-{i}", "NOOP", "{}", {}, T0)
+        uow.commit()
+
+
+def _scalar(engine, sql: str):
+    with engine.connect() as connection:
+        return connection.execute(text(sql)).scalar_one()
+
+
+PLANNER_ROWS = "SELECT reltuples FROM pg_class WHERE relname = 'outbox_events'"
+CHANGED_ROWS = "SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE relname = 'outbox_events'"
+
+
 @pytest.mark.postgres
 def test_stale_outbox_statistics_are_refreshed_where_autovacuum_would(make_pg_database):
     engine = make_engine(apply_schema(make_pg_database()))
@@ -61,26 +77,14 @@ def test_stale_outbox_statistics_are_refreshed_where_autovacuum_would(make_pg_da
         uow_factory = partial(OrdersUnitOfWork, engine)
         keeper = Housekeeper(uow_factory, retention_s=3600, keep_statistics=True)
         assert keeper.refresh_statistics() == []  # nothing changed yet
-        with uow_factory() as uow:
-            for i in range(500):
-                uow.outbox.add_raw(f"agg-{i}", "NOOP", "{}", {}, T0)
-            uow.commit()
-
-        def planner_rows() -> float:
-            with engine.connect() as connection:
-                return float(
-                    connection.execute(
-                        text("SELECT reltuples FROM pg_class WHERE relname = 'outbox_events'")
-                    ).scalar_one()
-                )
-
-        assert planner_rows() <= 0  # never analyzed: the planner guesses
+        _add_pending(uow_factory, 500)
+        assert _scalar(engine, PLANNER_ROWS) <= 0  # never analyzed: the planner guesses
         # Row counts reach the statistics views when the writer's backend reports them (within a
         # second or so): until then nothing looks stale.
         analyzed: list[str] = []
         wait_until(lambda: analyzed.extend(keeper.refresh_statistics()) or analyzed, timeout=10)
         assert analyzed == ["outbox_events"]
-        assert planner_rows() == 500
+        assert _scalar(engine, PLANNER_ROWS) == 500
         assert keeper.refresh_statistics() == []  # fresh now
     finally:
         engine.dispose()
@@ -92,27 +96,9 @@ def test_statistics_are_kept_by_default_only_where_autovacuum_is_off(make_pg_dat
     try:
         uow_factory = partial(OrdersUnitOfWork, engine)
         keeper = Housekeeper(uow_factory, retention_s=3600)  # decides by the database's setting
-        with uow_factory() as uow:
-            for i in range(500):
-                uow.outbox.add_raw(f"agg-{i}", "NOOP", "{}", {}, T0)
-            uow.commit()
-        with engine.connect() as connection:
-            autovacuum = str(connection.execute(text("SHOW autovacuum")).scalar_one())
-
-        def changed_rows() -> int:
-            with engine.connect() as connection:
-                return int(
-                    connection.execute(
-                        text(
-                            "SELECT n_mod_since_analyze FROM pg_stat_user_tables"
-                            " WHERE relname = 'outbox_events'"
-                        )
-                    ).scalar_one()
-                )
-
-        wait_until(
-            lambda: changed_rows() >= 500, timeout=10, what="the inserts to reach the statistics views"
-        )
+        _add_pending(uow_factory, 500)
+        autovacuum = _scalar(engine, "SHOW autovacuum")
+        wait_until(lambda: _scalar(engine, CHANGED_ROWS) >= 500, timeout=10, what="the stats views")
         expected = ["outbox_events"] if autovacuum == "off" else []
         assert keeper.refresh_statistics() == expected
     finally:
