@@ -111,9 +111,10 @@ def test_a_notifier_sends_nothing_until_another_process_listens(engine: Engine) 
         while not heard and time.monotonic() < deadline:  # the notifier looks again after 0.2 s
             notifier.order_changed("heard")
             heard = _heard(observer, 0.05)
-        # Delivery is in commit order: had "unheard" been sent, it would come first.
+        # Delivery is in commit order: had "unheard" been sent, it would come first. (The
+        # notifier's `sent` count is not checked here: it moves just after the NOTIFY, which the
+        # observer may already have heard.)
         assert heard and heard[0] == "heard"
-        assert notifier.sent >= 1
     finally:
         if peer is not None:
             peer.stop()
