@@ -68,8 +68,7 @@ def _place_leased(engine, dispatcher: OutboxDispatcher) -> tuple[Lease, list[Cla
 
 def test_a_leased_event_is_not_claimable_until_its_lease_runs_out(engine):
     settings = DispatcherSettings(workers=1, poll_interval_s=60.0, lease_s=30.0)
-    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {}, settings, WakeUp())
-    dispatcher.start()
+    dispatcher = _started(engine, {}, settings)
     try:
         _lease, (event,) = _place_leased(engine, dispatcher)
         with OrdersUnitOfWork(engine) as uow:
@@ -118,13 +117,7 @@ def test_a_failed_place_gives_its_worker_back(server, monkeypatch):
 def test_events_handed_to_a_stopping_dispatcher_go_back_to_the_queue(engine):
     ran: list[int] = []
     settings = DispatcherSettings(workers=1, poll_interval_s=60.0, lease_s=30.0)
-    dispatcher = OutboxDispatcher(
-        partial(OrdersUnitOfWork, engine),
-        {"ORDER_CREATED": lambda event: ran.append(event.id) or Done()},
-        settings,
-        WakeUp(),
-    )
-    dispatcher.start()
+    dispatcher = _started(engine, {"ORDER_CREATED": lambda event: ran.append(event.id) or Done()}, settings)
     lease = dispatcher.take_slots(1)
     assert lease is not None
     order, placed = Order.place("ann", (OrderItem("SKU-1", 1),), None, now=utcnow())
@@ -155,13 +148,9 @@ def test_finished_events_do_not_wake_the_dispatcher_for_claims_that_find_nothing
     monkeypatch.setattr(OutboxStore, "complete_and_claim", counting)  # the dispatcher's claim
     ran: list[int] = []
     settings = DispatcherSettings(workers=2, poll_interval_s=60.0)
-    dispatcher = OutboxDispatcher(
-        partial(OrdersUnitOfWork, engine),
-        {"ORDER_CREATED": lambda event: ran.append(event.id) or Completed()},
-        settings,
-        WakeUp(),
+    dispatcher = _started(
+        engine, {"ORDER_CREATED": lambda event: ran.append(event.id) or Completed()}, settings
     )
-    dispatcher.start()
     try:
         wait_until(lambda: claims, what="the first claim at start")
         for n in range(1, 6):
@@ -179,10 +168,7 @@ def test_a_later_event_of_a_running_order_is_claimed_as_soon_as_the_first_finish
 
     settings = DispatcherSettings(workers=2, poll_interval_s=60.0)  # polling alone would take a minute
     wake = WakeUp()
-    dispatcher = OutboxDispatcher(
-        partial(OrdersUnitOfWork, engine), {"FIRST": handler, "SECOND": handler}, settings, wake
-    )
-    dispatcher.start()
+    dispatcher = _started(engine, {"FIRST": handler, "SECOND": handler}, settings, wake)
     try:
         with OrdersUnitOfWork(engine) as uow:
             uow.outbox.add_raw("order-1", "FIRST", "{}", {}, utcnow())
@@ -207,8 +193,7 @@ def test_an_event_committed_while_every_worker_is_busy_runs_as_soon_as_one_is_fr
 
     settings = DispatcherSettings(workers=1, poll_interval_s=60.0)  # polling alone would take a minute
     wake = WakeUp()
-    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": handler}, settings, wake)
-    dispatcher.start()
+    dispatcher = _started(engine, {"TEST": handler}, settings, wake)
     try:
         _add_and_wake(engine, wake, "busy")
         wait_until(lambda: ran == ["busy"], what="the only worker to be busy")
@@ -224,14 +209,12 @@ def test_an_event_committed_while_every_worker_is_busy_runs_as_soon_as_one_is_fr
 def test_a_handed_event_s_dispatch_lag_counts_from_its_commit(engine):
     lags: list[float] = []
     settings = DispatcherSettings(workers=1, poll_interval_s=60.0)
-    dispatcher = OutboxDispatcher(
-        partial(OrdersUnitOfWork, engine),
+    dispatcher = _started(
+        engine,
         {"ORDER_CREATED": lambda event: Completed()},
         settings,
-        WakeUp(),
         on_claimed=lambda _event, lag_s: lags.append(lag_s),
     )
-    dispatcher.start()
     try:
         lease, events = _place_leased(engine, dispatcher)
         committed_at = events[0].created_at + timedelta(hours=1)  # a commit an hour after creation
@@ -250,8 +233,7 @@ def test_events_kept_waiting_for_a_claim_get_the_next_free_worker_before_new_han
     # Polling alone would take a minute; waiting events go first at once.
     settings = DispatcherSettings(workers=2, poll_interval_s=60.0, handoff_yield_after_s=0.0)
     wake = WakeUp()
-    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": handler}, settings, wake)
-    dispatcher.start()
+    dispatcher = _started(engine, {"TEST": handler}, settings, wake)
     try:
         _add_and_wake(engine, wake, "busy")
         wait_until(lambda: ran == ["busy"], what="one worker to be busy")
@@ -266,6 +248,15 @@ def test_events_kept_waiting_for_a_claim_get_the_next_free_worker_before_new_han
     finally:
         gate.set()
         dispatcher.stop(1.0)
+
+
+def _started(engine, handlers, settings: DispatcherSettings, wake: WakeUp | None = None, **options: Any):
+    """A dispatcher on `engine`, running."""
+    dispatcher = OutboxDispatcher(
+        partial(OrdersUnitOfWork, engine), handlers, settings, wake or WakeUp(), **options
+    )
+    dispatcher.start()
+    return dispatcher
 
 
 def _add_and_wake(engine, wake: WakeUp, aggregate_id: str) -> None:
