@@ -98,23 +98,26 @@ class Housekeeper:
 
     def refresh_statistics(self) -> list[str]:
         """ANALYZE the orders tables whose statistics are stale (db.statistics), if this
-        housekeeper keeps them; the tables analyzed."""
-        if self._keep_statistics is False:
+        housekeeper keeps them; the tables analyzed. Finding none stale is one read."""
+        if self._keep_statistics is None:
+            self._keep_statistics = self._autovacuum_off()
+            if self._keep_statistics:
+                log.info("autovacuum is off: housekeeping analyzes the orders tables itself")
+        if not self._keep_statistics:
             return []
-        with self._uow() as uow:
-            if uow.dialect != "postgresql":
-                self._keep_statistics = False
-            if self._keep_statistics is None:
-                self._keep_statistics = not statistics.autovacuum_on(uow.connection)
-                if self._keep_statistics:
-                    log.info("autovacuum is off: housekeeping analyzes the orders tables itself")
-            if not self._keep_statistics:
-                return []
+        with self._uow(write=False, single_statement=True) as uow:
             tables = statistics.stale(uow.connection, statistics.ORDERS_TABLES)
-            for table in tables:
-                statistics.analyze(uow.connection, table)
-            uow.commit()
+        if tables:
+            with self._uow() as uow:
+                for table in tables:
+                    statistics.analyze(uow.connection, table)
+                uow.commit()
         return tables
+
+    def _autovacuum_off(self) -> bool:
+        """On PostgreSQL, whether the database's autovacuum is off; False elsewhere."""
+        with self._uow(write=False, single_statement=True) as uow:
+            return uow.dialect == "postgresql" and not statistics.autovacuum_on(uow.connection)
 
     def observe_backlog(self) -> tuple[int, float]:
         with self._uow(write=False) as uow:
