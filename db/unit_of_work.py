@@ -72,12 +72,14 @@ def remaining_ms() -> int | None:
 class UnitOfWork:
     """Base: a transaction on one engine. Use as a context manager; `commit()` or it rolls back.
 
-    `single_statement=True` is the caller's promise to run at most one statement, a read. On
-    PostgreSQL that statement is then its own transaction (see `_take_transaction_control`), which
-    saves the BEGIN and ROLLBACK round trips. Reads only: a write sent that way commits when the
-    server runs it, even after its caller gave up on it (a deadline passed while the network held
-    the statement back), and API.md promises that work abandoned at the deadline is not done
-    later. A write's COMMIT is sent only after its statements answered in time."""
+    `single_statement=True` is the caller's promise to run at most one statement. On PostgreSQL
+    that statement is then its own transaction (see `_take_transaction_control`), which saves the
+    BEGIN and the COMMIT or ROLLBACK round trips. A write sent that way commits when the server
+    runs it, even after its caller gave up on it (a deadline passed while the network held the
+    statement back), and API.md promises that work abandoned at the deadline is not done later:
+    so the calls' writes send COMMIT only after their statements answered in time, and a single
+    statement is for reads and for writes whose late commit breaks no promise (the outbox
+    dispatcher's rounds, see saga.dispatcher)."""
 
     def __init__(self, engine: Engine, *, write: bool = True, single_statement: bool = False) -> None:
         self._engine = engine
