@@ -508,6 +508,8 @@ class WorkerPool:
 
     def _work(self) -> None:
         while (task := self._tasks.get()) is not None:
+            if self._closed:
+                continue  # taken from the queue before the shutdown could drop it
             try:
                 task()
             except Exception:  # a task's own errors are its business; the thread goes on

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import psycopg2.extensions
@@ -15,11 +16,12 @@ from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from db.engine import EngineSettings, make_engine
-from db.tables import orders
+from db.tables import orders, outbox_events
 from db.unit_of_work import OrdersUnitOfWork, deadline_bound
 from domain.errors import DeadlineExceededError
 from domain.model import Order, OrderItem, utcnow
-from tests.support import apply_schema
+from saga.dispatcher import DispatcherSettings, Done, OutboxDispatcher
+from tests.support import apply_schema, wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -145,3 +147,32 @@ def test_a_connection_left_in_a_transaction_is_not_pooled_again(engine: Engine) 
         _place(uow, "req-2")
         uow.commit()
     assert _orders_in_table(engine) == 1
+
+
+def test_a_dispatcher_round_is_a_transaction_of_its_own(engine: Engine) -> None:
+    """The dispatcher's round (DONE marks and a claim, one statement) sends no BEGIN, so no COMMIT
+    either: a round trip fewer per round (see saga.dispatcher)."""
+    with OrdersUnitOfWork(engine) as uow:
+        for n in range(3):
+            uow.outbox.add_raw(f"order-{n}", "TEST", "{}", {}, utcnow())
+        uow.commit()
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    settings = DispatcherSettings(workers=2, poll_interval_s=0.05)
+    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": lambda _e: Done()}, settings)
+    dispatcher.start()
+    try:
+        wait_until(lambda: dispatcher.stats.done == 3, what="three events DONE")
+    finally:
+        dispatcher.stop(5.0)
+        event.remove(engine, "before_cursor_execute", record)
+    rounds = [statement for statement in sent if "UPDATE outbox_events" in statement]
+    assert rounds, sent
+    assert not [statement for statement in rounds if statement.lstrip().upper().startswith("BEGIN")], rounds
+    with engine.connect() as connection:
+        statuses = connection.execute(select(outbox_events.c.status)).scalars().all()
+    assert statuses == ["DONE"] * 3
