@@ -1,13 +1,22 @@
-"""The outbox dispatcher: one thread that claims due events and runs their handlers on a bounded pool.
+"""The outbox dispatcher: a thread that decides when to claim due events, and a bounded pool of
+workers that run their handlers.
 
 It knows event types and handlers, nothing of what an event means. Per process:
 
-- one dispatcher thread claims events for the executor's `workers` threads (the bulkhead) and
-  at most one batch ahead of them (`workers` more, waiting in the executor's queue), and only
-  while some worker is idle: a claim is a round trip or four, and a worker that finishes finds
-  its next event already there, while workers all stuck on slow handlers claim nothing more. One
+- a round (the DONE marks and a claim, one statement on PostgreSQL) claims events for the pool's
+  `workers` threads (the bulkhead) and at most one batch ahead of them (`workers` more, waiting
+  in the pool's queue), and only while some worker is idle: a worker that finishes finds its
+  next event already there, while workers all stuck on slow handlers claim nothing more. One
   still queued when the dispatcher stops is handed back at once (a deferral), not left to its
   lease;
+- while rounds come back full (a backlog), two rounds of up to `2 * workers` run at once, also
+  while no worker is idle, and up to `4 * workers` events may be held (running, queued, being
+  claimed; at most three batches wait behind workers stuck on slow handlers): one round's statement
+  is in the database while the other's events are handed to the workers. One round at a time,
+  the workers and the database took turns: in a no-op drain the process held the GIL 40-60 % of
+  the time and PostgreSQL one core of two, and two rounds at once drained 27-38 % more events a
+  second (alternated runs). Rounds run on two round threads; the dispatcher thread only starts
+  them. After a failed round, one at a time again;
 - each handler runs on the executor with the event's correlation id (and order id) restored in a
   fresh context: an executor does not carry contextvars by itself;
 - the handler's verdict is written back fenced on the lease token (see `db.outbox`): DONE, a
@@ -123,6 +132,9 @@ class DispatcherStats:
 
 Listener = Callable[[str, ClaimedEvent, float], None]  # (outcome, event, handler seconds)
 
+# Rounds (DONE marks and a claim) in flight at once while rounds come back full (see above).
+_ROUNDS = 2
+
 
 class OutboxDispatcher:
     """Claims outbox events and runs their handlers; `start()` it once, `stop()` it once."""
@@ -158,8 +170,15 @@ class OutboxDispatcher:
         self._started = False
         # Handled events waiting to be marked DONE, with their handler seconds (under the lock).
         self._finished: list[tuple[ClaimedEvent, float]] = []
+        self._rounds = 0  # rounds in flight
+        self._claiming = 0  # events the rounds in flight may claim
+        self._wanted = 1  # rounds to start (one at start-up, for what was committed before)
+        self._full = False  # the last round claimed all it asked for: more may be due
+        self._failures = 0  # rounds failed in a row
+        self._pause = 0.0  # seconds to wait before the next round, after a failure
         self._stopping = threading.Event()
         self._executor = WorkerPool(settings.workers, "saga")
+        self._round_threads = WorkerPool(_ROUNDS, "dispatcher-round")
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
         self.stats = DispatcherStats()
 
@@ -172,6 +191,7 @@ class OutboxDispatcher:
         with self._lock:
             self._started = True
         self._executor.start()
+        self._round_threads.start()
         self._thread.start()
 
     def take_slots(self, count: int) -> Lease | None:
@@ -248,8 +268,10 @@ class OutboxDispatcher:
         self._thread.join(timeout)
         with self._idle:
             finished = self._idle.wait_for(
-                lambda: self._in_flight == 0, timeout=max(deadline - time.monotonic(), 0.0)
+                lambda: self._in_flight == 0 and self._rounds == 0,
+                timeout=max(deadline - time.monotonic(), 0.0),
             )
+        self._round_threads.shutdown(wait=finished)
         self._executor.shutdown(wait=finished)
         if self._has_finished():
             try:
@@ -259,43 +281,84 @@ class OutboxDispatcher:
         return finished
 
     def _run(self) -> None:
-        failures = 0
+        """The dispatcher thread: starts the rounds wanted, then sleeps until woken (a commit, a
+        notification, a finished handler or round that wants a claim) or the poll interval."""
         while not self._stopping.is_set():
             with self._lock:
-                held = self._in_flight + self._reserved
-            # Claim ahead only while a worker is idle: when every worker is stuck on a slow
-            # handler, events claimed now would sit out their leases in the queue.
-            free = 2 * self._settings.workers - held if held < self._settings.workers else 0
-            claimed = completed = 0
-            if free == 0:
-                # Woken with no worker free, it cannot look: a finished handler must bring it back.
-                with self._lock:
+                pause, self._pause = self._pause, 0.0
+                sizes = [] if pause else self._rounds_to_start()
+            for size in sizes:
+                self._round_threads.submit(self._round, size)
+            # After a failure, a wake-up (a commit here, a notification once the database is back)
+            # ends the pause early, so sagas resume as soon as the database answers again.
+            self._wake.wait(pause or self._settings.poll_interval_s)
+            with self._lock:
+                self._wanted = max(self._wanted, 1)  # woken, or the poll: look
+
+    def _rounds_to_start(self) -> list[int]:
+        """The sizes of the rounds to start now, counted in flight (under the lock). A size is how
+        many events the round may claim; 0 only marks finished events DONE."""
+        sizes: list[int] = []
+        workers = self._settings.workers
+        limit = 1 if self._failures else _ROUNDS
+        while self._wanted > 0 and self._rounds < limit:
+            busy = self._in_flight + self._reserved
+            room = (4 if self._full else 2) * workers - busy - self._claiming
+            # Claim ahead only while a worker is idle, or while rounds come back full (a backlog:
+            # the rounds ahead fill the queue as the workers empty it), and never past the limit:
+            # events claimed for workers all stuck on slow handlers would wait out their leases.
+            if room <= 0 or (busy >= workers and not self._full):
+                if self._rounds == 0:
+                    # Woken with no worker free, it cannot look: a finished handler brings the
+                    # dispatcher back (a claim is owed). A round in flight decides that itself.
                     self._owe_claim(True)
-            if free > 0 or self._flush_due():
-                try:
-                    claimed, completed = self._claim_and_submit(max(free, 0))
-                    failures = 0
-                    if free > 0:
-                        with self._lock:
-                            self._owe_claim(claimed == free)
-                except Exception as error:
-                    failures += 1
-                    cap = max(5 * self._settings.poll_interval_s, 5.0)
-                    pause = min(self._settings.poll_interval_s * 2**failures, cap)
-                    log.warning(
-                        "claiming outbox events failed (%s); next try in %.1fs", _describe(error), pause
-                    )
-                    # A wake-up (a commit here, a notification once the database is back) ends the
-                    # pause early, so sagas resume as soon as the database answers again.
-                    self._wake.wait(pause)
-                    continue
-            if claimed and claimed == free:
-                continue  # a full batch: there may be more due right now
-            if completed:
-                # Later events of the orders just completed were not claimable in that statement
-                # (see OutboxStore.complete_and_claim): look again now.
-                continue
-            self._wake.wait(self._settings.poll_interval_s)
+                    self._wanted = 0
+                    if self._flush_due():
+                        sizes.append(self._begin_round(0))
+                break
+            self._wanted -= 1
+            sizes.append(self._begin_round(min(room, 2 * workers)))
+        return sizes
+
+    def _begin_round(self, size: int) -> int:
+        """Count a round of `size` in flight (under the lock)."""
+        self._rounds += 1
+        self._claiming += size
+        return size
+
+    def _round(self, size: int) -> None:
+        """On a round thread: the DONE marks and a claim of up to `size`; then whether more rounds
+        are wanted at once (a full batch: more may be due; completed events: their orders' later
+        events were not claimable in that statement, see OutboxStore.complete_and_claim)."""
+        try:
+            claimed, completed = self._claim_and_submit(size, claiming=size)
+        except Exception as error:
+            with self._lock:
+                self._claiming -= size
+                self._failures += 1
+                cap = max(5 * self._settings.poll_interval_s, 5.0)
+                self._pause = min(self._settings.poll_interval_s * 2**self._failures, cap)
+                # Under the lock, so that the lines of rounds failing together come in order.
+                log.warning(
+                    "claiming outbox events failed (%s); next try in %.1fs", _describe(error), self._pause
+                )
+        else:
+            with self._lock:
+                self._failures = 0
+                if size > 0:
+                    self._full = claimed == size
+                    self._owe_claim(self._full)
+                if claimed and claimed == size:
+                    self._wanted = max(self._wanted, _ROUNDS - (self._rounds - 1))
+                elif completed:
+                    self._wanted = max(self._wanted, 1)
+        finally:
+            with self._idle:
+                self._rounds -= 1
+                wake = self._wanted > 0 or self._pause > 0
+                self._idle.notify_all()
+            if wake:
+                self._wake.set()
 
     def _owe_claim(self, owed: bool) -> None:
         """Whether more events may be due than were claimed (under the lock)."""
@@ -313,9 +376,10 @@ class OutboxDispatcher:
         waiting = len(self._finished)
         return waiting >= 2 * self._settings.workers or (waiting > 0 and self._in_flight == 0)
 
-    def _claim_and_submit(self, free: int) -> tuple[int, int]:
+    def _claim_and_submit(self, free: int, claiming: int = 0) -> tuple[int, int]:
         """One transaction: mark the finished events DONE, then claim up to `free` due ones. The
-        number claimed, and the number marked DONE."""
+        number claimed, and the number marked DONE. `claiming`: the events this round was counted
+        for in `_claiming`, given back once the claimed ones count in flight instead."""
         now = self._clock()
         with self._lock:
             finished, self._finished = self._finished, []
@@ -338,6 +402,7 @@ class OutboxDispatcher:
                 log.warning("event %d: lease lost to another dispatcher; DONE not recorded", event.id)
             self._count("done" if event.id in kept else "fenced", event, seconds)
         with self._lock:
+            self._claiming -= claiming
             self._in_flight += len(events)
             self.stats.claimed += len(events)
             for event in events:

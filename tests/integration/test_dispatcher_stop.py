@@ -44,8 +44,8 @@ def lease_of(engine, event_id: int) -> str | None:
         )
 
 
-def test_an_event_claimed_ahead_is_handed_back_when_the_dispatcher_stops(engine):
-    first, second, third = add_events(engine, 3)
+def test_events_claimed_ahead_are_handed_back_when_the_dispatcher_stops(engine):
+    ids = add_events(engine, 6)
     gate, started = threading.Event(), []
 
     def handler(event):
@@ -56,14 +56,15 @@ def test_an_event_claimed_ahead_is_handed_back_when_the_dispatcher_stops(engine)
     settings = DispatcherSettings(workers=1, poll_interval_s=0.05, lease_s=30.0)
     dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": handler}, settings, WakeUp())
     dispatcher.start()
-    # One worker: the first claim takes two events, one to run and one queued behind it.
-    wait_until(lambda: started == [first] and dispatcher.stats.claimed == 2, what="a claim one ahead")
-    assert lease_of(engine, second) is not None
+    # One worker: the first round claims two events (one to run, one queued behind it); it came
+    # back full, so a second round claims two more, up to the limit of four held in a backlog.
+    wait_until(lambda: started == ids[:1] and dispatcher.stats.claimed == 4, what="the rounds ahead")
+    assert all(lease_of(engine, event_id) is not None for event_id in ids[:4])
 
     stopped: list[bool] = []
     stopper = threading.Thread(target=lambda: stopped.append(dispatcher.stop(5.0)))
     stopper.start()
-    # The busy worker finishes only once the dispatcher is stopping, so the queued event meets a
+    # The busy worker finishes only once the dispatcher is stopping, so the queued events meet a
     # stopping dispatcher whatever the machine's speed.
     wait_until(lambda: dispatcher._stopping.is_set(), what="the dispatcher to stop claiming")
     gate.set()
@@ -71,12 +72,14 @@ def test_an_event_claimed_ahead_is_handed_back_when_the_dispatcher_stops(engine)
     assert stopped == [True]
 
     after = rows(engine)
-    assert after[first].status == "DONE"
-    assert started == [first], "the queued event must not run once the dispatcher is stopping"
-    assert (after[second].status, after[second].attempts) == ("PENDING", 0)
-    assert after[second].last_error == "dispatcher stopping"
-    assert lease_of(engine, second) is None, "handed back, not held for its 30 s lease"
-    assert (after[third].status, lease_of(engine, third)) == ("PENDING", None)
+    assert after[ids[0]].status == "DONE"
+    assert started == ids[:1], "a queued event must not run once the dispatcher is stopping"
+    for queued in ids[1:4]:
+        assert (after[queued].status, after[queued].attempts) == ("PENDING", 0)
+        assert after[queued].last_error == "dispatcher stopping"
+        assert lease_of(engine, queued) is None, "handed back, not held for its 30 s lease"
+    for beyond in ids[4:]:
+        assert (after[beyond].status, lease_of(engine, beyond)) == ("PENDING", None), "never claimed"
 
 
 def test_every_finished_event_is_done_when_stop_returns(engine):
