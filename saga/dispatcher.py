@@ -307,7 +307,9 @@ class OutboxDispatcher:
             # Claim ahead only while a worker is idle, or while rounds come back full (a backlog:
             # the rounds ahead fill the queue as the workers empty it), and never past the limit:
             # events claimed for workers all stuck on slow handlers would wait out their leases.
-            if room <= 0 or (busy >= workers and not self._full):
+            # A round claims `workers` events at least: topping the queue up as each handler
+            # finished made a claim statement for every event or two under load.
+            if room < workers or (busy >= workers and not self._full):
                 if self._rounds == 0:
                     # Woken with no worker free, it cannot look: a finished handler brings the
                     # dispatcher back (a claim is owed). A round in flight decides that itself.

@@ -3,12 +3,14 @@ PostgreSQL (OutboxStore.complete_and_claim), with the same outcome as the two on
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from functools import partial
 
 import pytest
 
 from db.engine import make_engine
+from db.outbox import OutboxStore
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import utcnow
 from saga.dispatcher import DispatcherSettings, Done, OutboxDispatcher
@@ -91,3 +93,31 @@ def test_the_dispatcher_runs_the_later_event_of_a_finished_order_without_waiting
         wait_until(lambda: ran == [first, later], timeout=10, what="both events to run")
     finally:
         dispatcher.stop(1.0)
+
+
+def test_a_backlog_is_claimed_in_batches_of_at_least_the_worker_count(engine, monkeypatch):
+    """In a backlog the dispatcher keeps more events claimed ahead, but does not top its queue up
+    as each handler finishes: that made a claim statement for every event or two under load."""
+    ids = _add(engine, *(f"order-{n}" for n in range(40)))
+    limits: list[int] = []
+    original = OutboxStore.complete_and_claim
+
+    def recording(self, finished, limit, lease, now):
+        if limit > 0:
+            limits.append(limit)
+        return original(self, finished, limit, lease, now)
+
+    monkeypatch.setattr(OutboxStore, "complete_and_claim", recording)
+
+    def handler(_event):
+        time.sleep(0.005)  # a handler that takes a moment, so the backlog outlasts a round
+        return Done()
+
+    settings = DispatcherSettings(workers=2, poll_interval_s=0.05)
+    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": handler}, settings, WakeUp())
+    dispatcher.start()
+    try:
+        wait_until(lambda: dispatcher.stats.done == len(ids), timeout=20, what="every event DONE")
+    finally:
+        dispatcher.stop(5.0)
+    assert limits and min(limits) >= settings.workers, limits
