@@ -9,10 +9,10 @@ It knows event types and handlers, nothing of what an event means. Per process:
   next event already there, while workers all stuck on slow handlers claim nothing more. One
   still queued when the dispatcher stops is handed back at once (a deferral), not left to its
   lease;
-- while rounds come back full (a backlog), two rounds of up to `2 * workers` run at once, also
-  while no worker is idle, and up to `4 * workers` events may be held (running, queued, being
-  claimed; at most three batches wait behind workers stuck on slow handlers): one round's statement
-  is in the database while the other's events are handed to the workers. One round at a time,
+- while rounds come back full (a backlog), two rounds of up to `2 * workers` run at once (each
+  started while a worker is idle, and claiming `workers` events at least), and up to
+  `4 * workers` events may be held (running, queued, being claimed): one round's statement is in
+  the database while the other's events are handed to the workers. One round at a time,
   the workers and the database took turns: in a no-op drain the process held the GIL 40-60 % of
   the time and PostgreSQL one core of two, and two rounds at once drained 27-38 % more events a
   second (alternated runs). Rounds run on two round threads; the dispatcher thread only starts
@@ -304,12 +304,13 @@ class OutboxDispatcher:
         while self._wanted > 0 and self._rounds < limit:
             busy = self._in_flight + self._reserved
             room = (4 if self._full else 2) * workers - busy - self._claiming
-            # Claim ahead only while a worker is idle, or while rounds come back full (a backlog:
-            # the rounds ahead fill the queue as the workers empty it), and never past the limit:
-            # events claimed for workers all stuck on slow handlers would wait out their leases.
-            # A round claims `workers` events at least: topping the queue up as each handler
-            # finished made a claim statement for every event or two under load.
-            if room < workers or (busy >= workers and not self._full):
+            # Claim ahead only while a worker is idle: events claimed for workers all busy wait
+            # in this process's queue (and no idle worker means no hand-off: at 200 orders/s a
+            # queue kept three batches deep held events for hundreds of milliseconds), and for
+            # workers stuck on slow handlers they would wait out their leases. A round claims
+            # `workers` events at least: topping the queue up as each handler finished made a
+            # claim statement for every event or two under load.
+            if room < workers or busy >= workers:
                 if self._rounds == 0:
                     # Woken with no worker free, it cannot look: a finished handler brings the
                     # dispatcher back (a claim is owed). A round in flight decides that itself.

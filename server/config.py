@@ -111,7 +111,7 @@ class Settings:
     def pool_size(self) -> int:
         if self.db_pool_size:
             return self.db_pool_size
-        # gRPC handlers + saga workers + dispatcher, health, housekeeping.
+        # gRPC handlers + saga workers + the dispatcher's two round threads, health, housekeeping.
         return self.max_workers + self.saga_workers + 4
 
 
