@@ -14,8 +14,8 @@ It knows event types and handlers, nothing of what an event means. Per process:
   `4 * workers` events may be held (running, queued, being claimed): one round's statement is in
   the database while the other's events are handed to the workers. One round at a time,
   the workers and the database took turns: in a no-op drain the process held the GIL 40-60 % of
-  the time and PostgreSQL one core of two, and two rounds at once drained 27-38 % more events a
-  second (alternated runs). Rounds run on two round threads; the dispatcher thread only starts
+  the time and PostgreSQL one core of two, and two rounds at once drained 21 and 36 % more events
+  a second (two alternated pairs). Rounds run on two round threads; the dispatcher thread only starts
   them. After a failed round, one at a time again;
 - each handler runs on the executor with the event's correlation id (and order id) restored in a
   fresh context: an executor does not carry contextvars by itself;
