@@ -334,10 +334,10 @@ class OutboxDispatcher:
         are wanted at once (a full batch: more may be due; completed events: their orders' later
         events were not claimable in that statement, see OutboxStore.complete_and_claim)."""
         try:
-            claimed, completed = self._claim_and_submit(size, claiming=size)
+            claimed, completed = self._claim_and_submit(size)
         except Exception as error:
             with self._lock:
-                self._claiming -= size
+                self._claiming -= size  # the round claimed nothing
                 self._failures += 1
                 cap = max(5 * self._settings.poll_interval_s, 5.0)
                 self._pause = min(self._settings.poll_interval_s * 2**self._failures, cap)
@@ -379,10 +379,10 @@ class OutboxDispatcher:
         waiting = len(self._finished)
         return waiting >= 2 * self._settings.workers or (waiting > 0 and self._in_flight == 0)
 
-    def _claim_and_submit(self, free: int, claiming: int = 0) -> tuple[int, int]:
+    def _claim_and_submit(self, free: int) -> tuple[int, int]:
         """One transaction: mark the finished events DONE, then claim up to `free` due ones. The
-        number claimed, and the number marked DONE. `claiming`: the events this round was counted
-        for in `_claiming`, given back once the claimed ones count in flight instead."""
+        number claimed, and the number marked DONE. A round counted `free` in `_claiming` until
+        now (`_begin_round`); the events claimed count in flight instead."""
         now = self._clock()
         with self._lock:
             finished, self._finished = self._finished, []
@@ -405,7 +405,7 @@ class OutboxDispatcher:
                 log.warning("event %d: lease lost to another dispatcher; DONE not recorded", event.id)
             self._count("done" if event.id in kept else "fenced", event, seconds)
         with self._lock:
-            self._claiming -= claiming
+            self._claiming -= free
             self._in_flight += len(events)
             self.stats.claimed += len(events)
             for event in events:
