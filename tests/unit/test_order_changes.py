@@ -3,6 +3,7 @@ nobody watches leave no counter behind."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -52,17 +53,15 @@ def test_two_watchers_of_one_order_both_wake() -> None:
 
 def test_close_ends_every_wait() -> None:
     changes = OrderChanges()
-    watches = [changes.watching(f"order-{n}") for n in range(3)]
-    for watch in watches:
-        watch.__enter__()
-    threads = [_wait_in_thread(changes, f"order-{n}", 0, timeout=30) for n in range(3)]
-    changes.close()
-    for thread, result in threads:
-        thread.join(10)
-        assert result == [0]
+    with contextlib.ExitStack() as watches:
+        for n in range(3):
+            watches.enter_context(changes.watching(f"order-{n}"))
+        threads = [_wait_in_thread(changes, f"order-{n}", 0, timeout=30) for n in range(3)]
+        changes.close()
+        for thread, result in threads:
+            thread.join(10)
+            assert result == [0]
     assert changes.closed
-    for watch in watches:
-        watch.__exit__(None, None, None)
 
 
 def test_orders_nobody_watches_leave_no_counter() -> None:

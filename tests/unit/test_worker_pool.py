@@ -39,7 +39,7 @@ def test_a_failing_task_leaves_its_thread_running() -> None:
 def test_shutdown_drops_queued_tasks_and_refuses_new_ones() -> None:
     pool = WorkerPool(1, "test")
     pool.start()
-    gate, started, ran = threading.Event(), threading.Event(), []
+    gate, started, ran, late = threading.Event(), threading.Event(), [], []
 
     def block() -> None:
         started.set()
@@ -50,23 +50,24 @@ def test_shutdown_drops_queued_tasks_and_refuses_new_ones() -> None:
     pool.submit(ran.append, "queued")
     stopper = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
     stopper.start()
-    wait_until(lambda: _refuses(pool), what="the pool to refuse new tasks")
+    wait_until(lambda: _refuses(pool, late), what="the pool to refuse new tasks")
     gate.set()
     stopper.join(10)
     assert not stopper.is_alive()
     assert ran == [], "a task queued before the shutdown must not run"
+    assert late == []
 
 
 def test_a_pool_never_started_shuts_down_at_once() -> None:
     pool = WorkerPool(4, "test")
     pool.shutdown(wait=True)
     with pytest.raises(RuntimeError):
-        pool.submit(print)
+        pool.submit(print, "never")
 
 
-def _refuses(pool: WorkerPool) -> bool:
+def _refuses(pool: WorkerPool, late: list[str]) -> bool:
     try:
-        pool.submit(print, "late")
+        pool.submit(late.append, "late")  # queued before the shutdown, it is dropped with the rest
     except RuntimeError:
         return True
     return False
