@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 from datetime import UTC, datetime
+from queue import SimpleQueue
+from typing import TextIO
 
 from domain import correlation
 
@@ -34,6 +37,8 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # formatted already, where the record was logged (_Handoff)
+            entry["exception"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -43,13 +48,51 @@ TEXT_FORMAT = (
 )
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class _Handoff(logging.handlers.QueueHandler):
+    """The root handler: the calling thread stamps the record (filters run there, so the context
+    variables and the thread name are the caller's) and queues it; one writer thread formats and
+    writes. With the stream handler at the root, some thirty threads (gRPC handlers, saga workers)
+    took turns on its lock for every line, a saga step two or three times, and each turn was
+    another wait for the GIL: in alternated runs of the flow benchmark the saga's commit-to-dispatch
+    lag at p95 / p99 was 46-48 / 83-88 ms that way and 22-24 / 44-47 ms this way.
+
+    A line is in the queue, not yet written, for as long as the writer takes to get to it; a
+    process killed outright loses what is queued. `close` (`logging.shutdown`: at exit, and before
+    this process's own `os._exit` calls) writes everything queued first."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        queue: SimpleQueue[logging.LogRecord] = SimpleQueue()
+        super().__init__(queue)
+        self._listener: logging.handlers.QueueListener | None = logging.handlers.QueueListener(queue, target)
+        self._listener.start()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # The message is merged here, while its arguments are as they were when logged; the
+        # record itself goes on (the stdlib's prepare copies it and formats it twice).
+        record.message = record.getMessage()
+        record.msg, record.args = record.message, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.exc_info = None
+        return record
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()  # writes what is queued, then ends the writer thread
+        super().close()
+
+
+def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Log to `stream` (stderr by default) through the handoff above."""
+    writer = logging.StreamHandler(stream or sys.stderr)
+    writer.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler = _Handoff(writer)
     handler.addFilter(CorrelationFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        old.close()
     root.addHandler(handler)
     root.setLevel(level)
     # Alembic narrates every connection it inspects (the health check does that every few seconds).
