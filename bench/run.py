@@ -36,13 +36,14 @@ from typing import Any
 
 import psycopg2
 
-from bench import load, relay, scenarios
+from bench import cpu, load, relay, scenarios
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 READY = re.compile(r"orders-server ready on (?P<host>\S+):(?P<port>\d+)")
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 SKUS = 1000
+PLACE_METHOD = "/orders.v1.OrderService/PlaceOrder"
 MACHINE_NOTE = "2 cores, shared; figures are ratios to the baseline of the same run"
 # What --quick shortens, and the full run it stands for.
 QUICK = {
@@ -158,14 +159,21 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def histogram(before: dict[str, float], after: dict[str, float], name: str) -> dict[str, Any]:
-    """Percentiles of what a Prometheus histogram (all label sets summed) saw between two scrapes,
-    interpolated linearly inside its buckets (so only as fine as the buckets: 1, 2.5, 5, 10, 25 ms...)."""
+def histogram(
+    before: dict[str, float], after: dict[str, float], name: str, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Percentiles of what a Prometheus histogram saw between two scrapes (the label sets that carry
+    every one of `labels`, summed), interpolated linearly inside its buckets (so only as fine as
+    the buckets: 1, 2.5, 5, 10, 25 ms...)."""
     buckets: dict[float, float] = {}
+    wanted = (labels or {}).items()
     for key, value in after.items():
-        match = re.fullmatch(name + r'_bucket\{(?:.*,)?le="([^"]+)"\}', key)
-        if match:
-            bound = float(match.group(1))
+        match = re.fullmatch(name + r"_bucket\{(.*)\}", key)
+        if not match:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if "le" in found and all(found.get(k) == v for k, v in wanted):
+            bound = float(found["le"])
             buckets[bound] = buckets.get(bound, 0.0) + value - before.get(key, 0.0)
     bounds = sorted(buckets)
     total = buckets.get(float("inf"), 0.0)
@@ -298,11 +306,14 @@ def run_postgres(runner: Runner, workdir: Path, server_args: list[str]) -> dict[
         out["server_log_errors"] = log_errors(server)
         out["server_exit"] = server.stop()
     # Paced at half the peak place rate, on a fresh database (no backlog left by place).
+    half_rate = out["place"]["per_s"] / 2
     with postgres_server(workdir, "paced", server_args) as (server, dbname):
-        before = server.metrics()
-        half = runner.scenario(
-            "place at half peak", server.address, scenarios.place_op, params, rate=out["place"]["per_s"] / 2
+        # What the load generator and gRPC alone add to a call at this rate: the floor of the p99.
+        out["health_half"] = runner.scenario(
+            "baseline at the half-peak rate", server.address, scenarios.health_op, {}, rate=half_rate
         )
+        before = server.metrics()
+        half = paced_place(runner, server, params, half_rate)
         half["dispatch_lag"] = histogram(before, server.metrics(), "orders_outbox_dispatch_lag_seconds")
         half["backlog_after"] = pending_events(dbname)
         print(f"  place at half peak: dispatch lag {half['dispatch_lag']}", flush=True)
@@ -313,7 +324,26 @@ def run_postgres(runner: Runner, workdir: Path, server_args: list[str]) -> dict[
             seconds = max(2.0, runner.duration * 0.4)
             out["pgbench"] = scenarios.pgbench(dbname, runner.processes * runner.threads, seconds)
             print(f"  pgbench: {out['pgbench']}", flush=True)
+    # The same rate with the saga off: what PlaceOrder costs alone, and its p99 without the saga's
+    # share of the process (see docs/performance.md, "Latency at half the peak").
+    with postgres_server(workdir, "paced-saga-off", [*server_args, "--saga-workers", "0"]) as (server, _):
+        out["place_half_saga_off"] = paced_place(runner, server, params, half_rate)
     return out
+
+
+def paced_place(runner: Runner, server: Server, params: dict[str, Any], rate: float) -> dict[str, Any]:
+    """PlaceOrder at `rate`, with the server's own view of the calls (interceptor to reply) and the
+    CPU of the server and of PostgreSQL over the measured window."""
+    before = server.metrics()
+    # The window: after the pool's connect (0.5 s), the warm-up and a second more; until 1 s before the end.
+    with cpu.CpuWindow(server.proc.pid, runner.warmup + 1.5, max(runner.duration - 2.0, 1.0)) as window:
+        row = runner.scenario("place at half peak", server.address, scenarios.place_op, params, rate=rate)
+    row["in_server"] = histogram(
+        before, server.metrics(), "orders_rpc_duration_seconds", {"method": PLACE_METHOD, "code": "OK"}
+    )
+    row["cpu"] = window.result()
+    print(f"  in the server: {row['in_server']}; cpu: {row['cpu']}", flush=True)
+    return row
 
 
 def pending_events(dbname: str) -> int:
@@ -604,6 +634,9 @@ def markdown(result: dict[str, Any]) -> str:
     row("place (PlaceOrder, 1-3 items of 1,000 SKUs)", "PostgreSQL", pg.get("place"))
     half_rate = (pg.get("place_half") or {}).get("offered_per_s")
     row(f"place, paced at half the peak ({half_rate}/s offered)", "PostgreSQL", pg.get("place_half"))
+    row("baseline (Health/Check), paced at the same rate", "PostgreSQL", pg.get("health_half"))
+    saga_off = pg.get("place_half_saga_off")
+    row("place, paced at the same rate, saga off (`--saga-workers 0`)", "PostgreSQL", saga_off)
     row("baseline (Health/Check)", "SQLite", lite.get("baseline"))
     row("place", "SQLite", lite.get("place"))
     titles = {
@@ -653,6 +686,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"p99 {handler.get('p99_ms')} ms.",
         f"Place paced at half the peak ran on a fresh database; {half.get('backlog_after')} outbox events "
         "were still PENDING when it ended (the saga did not keep up if that is large).",
+        *half_peak_notes(pg),
         *relay_notes(result),
         "",
         *workers_table(result),
@@ -661,6 +695,29 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def half_peak_notes(pg: dict[str, Any]) -> list[str]:
+    """Where PlaceOrder's time goes at half the peak: inside the server or outside it, and how busy
+    the one core of the server process (its threads share the GIL) and the machine were."""
+    notes = []
+    for key, what in (("place_half", "with the saga"), ("place_half_saga_off", "saga off")):
+        row = pg.get(key) or {}
+        if not row:
+            continue
+        inside, used = row.get("in_server") or {}, row.get("cpu") or {}
+        text = (
+            f"PlaceOrder at half the peak, {what}: p99 {row['p99_ms']:.1f} ms at the client, "
+            f"{inside.get('p99_ms')} ms inside the server (interceptor to reply, histogram buckets)"
+        )
+        if used:
+            text += (
+                f"; CPU in cores: server process {used['server_cores']} (its threads share one), "
+                f"PostgreSQL {used['postgresql_cores']}, the machine {used['machine_busy_cores']} "
+                f"of {os.cpu_count()}"
+            )
+        notes.append(text + ".")
+    return notes
 
 
 def workers_table(result: dict[str, Any]) -> list[str]:
@@ -777,6 +834,12 @@ def figures(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             "-",
         ),
         ("place p99 at half the peak rate", f"{half.get('p99_ms')} ms", "<= 25 ms"),
+        (
+            "the same rate: place p99 with the saga off; Health/Check p99",
+            f"{(pg.get('place_half_saga_off') or {}).get('p99_ms')} ms; "
+            f"{(pg.get('health_half') or {}).get('p99_ms')} ms",
+            "-",
+        ),
         (
             "commit-to-dispatch lag p50 / p99 at half the peak place rate",
             f"{half_lag.get('p50_ms')} / {half_lag.get('p99_ms')} ms",
