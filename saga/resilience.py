@@ -11,6 +11,7 @@ Redis), but changes two things pybreaker gets wrong for a thread pool:
   their own deadline (the inventory transaction has a statement timeout).
 
 Business outcomes (insufficient stock) are return values, not exceptions, so they never count.
+Every state change of the breaker is logged: opening as a warning, with the failure that tripped it.
 """
 
 from __future__ import annotations
@@ -42,11 +43,39 @@ class RateLimitedError(Exception):
 BreakerOpenError = pybreaker.CircuitBreakerError
 
 
+class _LogTransitions(pybreaker.CircuitBreakerListener):
+    """Every state change in the log: opening as a warning with the failure that tripped it, the
+    probe and the closing as information. (A change made by another process, through shared
+    storage, is logged by each process that notices it.)"""
+
+    def __init__(self) -> None:
+        self._last_failure: BaseException | None = None
+
+    def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
+        self._last_failure = exc
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        old = old_state.name if old_state is not None else "-"
+        change = f"circuit breaker {cb.name}: {old} -> {new_state.name}"
+        if new_state.name == pybreaker.STATE_OPEN:
+            last = self._last_failure
+            cause = f"{type(last).__name__}: {last}" if last is not None else "no failure seen here"
+            why = (
+                "the probe failed" if old == pybreaker.STATE_HALF_OPEN else f"{cb.fail_max} failures in a row"
+            )
+            log.warning("%s after %s (%s); calls are refused for %g s", change, why, cause, cb.reset_timeout)
+        elif new_state.name == pybreaker.STATE_HALF_OPEN:
+            log.info("%s: one probe call goes through", change)
+        else:
+            log.info("%s", change)
+
+
 class ConcurrentCircuitBreaker(pybreaker.CircuitBreaker):
     def __init__(self, *, slow_call_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.slow_call_s = slow_call_s
         self._probe_in_flight = False
+        self.add_listener(_LogTransitions())
 
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         probe = self._admit()

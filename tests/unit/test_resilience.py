@@ -410,3 +410,25 @@ def test_backoff_without_a_random_source_stays_in_range_and_never_exceeds_the_ca
         ceiling = min(60.0, 0.5 * 2 ** (attempt - 1))
         delay = backoff_s(attempt, 0.5, 60.0)
         assert ceiling / 2 <= delay <= ceiling <= 60.0
+
+
+# --- what an operator reads --------------------------------------------------------------------
+
+
+def test_every_state_change_of_the_breaker_is_logged_opening_as_a_warning(caplog):
+    breaker = ConcurrentCircuitBreaker(slow_call_s=5.0, fail_max=2, reset_timeout=30, name="inventory")
+    with caplog.at_level("INFO", logger="saga.resilience"):
+        trip(breaker)
+        expire_reset_timeout(breaker)
+        breaker.call(lambda: "probe")
+
+    changes = [(r.levelname, r.getMessage()) for r in caplog.records if "circuit breaker" in r.getMessage()]
+    assert changes == [
+        (
+            "WARNING",
+            "circuit breaker inventory: closed -> open after 2 failures in a row (Boom: inventory down); "
+            "calls are refused for 30 s",
+        ),
+        ("INFO", "circuit breaker inventory: open -> half-open: one probe call goes through"),
+        ("INFO", "circuit breaker inventory: half-open -> closed"),
+    ]
