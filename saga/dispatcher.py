@@ -187,6 +187,19 @@ class OutboxDispatcher:
         with self._lock:
             return self._in_flight
 
+    @property
+    def stopping(self) -> bool:
+        """True from `stop()` on: nothing more is claimed or taken over at commit."""
+        return self._stopping.is_set()
+
+    @property
+    def owes_claim(self) -> bool:
+        """True while more events may be due than were claimed (the last claim filled its batch,
+        or a wake-up found no worker free); `take_slots` refuses hand-offs once it has lasted
+        `handoff_yield_after_s`."""
+        with self._lock:
+            return self._owed_since is not None
+
     def start(self) -> None:
         with self._lock:
             self._started = True

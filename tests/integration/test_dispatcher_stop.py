@@ -66,7 +66,7 @@ def test_an_event_claimed_ahead_is_handed_back_when_the_dispatcher_stops(engine)
     stopper.start()
     # The busy worker finishes only once the dispatcher is stopping, so the queued event meets a
     # stopping dispatcher whatever the machine's speed.
-    wait_until(lambda: dispatcher._stopping.is_set(), what="the dispatcher to stop claiming")
+    wait_until(lambda: dispatcher.stopping, what="the dispatcher to stop claiming")
     gate.set()
     stopper.join(10)
     assert stopped == [True]

@@ -106,11 +106,11 @@ def test_a_failed_place_gives_its_worker_back(server, monkeypatch):
     monkeypatch.setattr(db.outbox.OutboxStore, "new_rows", staticmethod(refused))
     dispatcher = server.service.dispatcher
     assert dispatcher is not None
-    for _ in range(dispatcher._settings.workers + 1):
+    for _ in range(server.service.settings.saga_workers + 1):
         error = rpc_error(server.stubs.orders.PlaceOrder, place_request("bob"), timeout=10)
         assert error.code() == grpc.StatusCode.INTERNAL
     # Had each failure kept its promised worker, none would be left to promise now.
-    leases = [dispatcher.take_slots(1) for _ in range(dispatcher._settings.workers)]
+    leases = [dispatcher.take_slots(1) for _ in range(server.service.settings.saga_workers)]
     assert all(lease is not None for lease in leases)
 
 
@@ -126,7 +126,7 @@ def test_events_handed_to_a_stopping_dispatcher_go_back_to_the_queue(engine):
         uow.commit()
     stopper = threading.Thread(target=dispatcher.stop, args=(5.0,))
     stopper.start()
-    wait_until(lambda: dispatcher._stopping.is_set(), what="the dispatcher to stop")
+    wait_until(lambda: dispatcher.stopping, what="the dispatcher to stop")
     dispatcher.hand(lease, events)
     stopper.join(10)
 
@@ -198,7 +198,7 @@ def test_an_event_committed_while_every_worker_is_busy_runs_as_soon_as_one_is_fr
         _add_and_wake(engine, wake, "busy")
         wait_until(lambda: ran == ["busy"], what="the only worker to be busy")
         _add_and_wake(engine, wake, "waiting")  # no worker is free: the dispatcher cannot claim it now
-        wait_until(lambda: dispatcher._owed_since is not None, what="the dispatcher to owe a claim")
+        wait_until(lambda: dispatcher.owes_claim, what="the dispatcher to owe a claim")
         gate.set()
         wait_until(lambda: ran == ["busy", "waiting"], timeout=10, what="the waiting event to run")
     finally:
@@ -240,7 +240,7 @@ def test_events_kept_waiting_for_a_claim_get_the_next_free_worker_before_new_han
         promised = dispatcher.take_slots(1)  # the other worker, for an order being placed
         assert promised is not None
         _add_and_wake(engine, wake, "waiting")  # committed unleased: no worker free to claim it
-        wait_until(lambda: dispatcher._owed_since is not None, what="the dispatcher to owe a claim")
+        wait_until(lambda: dispatcher.owes_claim, what="the dispatcher to owe a claim")
         dispatcher.return_slots(promised)  # that order failed: its worker is free again
 
         assert dispatcher.take_slots(1) is None, "the free worker belongs to the waiting event"
