@@ -54,6 +54,9 @@ class _LogTransitions(pybreaker.CircuitBreakerListener):
     def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
         self._last_failure = exc
 
+    def success(self, cb: pybreaker.CircuitBreaker) -> None:
+        self._last_failure = None  # an opening noticed later was not caused by an older failure
+
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
         old = old_state.name if old_state is not None else "-"
         change = f"circuit breaker {cb.name}: {old} -> {new_state.name}"

@@ -92,7 +92,8 @@ def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = No
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-        old.close()
+        if isinstance(old, _Handoff):
+            old.close()  # a configuration before this one: its writer thread ends
     root.addHandler(handler)
     root.setLevel(level)
     # Alembic narrates every connection it inspects (the health check does that every few seconds).

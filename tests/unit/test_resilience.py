@@ -432,3 +432,30 @@ def test_every_state_change_of_the_breaker_is_logged_opening_as_a_warning(caplog
         ("INFO", "circuit breaker inventory: open -> half-open: one probe call goes through"),
         ("INFO", "circuit breaker inventory: half-open -> closed"),
     ]
+
+
+def test_an_opening_noticed_through_shared_state_blames_no_failure_of_its_own(caplog):
+    """Two processes sharing the breaker's state (Redis in production): the one that did not fail
+    says so, instead of naming some older failure of its own."""
+    shared = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+    tripping, noticing = (
+        ConcurrentCircuitBreaker(
+            slow_call_s=5.0, fail_max=2, reset_timeout=30, state_storage=shared, name="inventory"
+        )
+        for _ in range(2)
+    )
+    with pytest.raises(Boom):
+        noticing.call(fail)  # an old failure of its own
+    assert noticing.call(lambda: "fine") == "fine"
+    with caplog.at_level("INFO", logger="saga.resilience"):
+        trip(tripping)
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            noticing.call(lambda: "refused")
+
+    openings = [r.getMessage() for r in caplog.records if "-> open" in r.getMessage()]
+    assert openings == [
+        "circuit breaker inventory: closed -> open after 2 failures in a row (Boom: inventory down); "
+        "calls are refused for 30 s",
+        "circuit breaker inventory: closed -> open after 2 failures in a row (no failure seen here); "
+        "calls are refused for 30 s",
+    ]
