@@ -292,7 +292,9 @@ def run_postgres(runner: Runner, workdir: Path, server_args: list[str]) -> dict[
         out["baseline"] = runner.scenario("baseline", server.address, scenarios.health_op, {})
         # Flow and hot first: place outruns the saga and leaves a backlog that would delay them.
         before = server.metrics()
-        out["flow"] = runner.scenario("flow", server.address, scenarios.flow_op, params)
+        with cpu.CpuWindow(server.proc.pid, runner.warmup + 1.5, max(runner.duration - 2.0, 1.0)) as window:
+            out["flow"] = runner.scenario("flow", server.address, scenarios.flow_op, params)
+        out["flow"]["cpu"] = window.result()
         after = server.metrics()
         out["flow"]["dispatch_lag"] = histogram(before, after, "orders_outbox_dispatch_lag_seconds")
         out["flow"]["saga_handler"] = histogram(before, after, "orders_outbox_handler_seconds")
@@ -686,6 +688,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"p99 {handler.get('p99_ms')} ms.",
         f"Place paced at half the peak ran on a fresh database; {half.get('backlog_after')} outbox events "
         "were still PENDING when it ended (the saga did not keep up if that is large).",
+        *flow_cpu_notes(pg),
         *half_peak_notes(pg),
         *relay_notes(result),
         "",
@@ -695,6 +698,27 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def flow_cpu_notes(pg: dict[str, Any]) -> list[str]:
+    """CPU per completed flow (place, saga, WatchOrder to terminal): the server's, PostgreSQL's and
+    the machine's, against what pgbench's place-plus-saga transaction costs the machine."""
+    flow = pg.get("flow") or {}
+    used, rate = flow.get("cpu") or {}, flow.get("per_s") or 0
+    if not used or not rate:
+        return []
+    tps = ((pg.get("pgbench") or {}).get("place_saga") or {}).get("tps")
+    cores = os.cpu_count() or 1
+    text = (
+        f"CPU during flow: server process {used['server_cores']} cores (its threads share one), PostgreSQL "
+        f"{used['postgresql_cores']}, the machine {used['machine_busy_cores']} of {cores}; per completed "
+        f"flow {used['server_cores'] / rate * 1000:.1f} ms of server CPU, "
+        f"{used['postgresql_cores'] / rate * 1000:.1f} ms of PostgreSQL's and "
+        f"{used['machine_busy_cores'] / rate * 1000:.1f} ms of the machine's"
+    )
+    if tps:
+        text += f" (pgbench: {cores / tps * 1000:.1f} ms of the machine's per place-plus-saga at full load)"
+    return [text + "."]
 
 
 def half_peak_notes(pg: dict[str, Any]) -> list[str]:
