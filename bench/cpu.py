@@ -42,7 +42,8 @@ def _snapshot(server_pid: int) -> tuple[float, int, int, list[int]]:
 
 
 class CpuWindow:
-    """Samples once `start_after_s` has passed, again `seconds` later; `result()` after `join()`."""
+    """A `with` block that samples once `start_after_s` has passed and again `seconds` later; on
+    leaving, it waits for the second sample. `result()` after the block (empty without /proc)."""
 
     def __init__(self, server_pid: int, start_after_s: float, seconds: float) -> None:
         self._pid = server_pid

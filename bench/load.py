@@ -25,6 +25,8 @@ import grpc
 # An operation factory builds, per thread, the callable that makes one call (or one flow). The
 # callable returns an outcome tag (counted) or None. Factories must be module-level functions so
 # that they can be sent to spawned processes.
+# Time for the pool workers to connect before a scenario's warm-up starts.
+CONNECT_S = 0.5
 OpFactory = Callable[[grpc.Channel, random.Random, dict[str, Any]], Callable[[], str | None]]
 
 
@@ -140,7 +142,7 @@ def run(
     """Run one scenario; returns the merged result and the measured window in seconds.
 
     `rate` (calls per second in all) paces the calls instead of the closed loop."""
-    start = time.monotonic() + warmup + 0.5  # time for the pool workers to connect
+    start = time.monotonic() + warmup + CONNECT_S
     end = start + duration
     jobs = [
         Job(

@@ -261,6 +261,11 @@ class Runner:
         print(f"  {name}: {row}", flush=True)
         return row
 
+    def cpu_window(self, pid: int) -> cpu.CpuWindow:
+        """CPU over the measured part of the next (uncounted) scenario: from a second after its
+        warm-up to a second before its end, connects and warm-up left out."""
+        return cpu.CpuWindow(pid, load.CONNECT_S + self.warmup + 1.0, max(self.duration - 2.0, 1.0))
+
 
 @contextlib.contextmanager
 def postgres_server(workdir: Path, label: str, server_args: list[str]) -> Iterator[tuple[Server, str]]:
@@ -292,7 +297,7 @@ def run_postgres(runner: Runner, workdir: Path, server_args: list[str]) -> dict[
         out["baseline"] = runner.scenario("baseline", server.address, scenarios.health_op, {})
         # Flow and hot first: place outruns the saga and leaves a backlog that would delay them.
         before = server.metrics()
-        with cpu.CpuWindow(server.proc.pid, runner.warmup + 1.5, max(runner.duration - 2.0, 1.0)) as window:
+        with runner.cpu_window(server.proc.pid) as window:
             out["flow"] = runner.scenario("flow", server.address, scenarios.flow_op, params)
         out["flow"]["cpu"] = window.result()
         after = server.metrics()
@@ -314,9 +319,7 @@ def run_postgres(runner: Runner, workdir: Path, server_args: list[str]) -> dict[
         out["health_half"] = runner.scenario(
             "baseline at the half-peak rate", server.address, scenarios.health_op, {}, rate=half_rate
         )
-        before = server.metrics()
         half = paced_place(runner, server, params, half_rate)
-        half["dispatch_lag"] = histogram(before, server.metrics(), "orders_outbox_dispatch_lag_seconds")
         half["backlog_after"] = pending_events(dbname)
         print(f"  place at half peak: dispatch lag {half['dispatch_lag']}", flush=True)
         out["place_half"] = half
@@ -334,15 +337,16 @@ def run_postgres(runner: Runner, workdir: Path, server_args: list[str]) -> dict[
 
 
 def paced_place(runner: Runner, server: Server, params: dict[str, Any], rate: float) -> dict[str, Any]:
-    """PlaceOrder at `rate`, with the server's own view of the calls (interceptor to reply) and the
-    CPU of the server and of PostgreSQL over the measured window."""
+    """PlaceOrder at `rate`, with the server's own view of the calls (interceptor to reply), the
+    saga's commit-to-dispatch lag and the CPU of the server and of PostgreSQL over the run."""
     before = server.metrics()
-    # The window: after the pool's connect (0.5 s), the warm-up and a second more; until 1 s before the end.
-    with cpu.CpuWindow(server.proc.pid, runner.warmup + 1.5, max(runner.duration - 2.0, 1.0)) as window:
+    with runner.cpu_window(server.proc.pid) as window:
         row = runner.scenario("place at half peak", server.address, scenarios.place_op, params, rate=rate)
+    after = server.metrics()
     row["in_server"] = histogram(
-        before, server.metrics(), "orders_rpc_duration_seconds", {"method": PLACE_METHOD, "code": "OK"}
+        before, after, "orders_rpc_duration_seconds", {"method": PLACE_METHOD, "code": "OK"}
     )
+    row["dispatch_lag"] = histogram(before, after, "orders_outbox_dispatch_lag_seconds")
     row["cpu"] = window.result()
     print(f"  in the server: {row['in_server']}; cpu: {row['cpu']}", flush=True)
     return row
@@ -700,6 +704,14 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cpu_text(used: dict[str, Any]) -> str:
+    """A `cpu.CpuWindow` result in words."""
+    return (
+        f"server process {used['server_cores']} cores (its threads share one), PostgreSQL "
+        f"{used['postgresql_cores']}, the machine {used['machine_busy_cores']} of {os.cpu_count()}"
+    )
+
+
 def flow_cpu_notes(pg: dict[str, Any]) -> list[str]:
     """CPU per completed flow (place, saga, WatchOrder to terminal): the server's, PostgreSQL's and
     the machine's, against what pgbench's place-plus-saga transaction costs the machine."""
@@ -708,15 +720,14 @@ def flow_cpu_notes(pg: dict[str, Any]) -> list[str]:
     if not used or not rate:
         return []
     tps = ((pg.get("pgbench") or {}).get("place_saga") or {}).get("tps")
-    cores = os.cpu_count() or 1
     text = (
-        f"CPU during flow: server process {used['server_cores']} cores (its threads share one), PostgreSQL "
-        f"{used['postgresql_cores']}, the machine {used['machine_busy_cores']} of {cores}; per completed "
-        f"flow {used['server_cores'] / rate * 1000:.1f} ms of server CPU, "
+        f"CPU during flow: {cpu_text(used)}; per completed flow "
+        f"{used['server_cores'] / rate * 1000:.1f} ms of server CPU, "
         f"{used['postgresql_cores'] / rate * 1000:.1f} ms of PostgreSQL's and "
         f"{used['machine_busy_cores'] / rate * 1000:.1f} ms of the machine's"
     )
     if tps:
+        cores = os.cpu_count() or 1
         text += f" (pgbench: {cores / tps * 1000:.1f} ms of the machine's per place-plus-saga at full load)"
     return [text + "."]
 
@@ -735,11 +746,7 @@ def half_peak_notes(pg: dict[str, Any]) -> list[str]:
             f"{inside.get('p99_ms')} ms inside the server (interceptor to reply, histogram buckets)"
         )
         if used:
-            text += (
-                f"; CPU in cores: server process {used['server_cores']} (its threads share one), "
-                f"PostgreSQL {used['postgresql_cores']}, the machine {used['machine_busy_cores']} "
-                f"of {os.cpu_count()}"
-            )
+            text += f"; CPU: {cpu_text(used)}"
         notes.append(text + ".")
     return notes
 
