@@ -35,9 +35,11 @@ class JsonFormatter(logging.Formatter):
             "order_id": getattr(record, "order_id", "-"),
             "thread": record.threadName,
         }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        elif record.exc_text:  # formatted already, where the record was logged (_Handoff)
+        # As logging.Formatter does: the traceback's text is formatted once and kept on the record
+        # (where it was logged, by _Handoff, or here).
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
             entry["exception"] = record.exc_text
         return json.dumps(entry, ensure_ascii=False)
 
