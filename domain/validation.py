@@ -85,6 +85,8 @@ def place_order(customer_id: str, items: Sequence[tuple[str, int]], request_id: 
                 )
     if len(request_id) > MAX_REQUEST_ID:
         violations.append(FieldViolation("request_id", f"must be at most {MAX_REQUEST_ID} characters"))
+    elif _CONTROL.search(request_id):  # PostgreSQL refuses NUL in text; SQLite would store it
+        violations.append(FieldViolation("request_id", "must not contain control characters"))
     _raise_if(violations)
     return PlaceOrderCommand(
         customer_id=customer_id,

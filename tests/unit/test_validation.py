@@ -195,6 +195,11 @@ def test_request_id_over_128_code_points_is_rejected(request_id: str) -> None:
     assert _place_fields(request_id=request_id) == ["request_id"]
 
 
+@pytest.mark.parametrize("char", CONTROL_CHARS, ids=lambda c: f"U+{ord(c):04X}")
+def test_request_id_with_a_c0_control_or_del_is_rejected(char: str) -> None:
+    assert _place_fields(request_id=f"key{char}1") == ["request_id"]
+
+
 # --- the whole command, as properties ------------------------------------------------------------
 
 VALID_CUSTOMER = st.text(
@@ -206,7 +211,10 @@ VALID_SKU = st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True)
 VALID_ITEMS = st.lists(
     st.tuples(VALID_SKU, st.integers(1, 10_000)), min_size=1, max_size=100, unique_by=lambda item: item[0]
 )
-REQUEST_ID = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=128)
+REQUEST_ID = st.text(
+    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="".join(CONTROL_CHARS)),
+    max_size=128,
+)
 
 
 @given(VALID_CUSTOMER, VALID_ITEMS, REQUEST_ID)
