@@ -5,21 +5,48 @@ so one round trip and atomic on its own. The statement is built once per shape (
 counts, columns) with named bind parameters and kept: SQLAlchemy then reuses its compiled form,
 where `insert().values(rows)` built anew per call is compiled anew per call too (a fifth of a
 PlaceOrder's CPU in a profile).
+
+A row's value may be `DB_NOW` or `DbLater(seconds)`: the column then takes the database's time
+(`db.clock`), now or that many seconds on (the seconds go in as a parameter).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, Insert, Table, bindparam, insert
 
-from db import precompiled
+from db import clock, precompiled
+
+
+class _DbNow:
+    def __repr__(self) -> str:
+        return "DB_NOW"
+
+
+DB_NOW: Any = _DbNow()
+
+
+@dataclass(frozen=True)
+class DbLater:
+    """The database's time `seconds` from now, as a row value."""
+
+    seconds: float
+
 
 Rows = Sequence[Mapping[str, Any]]
-# (table, row count, column names) per table, in insert order.
-_Shape = tuple[tuple[Table, int, tuple[str, ...]], ...]
+# (table, row count, (column name, how its value is written)) per table, in insert order: "bind"
+# (a parameter), "now" (`db.clock.now`), "later" (`db.clock.later`, the seconds a parameter).
+_Shape = tuple[tuple[Table, int, tuple[tuple[str, str], ...]], ...]
+
+
+def _kind(value: Any) -> str:
+    if value is DB_NOW:
+        return "now"
+    return "later" if isinstance(value, DbLater) else "bind"
 
 
 def insert_together(
@@ -41,12 +68,16 @@ def statement_for(
     parts = [(table, rows) for table, rows in parts if rows]
     if not parts:
         return None
-    shape = tuple((table, len(rows), tuple(rows[0])) for table, rows in parts)
+    shape = tuple(
+        (table, len(rows), tuple((column, _kind(value)) for column, value in rows[0].items()))
+        for table, rows in parts
+    )
     parameters = {
-        _name(t, r, column): value
+        _name(t, r, column): value.seconds if isinstance(value, DbLater) else value
         for t, (_table, rows) in enumerate(parts)
         for r, row in enumerate(rows)
         for column, value in row.items()
+        if value is not DB_NOW
     }
     return _statement(shape, returning), parameters
 
@@ -59,7 +90,7 @@ def _name(table: int, row: int, column: str) -> str:
 def _statement(shape: _Shape, returning: bool) -> Insert:
     # One single-row INSERT per row: SQLAlchemy does not cache a multi-row VALUES statement.
     inserts = [
-        insert(table).values({c: bindparam(_name(t, r, c), type_=table.c[c].type) for c in columns})
+        insert(table).values({column: _value(table, t, r, column, kind) for column, kind in columns})
         for t, (table, count, columns) in enumerate(shape)
         for r in range(count)
     ]
@@ -67,3 +98,11 @@ def _statement(shape: _Shape, returning: bool) -> Insert:
     if returning:
         last = last.returning(*shape[-1][0].primary_key.columns)
     return last.add_cte(*(rider.cte(f"w{i}") for i, rider in enumerate(riders)))
+
+
+def _value(table: Table, t: int, r: int, column: str, kind: str) -> Any:
+    if kind == "now":
+        return clock.now("postgresql")
+    if kind == "later":
+        return clock.later("postgresql", _name(t, r, column))
+    return bindparam(_name(t, r, column), type_=table.c[column].type)

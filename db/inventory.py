@@ -23,21 +23,26 @@ from sqlalchemy import (
     Update,
     any_,
     bindparam,
+    exists,
     func,
     insert,
     literal,
     select,
+    true,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
 from db import precompiled
-from db.tables import stock, stock_reservations
+from db.tables import reservation_fences, stock, stock_reservations
 from domain.inventory import (
+    Fence,
     Rejected,
     ReservationOutcome,
     Reserved,
     StockLevel,
+    Superseded,
     insufficient_stock,
     unknown_sku,
 )
@@ -71,8 +76,37 @@ def _guarded_decrement() -> Update:
     )
 
 
-@lru_cache(maxsize=1)
-def _reserve_all() -> Select[Any]:
+def _fence_statement(dialect: str) -> Any:
+    """Record a step's fence as the order's newest, unless a newer one is there: RETURNING a row
+    only when the step may write. On conflict the row is locked, so a concurrent step of the same
+    order waits here for this one's commit, and then compares against what it wrote."""
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = dialect_insert(reservation_fences).values(
+        order_id=bindparam("order_id", type_=String),
+        event_id=bindparam("fence_event", type_=reservation_fences.c.event_id.type),
+        claim=bindparam("fence_claim", type_=Integer),
+        update_time=bindparam("now", type_=reservation_fences.c.update_time.type),
+    )
+    newer = statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=[reservation_fences.c.order_id],
+        set_={"event_id": newer.event_id, "claim": newer.claim, "update_time": newer.update_time},
+        where=tuple_(reservation_fences.c.event_id, reservation_fences.c.claim)
+        <= tuple_(newer.event_id, newer.claim),
+    ).returning(reservation_fences.c.order_id)
+
+
+@lru_cache(maxsize=2)
+def _fence(dialect: str) -> Any:
+    return _fence_statement(dialect)
+
+
+def _fence_parameters(order_id: str, fence: Fence, now: datetime) -> dict[str, Any]:
+    return {"order_id": order_id, "fence_event": fence.event_id, "fence_claim": fence.claim, "now": now}
+
+
+@lru_cache(maxsize=2)
+def _reserve_all(fenced: bool = False) -> Select[Any]:
     """A first delivery's whole reservation on PostgreSQL in one statement, where the per-item path
     runs 1 + N (each costs SQLAlchemy a few hundred microseconds of CPU, and a multi-row insert
     more): the SKUs of the order that were decremented.
@@ -90,9 +124,13 @@ def _reserve_all() -> Select[Any]:
     it because PostgreSQL runs a SELECT in WITH only as far as it is read. The guard is checked
     again on the newest row after a lock wait, as in the per-item UPDATE. A duplicate reservation
     key fails the whole statement, as the per-item insert does. A SKU without a stock row is booked
-    (reservations do not reference stock) but not taken, and the caller rolls the booking back."""
+    (reservations do not reference stock) but not taken, and the caller rolls the booking back.
+
+    `fenced`: the step's fence goes in first as a CTE of its own (`_fence_statement`), nothing is
+    booked unless it was accepted, and the statement answers `fenced` (1 or 0) beside each SKU."""
     skus = bindparam("skus", type_=postgresql.ARRAY(String))
     now = bindparam("now", type_=stock.c.update_time.type)
+    fence = _fence_statement("postgresql").cte("fenced") if fenced else None
     wanted = (
         func.unnest(skus, bindparam("quantities", type_=postgresql.ARRAY(Integer)))
         .table_valued("sku", "quantity")
@@ -109,7 +147,7 @@ def _reserve_all() -> Select[Any]:
                 literal(ACTIVE, String),
                 now,
                 now,
-            ),
+            ).where(*(() if fence is None else (exists(select(fence.c.order_id)),))),
         )
         .returning(stock_reservations.c.sku, stock_reservations.c.quantity)
         .cte("booked")
@@ -137,7 +175,11 @@ def _reserve_all() -> Select[Any]:
         .returning(stock.c.sku)
         .cte("taken")
     )
-    return select(taken.c.sku)
+    if fence is None:
+        return select(taken.c.sku)
+    accepted = select(func.count()).select_from(fence).scalar_subquery().label("fenced")
+    one = select(literal(1).label("one")).subquery("one")
+    return select(accepted, taken.c.sku).select_from(one.outerjoin(taken, true()))
 
 
 class StockRepository:
@@ -171,8 +213,19 @@ class StockRepository:
             return None
         return ACTIVE if ACTIVE in statuses else RELEASED
 
+    def fence(self, order_id: str, fence: Fence, now: datetime) -> bool:
+        """Record `fence` as the order's newest writer; False (and nothing written) if a newer step
+        of the order wrote before. Fenced writes call it first, in their own transaction."""
+        statement = _fence(self._c.dialect.name)
+        return self._c.execute(statement, _fence_parameters(order_id, fence, now)).first() is not None
+
     def reserve(
-        self, order_id: str, items: Sequence[OrderItem], now: datetime, check_first: bool = True
+        self,
+        order_id: str,
+        items: Sequence[OrderItem],
+        now: datetime,
+        check_first: bool = True,
+        fence: Fence | None = None,
     ) -> ReservationOutcome:
         """Reserve every item; the caller commits a fresh Reserved and rolls back anything else.
 
@@ -187,13 +240,18 @@ class StockRepository:
         ConflictError after which the caller tries again with the check.
 
         On PostgreSQL a first delivery is one statement (`_reserve_all`), not one per item; SQLite
-        has no data-modifying WITH and takes the per-item path."""
+        has no data-modifying WITH and takes the per-item path.
+
+        With a `fence`, Superseded (nothing written) if a newer step of the order wrote before."""
+        fenced_here = fence is not None and (check_first or self._c.dialect.name != "postgresql")
+        if fenced_here and fence is not None and not self.fence(order_id, fence, now):
+            return Superseded()
         if check_first:
             settled = self._settled_reservation(order_id)
             if settled is not None:
                 return settled
         elif self._c.dialect.name == "postgresql":
-            return self._reserve_first_delivery(order_id, items, now)
+            return self._reserve_first_delivery(order_id, items, now, fence)
         self._c.execute(
             insert(stock_reservations),
             [
@@ -217,18 +275,26 @@ class StockRepository:
         return Reserved()
 
     def _reserve_first_delivery(
-        self, order_id: str, items: Sequence[OrderItem], now: datetime
+        self, order_id: str, items: Sequence[OrderItem], now: datetime, fence: Fence | None
     ) -> ReservationOutcome:
-        """`reserve` without the check, on PostgreSQL: one statement (`_reserve_all`). The items go
-        in SKU order, so the reservation keys are inserted in the order `release` inserts them."""
+        """`reserve` without the check, on PostgreSQL: one statement (`_reserve_all`), the fence
+        included. The items go in SKU order, so the reservation keys are inserted in the order
+        `release` inserts them."""
         ordered = sorted(items, key=lambda i: i.sku)
-        parameters = {
+        parameters: dict[str, Any] = {
             "order_id": order_id,
             "skus": [item.sku for item in ordered],
             "quantities": [item.quantity for item in ordered],
             "now": now,
         }
-        taken = set(precompiled.execute(self._c, _reserve_all(), parameters).scalars())
+        if fence is None:
+            taken = set(precompiled.execute(self._c, _reserve_all(), parameters).scalars())
+        else:
+            parameters.update(fence_event=fence.event_id, fence_claim=fence.claim)
+            rows = precompiled.execute(self._c, _reserve_all(fenced=True), parameters).all()
+            if not rows[0].fenced:
+                return Superseded()
+            taken = {row.sku for row in rows if row.sku is not None}
         for item in ordered:
             if item.sku not in taken:
                 return self._why_not(item)
@@ -249,15 +315,20 @@ class StockRepository:
             return unknown_sku(item.sku)
         return insufficient_stock(item.sku, item.quantity, level.available)
 
-    def release(self, order_id: str, now: datetime, items: Sequence[OrderItem] = ()) -> list[OrderItem]:
+    def release(
+        self, order_id: str, now: datetime, items: Sequence[OrderItem] = (), fence: Fence | None = None
+    ) -> list[OrderItem] | Superseded:
         """Release the order's active reservations (none left is fine: release is idempotent) and
-        close the order to later reservations.
+        close the order to later reservations; the items released. With a `fence`, Superseded
+        (nothing written) if a newer step of the order wrote before.
 
         Each of `items` without a reservation row gets a RELEASED one first: a saga step that lost
         its lease and still runs elsewhere then finds the order released instead of reserving for
         an order that is already settled. Inserting first matters on PostgreSQL: an insert that
         meets a concurrent, uncommitted reservation waits for it, so the update below sees it.
         """
+        if fence is not None and not self.fence(order_id, fence, now):
+            return Superseded()
         if items:
             dialect_insert = postgresql.insert if self._c.dialect.name == "postgresql" else sqlite.insert
             self._c.execute(

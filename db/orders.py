@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, Row, Select, Table, Update, and_, bindparam, insert, or_, select, update
 
+from db import clock
 from db.tables import order_items, orders
 from domain.errors import InvalidTransitionError
 from domain.model import Order, OrderItem, OrderStatus, can_move
@@ -100,13 +101,19 @@ class OrderRepository:
             raise InvalidTransitionError(f"an order cannot move from PENDING to {target.value}")
         return {"order_id": order_id, "target": target.value, "reason": reason or "", "now": now}
 
-    def pending_since(self, cutoff: datetime, limit: int) -> list[Order]:
-        """PENDING orders created before `cutoff`, oldest first: sagas that should have settled."""
+    def pending_since(self, older_than: timedelta, limit: int, now: datetime) -> list[Order]:
+        """PENDING orders created more than `older_than` ago by the database's clock (`db.clock`;
+        `now` on SQLite), oldest first: sagas that should have settled."""
+        dialect = self._c.dialect.name
         rows = self._c.execute(
             select(orders)
-            .where(orders.c.status == OrderStatus.PENDING.value, orders.c.create_time < cutoff)
+            .where(
+                orders.c.status == OrderStatus.PENDING.value,
+                orders.c.create_time < clock.later(dialect, "age_s"),
+            )
             .order_by(orders.c.create_time)
-            .limit(limit)
+            .limit(limit),
+            clock.parameters(now, age_s=-older_than.total_seconds()),
         ).all()
         return self._load(rows)
 

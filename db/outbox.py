@@ -7,6 +7,11 @@ A claim is one statement: due PENDING rows, oldest first, that have no earlier P
 the same aggregate (per-order ordering), `FOR UPDATE SKIP LOCKED` on PostgreSQL (ignored by
 SQLite, whose single writer needs no such thing), stamped with a fresh lease token. Every later
 write is fenced on that token: a dispatcher whose lease expired and was taken over changes nothing.
+
+A claim counts an attempt and a claim number (`claims`, never reset): a process that dies while
+running an event has used an attempt, so an event that kills its process every time still ends
+DEAD; a deferral gives its attempt back. (id, claims) is the step's fence in the inventory
+(`domain.inventory.Fence`). Times that decide who may run an event are the database's (`db.clock`).
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Case,
     ColumnElement,
     Connection,
     Integer,
@@ -29,6 +35,8 @@ from sqlalchemy import (
     Update,
     any_,
     bindparam,
+    case,
+    cast,
     delete,
     func,
     insert,
@@ -40,9 +48,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 
-from db import precompiled
+from db import clock, precompiled
+from db.chained import DB_NOW, DbLater, insert_together
 from db.tables import outbox_events as outbox
 from domain.events import DomainEvent
+from domain.inventory import Fence
 
 PENDING = "PENDING"
 DONE = "DONE"
@@ -59,24 +69,36 @@ class ClaimedEvent:
     event_type: str
     payload: str
     headers: Mapping[str, str]
-    attempts: int
+    attempts: int  # this one included
     created_at: datetime
     lease_token: str
-    claimed_at: datetime
+    claimed_at: datetime  # on PostgreSQL, like created_at, the database's time
+    claims: int = 1  # the number of the claim that leased it
 
     @property
     def correlation_id(self) -> str | None:
         return self.headers.get("correlation_id")
 
+    @property
+    def fence(self) -> Fence:
+        """The token that fences this lease's writes in the inventory."""
+        return Fence(self.id, self.claims)
+
+    @property
+    def age_s(self) -> float:
+        """Seconds from the event's creation to its claim, on one clock (see `db.clock`)."""
+        return max((self.claimed_at - self.created_at).total_seconds(), 0.0)
+
 
 @dataclass(frozen=True)
 class Lease:
     """A lease taken before the events exist: a process that will run the events it is about to
-    commit writes them already leased to itself (`token` until `until`), so no claim is needed
-    and no other process takes them; `count` events, one worker each (saga.dispatcher)."""
+    commit writes them already leased to itself (`token`, for `seconds` from the commit by the
+    database's clock), so no claim is needed and no other process takes them; `count` events,
+    one worker each (saga.dispatcher). The write is their first claim and attempt."""
 
     token: str
-    until: datetime
+    seconds: float
     count: int = 1
 
 
@@ -115,15 +137,31 @@ _CLAIMED = (
     outbox.c.payload,
     outbox.c.headers,
     outbox.c.attempts,
+    outbox.c.claims,
     outbox.c.created_at,
 )
 
 
-@lru_cache(maxsize=2)
-def _claim_statement(sparing_ids: bool = False) -> Update:
+def _unfinished_attempt() -> Case[Any]:
+    """The claim's `last_error`: a row still leased when claimed was left by an attempt that never
+    recorded an outcome (its process died, or stalled past the lease); say so, keep it otherwise."""
+    return case(
+        (
+            outbox.c.locked_until.is_not(None),
+            literal("attempt ")
+            + cast(outbox.c.attempts, String)
+            + literal(" did not finish: its lease ran out (the process died or stalled)"),
+        ),
+        else_=outbox.c.last_error,
+    )
+
+
+@lru_cache(maxsize=4)
+def _claim_statement(dialect: str, sparing_ids: bool = False) -> Update:
     """The claim; `sparing_ids`: never an event listed in the array parameter `ids` (the batch the
-    same statement completes, see `_complete_and_claim_statement`)."""
-    now = bindparam("now", type_=outbox.c.available_at.type)
+    same statement completes, see `_complete_and_claim_statement`). Parameters: `limit`, `token`
+    and `db.clock.parameters(now, lease_s=...)`."""
+    now = clock.now(dialect)
     earlier = outbox.alias("earlier")
     spared = (
         (~(outbox.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger)))),) if sparing_ids else ()
@@ -153,10 +191,13 @@ def _claim_statement(sparing_ids: bool = False) -> Update:
         .where(outbox.c.id.in_(due))
         .values(
             lease_token=bindparam("token"),
-            locked_until=bindparam("until", type_=outbox.c.locked_until.type),
+            locked_until=clock.later(dialect, "lease_s"),
             updated_at=now,
+            attempts=outbox.c.attempts + 1,
+            claims=outbox.c.claims + 1,
+            last_error=_unfinished_attempt(),
         )
-        .returning(*_CLAIMED)
+        .returning(*_CLAIMED, now.label("claimed_at"))
     )
 
 
@@ -203,11 +244,31 @@ def _complete_and_claim_statement() -> Select[Any]:
     the statement's one snapshot: an event whose earlier event of the same order is completed here
     is claimable only from the next claim on."""
     done = _complete_many_statement("postgresql").cte("done")
-    claimed = _claim_statement(sparing_ids=True).cte("claimed")
+    claimed = _claim_statement("postgresql", sparing_ids=True).cte("claimed")
     done_ids = select(func.array_agg(done.c.id)).scalar_subquery().label("done_ids")
     one = select(literal(1).label("one")).subquery("one")
-    return select(done_ids, *(claimed.c[column.name] for column in _CLAIMED)).select_from(
-        one.outerjoin(claimed, true())
+    columns = (*(claimed.c[column.name] for column in _CLAIMED), claimed.c.claimed_at)
+    return select(done_ids, *columns).select_from(one.outerjoin(claimed, true()))
+
+
+@lru_cache(maxsize=2)
+def _renew_statement(dialect: str) -> Update:
+    """Extend leases still held and not run out (`id = ANY(:ids) AND lease_token = ANY(:tokens)` on
+    PostgreSQL, as in `_complete_many_statement`; (id, token) pairs on SQLite): RETURNING the ids
+    renewed. A lease that ran out stays out, even if no one has taken the event yet."""
+    matched: tuple[ColumnElement[bool], ...]
+    if dialect == "postgresql":
+        matched = (
+            outbox.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger))),
+            outbox.c.lease_token == any_(bindparam("tokens", type_=postgresql.ARRAY(String))),
+        )
+    else:
+        matched = (tuple_(outbox.c.id, outbox.c.lease_token).in_(bindparam("leases", expanding=True)),)
+    return (
+        update(outbox)
+        .where(*matched, outbox.c.status == PENDING, outbox.c.locked_until > clock.now(dialect))
+        .values(locked_until=clock.later(dialect, "lease_s"))
+        .returning(outbox.c.id)
     )
 
 
@@ -223,13 +284,21 @@ class OutboxStore:
         lease: Lease | None = None,
     ) -> list[ClaimedEvent]:
         """Store `events`; with a `lease`, already leased, and returned as claimed (else [])."""
-        rows = self.new_rows(events, correlation_id, now, lease)
+        dialect = self._c.dialect.name
+        rows = self.new_rows(events, correlation_id, now, lease, dialect)
         if not rows:
             return []
         if lease is None:
-            self._c.execute(insert(outbox), rows)
+            if dialect == "postgresql":
+                insert_together(self._c, [(outbox, rows)])
+            else:
+                self._c.execute(insert(outbox), rows)
             return []
-        ids = [int(self._c.execute(insert(outbox).returning(outbox.c.id), row).scalar_one()) for row in rows]
+        if dialect == "postgresql":  # its RETURNING gives one key: one statement a row
+            ids = [insert_together(self._c, [(outbox, [row])], returning=True)[0] for row in rows]
+        else:
+            one = insert(outbox).returning(outbox.c.id)
+            ids = [int(self._c.execute(one, row).scalar_one()) for row in rows]
         return self.leased(rows, ids, lease, now)
 
     @staticmethod
@@ -238,9 +307,12 @@ class OutboxStore:
         correlation_id: str | None,
         now: datetime,
         lease: Lease | None = None,
+        dialect: str = "sqlite",
     ) -> list[dict[str, Any]]:
-        """The PENDING rows that store `events` (see `add`), leased when `lease` is given."""
+        """The PENDING rows that store `events` (see `add`), leased when `lease` is given. On
+        PostgreSQL the times are the database's, written by `db.chained.insert_together`."""
         headers = json.dumps({"correlation_id": correlation_id} if correlation_id else {})
+        at: Any = DB_NOW if dialect == "postgresql" else now
         rows: list[dict[str, Any]] = [
             {
                 "aggregate_id": event.order_id,
@@ -249,25 +321,28 @@ class OutboxStore:
                 "headers": headers,
                 "status": PENDING,
                 "attempts": 0,
-                "available_at": now,
-                "created_at": now,
-                "updated_at": now,
+                "claims": 0,
+                "available_at": at,
+                "created_at": at,
+                "updated_at": at,
             }
             for event in events
         ]
         if lease is not None:
             if len(rows) != lease.count:
                 raise ValueError(f"a lease for {lease.count} event(s) cannot hold {len(rows)}")
+            later = timedelta(seconds=lease.seconds)
+            until = DbLater(lease.seconds) if dialect == "postgresql" else now + later
             for row in rows:
-                row["lease_token"] = lease.token
-                row["locked_until"] = lease.until
+                row.update(lease_token=lease.token, locked_until=until, attempts=1, claims=1)
         return rows
 
     @staticmethod
     def leased(
         rows: Sequence[Mapping[str, Any]], ids: Sequence[int], lease: Lease, now: datetime
     ) -> list[ClaimedEvent]:
-        """The events of `rows` (see `new_rows`), stored under `ids`, as their lease holder sees them."""
+        """The events of `rows` (see `new_rows`), stored under `ids`, as their lease holder sees them
+        (created and claimed `now`: their age is nil on any clock)."""
         return [
             ClaimedEvent(
                 id=event_id,
@@ -275,10 +350,11 @@ class OutboxStore:
                 event_type=row["event_type"],
                 payload=row["payload"],
                 headers=_headers(row["headers"]),
-                attempts=0,
-                created_at=row["created_at"],
+                attempts=1,
+                created_at=now,
                 lease_token=lease.token,
                 claimed_at=now,
+                claims=1,
             )
             for row, event_id in zip(rows, ids, strict=True)
         ]
@@ -304,17 +380,17 @@ class OutboxStore:
         return int(result.scalar_one())
 
     def claim(self, limit: int, lease: timedelta, now: datetime) -> list[ClaimedEvent]:
-        """Lease up to `limit` due events (oldest first, one per aggregate at a time)."""
+        """Lease up to `limit` due events (oldest first, one per aggregate at a time), for `lease`
+        by the database's clock (`now` is used on SQLite only, see `db.clock`)."""
         if limit <= 0:
             return []
         token = str(uuid.uuid4())
-        rows = precompiled.execute(
-            self._c, _claim_statement(), {"limit": limit, "now": now, "until": now + lease, "token": token}
-        ).all()
-        return self._claimed(rows, token, now)
+        parameters = {"limit": limit, "token": token, **clock.parameters(now, lease_s=lease.total_seconds())}
+        rows = precompiled.execute(self._c, _claim_statement(self._c.dialect.name), parameters).all()
+        return self._claimed(rows, token)
 
     @staticmethod
-    def _claimed(rows: Sequence[Any], token: str, now: datetime) -> list[ClaimedEvent]:
+    def _claimed(rows: Sequence[Any], token: str) -> list[ClaimedEvent]:
         return sorted(
             (
                 ClaimedEvent(
@@ -326,7 +402,8 @@ class OutboxStore:
                     attempts=row.attempts,
                     created_at=row.created_at,
                     lease_token=token,
-                    claimed_at=now,
+                    claimed_at=_utc(row.claimed_at),
+                    claims=row.claims,
                 )
                 for row in rows
             ),
@@ -343,16 +420,30 @@ class OutboxStore:
             return self.complete_many(finished, now), self.claim(limit, lease, now)
         token = str(uuid.uuid4())
         parameters = {
-            "now": now,
             "ids": [e.id for e in finished],
             "tokens": list({e.lease_token for e in finished}),
             "limit": limit,
-            "until": now + lease,
             "token": token,
+            **clock.parameters(now, lease_s=lease.total_seconds()),
         }
         rows = precompiled.execute(self._c, _complete_and_claim_statement(), parameters).all()
         done = set(rows[0].done_ids or ())
-        return done, self._claimed([row for row in rows if row.id is not None], token, now)
+        return done, self._claimed([row for row in rows if row.id is not None], token)
+
+    def renew(self, events: Sequence[ClaimedEvent], lease: timedelta, now: datetime) -> set[int]:
+        """Extend the leases of `events` that this process still holds, to `lease` from now by the
+        database's clock; the ids renewed (an event missing ran out of its lease, was taken over,
+        or is finished)."""
+        if not events:
+            return set()
+        dialect = self._c.dialect.name
+        parameters: dict[str, Any] = clock.parameters(now, lease_s=lease.total_seconds())
+        if dialect == "postgresql":
+            parameters["ids"] = [e.id for e in events]
+            parameters["tokens"] = list({e.lease_token for e in events})
+        else:
+            parameters["leases"] = [(e.id, e.lease_token) for e in events]
+        return set(precompiled.execute(self._c, _renew_statement(dialect), parameters).scalars())
 
     def _fenced(self, event: ClaimedEvent) -> Any:
         return update(outbox).where(
@@ -380,37 +471,37 @@ class OutboxStore:
     def reschedule(
         self,
         event: ClaimedEvent,
-        available_at: datetime,
+        delay_s: float,
         now: datetime,
         error: str | None,
         count_attempt: bool,
     ) -> bool:
-        """Back to PENDING until `available_at`; a deferral (`count_attempt=False`) is not an attempt."""
+        """Back to PENDING, due `delay_s` from now by the database's clock; a deferral
+        (`count_attempt=False`) gives back the attempt its claim counted."""
+        dialect = self._c.dialect.name
         values: dict[str, Any] = {
-            "available_at": available_at,
+            "available_at": clock.later(dialect, "delay_s"),
             "lease_token": None,
             "locked_until": None,
-            "updated_at": now,
+            "updated_at": clock.now(dialect),
         }
-        if count_attempt:
-            values["attempts"] = outbox.c.attempts + 1
+        if not count_attempt:
+            values["attempts"] = func.max(outbox.c.attempts - 1, 0) if dialect == "sqlite" else func.greatest(
+                outbox.c.attempts - 1, 0
+            )
+        if error is not None:
+            values["last_error"] = error[:MAX_ERROR_CHARS]
+        statement = self._fenced(event).values(**values)
+        return self._c.execute(statement, clock.parameters(now, delay_s=delay_s)).rowcount == 1
+
+    def bury(self, event: ClaimedEvent, error: str | None, now: datetime) -> bool:
+        """DEAD: no more attempts (the claim counted the last); the error (None: the one the row
+        holds) stays for an operator."""
+        values: dict[str, Any] = {"status": DEAD, "lease_token": None, "locked_until": None}
+        values["updated_at"] = now
         if error is not None:
             values["last_error"] = error[:MAX_ERROR_CHARS]
         return self._c.execute(self._fenced(event).values(**values)).rowcount == 1
-
-    def bury(self, event: ClaimedEvent, error: str, now: datetime) -> bool:
-        """DEAD: no more attempts; the error stays for an operator."""
-        result = self._c.execute(
-            self._fenced(event).values(
-                status=DEAD,
-                attempts=outbox.c.attempts + 1,
-                last_error=error[:MAX_ERROR_CHARS],
-                lease_token=None,
-                locked_until=None,
-                updated_at=now,
-            )
-        )
-        return result.rowcount == 1
 
     def purge_done(self, older_than: datetime, batch: int) -> int:
         """Delete at most `batch` DONE rows last touched before `older_than`."""
@@ -474,3 +565,10 @@ class OutboxStore:
             .values(status=PENDING, attempts=0, available_at=now, updated_at=now)
         )
         return result.rowcount == 1
+
+
+def _utc(value: datetime) -> datetime:
+    """A time read back from a RETURNING expression (no column type on SQLite): aware UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -98,7 +98,12 @@ outbox_events = Table(
     Column("payload", Text, nullable=False),
     Column("headers", Text, nullable=False),
     Column("status", String(8), nullable=False),
+    # Counted when a claim takes the event (a process that dies running it has used an attempt);
+    # a deferral gives its attempt back.
     Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # Every claim's number, never reset: (id, claims) is the fencing token the inventory keeps
+    # per order (see `reservation_fences`), so a step of an older claim writes nothing there.
+    Column("claims", Integer, nullable=False, server_default=text("0")),
     Column("available_at", UTCDateTime, nullable=False),
     Column("locked_until", UTCDateTime, nullable=True),
     Column("lease_token", String(36), nullable=True),
@@ -139,4 +144,16 @@ stock_reservations = Table(
     Column("create_time", UTCDateTime, nullable=False),
     Column("update_time", UTCDateTime, nullable=False),
     Index(None, "sku", "status"),
+)
+
+# The newest saga step that wrote for an order: the (outbox event id, claim number) of its lease.
+# A step of an older claim, or of an earlier event of the order, is refused (`StockRepository.fence`):
+# a step that outlived its lease changes nothing in the inventory, whatever its database.
+reservation_fences = Table(
+    "reservation_fences",
+    inventory_metadata,
+    Column("order_id", String(36), primary_key=True),
+    Column("event_id", BigInteger, nullable=False),
+    Column("claim", Integer, nullable=False),
+    Column("update_time", UTCDateTime, nullable=False),
 )

@@ -264,7 +264,7 @@ class OrdersUnitOfWork(UnitOfWork):
         if self.dialect != "postgresql":
             self.orders.add(order, request_fingerprint)
             return self.outbox.add(events, correlation_id, order.create_time, lease)
-        rows = OutboxStore.new_rows(events, correlation_id, order.create_time, lease)
+        rows = OutboxStore.new_rows(events, correlation_id, order.create_time, lease, self.dialect)
         parts = [*OrderRepository.new_rows(order, request_fingerprint), (outbox_events, rows)]
         ids = insert_together(self.connection, parts, returning=lease is not None)
         return [] if lease is None else OutboxStore.leased(rows, ids, lease, order.create_time)

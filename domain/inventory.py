@@ -28,7 +28,23 @@ class Rejected:
     reason: str
 
 
-ReservationOutcome = Reserved | Rejected
+@dataclass(frozen=True)
+class Superseded:
+    """A newer saga step of the order has written in the inventory: this one, whose lease has
+    passed to that step, wrote nothing."""
+
+
+ReservationOutcome = Reserved | Rejected | Superseded
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The fencing token of a saga step: its outbox event and the number of the claim that leased
+    it. Tokens of one order grow (later claims, later events of the order), so the inventory can
+    refuse the writes of a step older than the newest that wrote (`StockRepository.fence`)."""
+
+    event_id: int
+    claim: int
 
 
 def unknown_sku(sku: str) -> Rejected:

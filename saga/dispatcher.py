@@ -20,8 +20,13 @@ It knows event types and handlers, nothing of what an event means. Per process:
 - each handler runs on the executor with the event's correlation id (and order id) restored in a
   fresh context: an executor does not carry contextvars by itself;
 - the handler's verdict is written back fenced on the lease token (see `db.outbox`): DONE, a
-  retry later (exponential backoff with jitter, an attempt counted), a deferral (not an attempt:
-  the breaker is open or the rate limit says wait), or DEAD after `max_attempts`;
+  retry later (exponential backoff with jitter), a deferral (the attempt its claim counted is
+  given back: the breaker is open or the rate limit says wait), or DEAD after `max_attempts`.
+  A claim counts the attempt, so an event whose handler kills the process is claimed once more
+  than `max_attempts` and then buried unrun, its cause kept;
+- leases are the database's (`db.clock`): while events are held, their leases are renewed every
+  third of `lease_s`, and an event whose lease ran out before a worker took it (the process
+  stalled) is handed back, not started: its lease may already be another process's;
 - DONE is written in batches: finished events wait for the dispatcher thread, which marks them
   all DONE in the transaction of its next claim (one statement for the batch), or on their own
   once two batches' worth have gathered or nothing is left running. A handler that
@@ -128,6 +133,8 @@ class DispatcherStats:
     deferred: int = 0
     dead: int = 0
     fenced: int = 0  # completions refused because the lease had passed to another process
+    expired: int = 0  # handed back unrun: the lease ran out before a worker took the event
+    renewed: int = 0  # leases extended while their events were held
 
 
 Listener = Callable[[str, ClaimedEvent, float], None]  # (outcome, event, handler seconds)
@@ -166,6 +173,10 @@ class OutboxDispatcher:
         # found no worker free, so more events may be due than were claimed; None when not.
         self._owed_since: float | None = None
         self._running: dict[str, int] = {}  # aggregates of the events in flight, with counts
+        # Events in flight (queued or running) with the time.monotonic() by which their lease
+        # runs out at the latest, counted from before the statement that took it.
+        self._held: dict[int, tuple[ClaimedEvent, float]] = {}
+        self._next_renewal = 0.0
         self._followed: set[str] = set()  # running aggregates with a later event committed here
         self._started = False
         # Handled events waiting to be marked DONE, with their handler seconds (under the lock).
@@ -222,8 +233,7 @@ class OutboxDispatcher:
             if not self._started or self._stopping.is_set() or owed or busy + count > self._settings.workers:
                 return None
             self._reserved += count
-        until = self._clock() + timedelta(seconds=self._settings.lease_s)
-        return Lease(str(uuid.uuid4()), until, count)
+        return Lease(str(uuid.uuid4()), self._settings.lease_s, count)
 
     def return_slots(self, lease: Lease) -> None:
         """The events of `lease` were not committed: free the workers reserved for them (for a
@@ -241,6 +251,9 @@ class OutboxDispatcher:
         back to the queue instead (a deferral), or leave them to their lease if even that fails.
         Their dispatch lag counts from `committed_at` (a claimed event's can only count from its
         creation, before its transaction, and so includes that transaction)."""
+        # The lease was written in the commit that just returned; its start was later than now
+        # minus the time a commit may take, which a tenth of the lease bounds well.
+        leased_since = time.monotonic() - self._settings.lease_s / 10
         with self._lock:
             self._reserved -= lease.count
             stopping = self._stopping.is_set()
@@ -248,7 +261,7 @@ class OutboxDispatcher:
                 self._in_flight += len(events)
                 self.stats.claimed += len(events)
                 for event in events:
-                    self._enter(event)
+                    self._enter(event, leased_since)
         if stopping:
             for event in events:
                 try:
@@ -302,9 +315,11 @@ class OutboxDispatcher:
                 sizes = [] if pause else self._rounds_to_start()
             for size in sizes:
                 self._round_threads.submit(self._round, size)
+            self._renew_due_leases()
             # After a failure, a wake-up (a commit here, a notification once the database is back)
             # ends the pause early, so sagas resume as soon as the database answers again.
-            self._wake.wait(pause or self._settings.poll_interval_s)
+            until_renewal = max(self._next_renewal - time.monotonic(), 0.01)
+            self._wake.wait(min(pause or self._settings.poll_interval_s, until_renewal))
             with self._lock:
                 self._wanted = max(self._wanted, 1)  # woken, or the poll: look
 
@@ -376,6 +391,36 @@ class OutboxDispatcher:
             if wake:
                 self._wake.set()
 
+    def _renew_due_leases(self) -> None:
+        """Every third of `lease_s`, extend the leases of the events held for longer than that, in
+        one statement. One whose lease ran out (the process stalled) is not revived: if queued, it
+        will not start; if running, it goes on and its writes are fenced."""
+        now = time.monotonic()
+        if now < self._next_renewal or self._faults.get("lease_renewal_off"):
+            return
+        interval = self._settings.lease_s / 3
+        self._next_renewal = now + interval
+        with self._lock:
+            due = [event for event, until in self._held.values() if until - now < 2 * interval]
+        if not due:
+            return
+        try:
+            with self._uow(single_statement=True) as uow:
+                renewed = uow.outbox.renew(due, timedelta(seconds=self._settings.lease_s), self._clock())
+                uow.commit()
+        except Exception as error:
+            log.warning("renewing %d lease(s) failed: %s", len(due), _describe(error))
+            return
+        lost = [event for event in due if event.id not in renewed]
+        with self._lock:
+            self.stats.renewed += len(renewed)
+            for event in due:
+                if event.id in self._held:  # lost: run out at once, so a queued one is not started
+                    until = now + self._settings.lease_s if event.id in renewed else 0.0
+                    self._held[event.id] = (event, until)
+        for event in lost:
+            log.warning("event %d: its lease ran out or passed to another dispatcher while held", event.id)
+
     def _owe_claim(self, owed: bool) -> None:
         """Whether more events may be due than were claimed (under the lock)."""
         if not owed:
@@ -397,6 +442,7 @@ class OutboxDispatcher:
         number claimed, and the number marked DONE. A round counted `free` in `_claiming` until
         now (`_begin_round`); the events claimed count in flight instead."""
         now = self._clock()
+        sent = time.monotonic()
         with self._lock:
             finished, self._finished = self._finished, []
         try:
@@ -422,9 +468,9 @@ class OutboxDispatcher:
             self._in_flight += len(events)
             self.stats.claimed += len(events)
             for event in events:
-                self._enter(event)
+                self._enter(event, sent)
         for event in events:
-            self._submit(event, max((event.claimed_at - event.created_at).total_seconds(), 0.0))
+            self._submit(event, event.age_s)
         return len(events), len(kept)
 
     def _submit(self, event: ClaimedEvent, lag_s: float) -> None:
@@ -453,6 +499,14 @@ class OutboxDispatcher:
             if self._stopping.is_set():  # claimed ahead, never started: hand it back now
                 self._count(self._record(event, Defer(0.0, "dispatcher stopping")), event, 0.0)
                 return
+            if self._lease_ran_out(event):
+                log.warning("event %d: its lease ran out before it started; handed back", event.id)
+                handed_back = self._record(event, Defer(0.0, "lease ran out before the step started"))
+                self._count("expired" if handed_back == "deferred" else handed_back, event, 0.0)
+                return
+            if event.attempts > self._settings.max_attempts:
+                self._count(self._bury_unrun(event), event, 0.0)
+                return
             verdict = self._verdict(event)
             self._faults.maybe_delay("handler_delay_s")
             self._faults.maybe_crash("crash_before_complete")
@@ -479,12 +533,35 @@ class OutboxDispatcher:
             if wake:
                 self._wake.set()
 
-    def _enter(self, event: ClaimedEvent) -> None:
-        """Count `event` as running (under the lock)."""
+    def _lease_ran_out(self, event: ClaimedEvent) -> bool:
+        with self._lock:
+            held = self._held.get(event.id)
+        return held is not None and time.monotonic() >= held[1]
+
+    def _bury_unrun(self, event: ClaimedEvent) -> str:
+        """DEAD without running: every attempt of `max_attempts` was claimed and none recorded an
+        outcome (each killed or stalled its process). The claim's note of why stays the error."""
+        with self._uow() as uow:
+            kept = uow.outbox.bury(event, None, self._clock())
+            uow.commit()
+        if not kept:
+            return "fenced"
+        log.error(
+            "event %d (%s) is DEAD: none of its %d attempts finished (their processes died or stalled)",
+            event.id,
+            event.event_type,
+            event.attempts - 1,
+        )
+        return "dead"
+
+    def _enter(self, event: ClaimedEvent, leased_since: float) -> None:
+        """Count `event` as running (under the lock); its lease was taken after `leased_since`."""
         self._running[event.aggregate_id] = self._running.get(event.aggregate_id, 0) + 1
+        self._held[event.id] = (event, leased_since + self._settings.lease_s)
 
     def _leave(self, event: ClaimedEvent) -> None:
         """`event` stopped running (under the lock)."""
+        self._held.pop(event.id, None)
         left = self._running.get(event.aggregate_id, 1) - 1
         if left > 0:
             self._running[event.aggregate_id] = left
@@ -506,21 +583,20 @@ class OutboxDispatcher:
         now = self._clock()
         with self._uow() as uow:
             if isinstance(verdict, Defer):
-                later = now + timedelta(seconds=verdict.delay_s)
-                outcome, kept = "deferred", uow.outbox.reschedule(event, later, now, verdict.reason, False)
-            elif event.attempts + 1 >= self._settings.max_attempts:
+                kept = uow.outbox.reschedule(event, verdict.delay_s, now, verdict.reason, False)
+                outcome = "deferred"
+            elif event.attempts >= self._settings.max_attempts:
                 outcome, kept = "dead", uow.outbox.bury(event, verdict.error, now)
                 log.error(
                     "event %d (%s) is DEAD after %d attempts: %s",
                     event.id,
                     event.event_type,
-                    event.attempts + 1,
+                    event.attempts,
                     verdict.error,
                 )
             else:
-                delay = backoff_s(event.attempts + 1, self._settings.retry_base_s, self._settings.retry_max_s)
-                later = now + timedelta(seconds=delay)
-                outcome, kept = "retried", uow.outbox.reschedule(event, later, now, verdict.error, True)
+                delay = backoff_s(event.attempts, self._settings.retry_base_s, self._settings.retry_max_s)
+                outcome, kept = "retried", uow.outbox.reschedule(event, delay, now, verdict.error, True)
             uow.commit()
         if not kept:
             log.warning(

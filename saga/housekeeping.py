@@ -83,7 +83,7 @@ class Housekeeper:
         now = self._clock()
         swept = 0
         with self._uow(write=False) as uow:
-            stuck = uow.orders.pending_since(now - self._saga_timeout, self._batch)
+            stuck = uow.orders.pending_since(self._saga_timeout, self._batch, now)
         for order in stuck:
             expired, event = order.expire(now)
             with self._uow() as uow:

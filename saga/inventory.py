@@ -11,6 +11,13 @@ Steps of ORDER_CREATED, each idempotent so that at-least-once delivery has exact
 3. If the order was no longer PENDING (cancelled meanwhile, settled by an earlier delivery), read
    it and release what it holds unless it is VALIDATED.
 
+Every write is fenced, so a step that outlived its lease changes nothing once another step has
+taken over: in the orders database on the lease token (settle and DONE commit together, only
+while the token is this step's), in the inventory on the lease's `Fence` (the event and claim
+number), which every inventory transaction records first and refuses if a newer step of the
+order wrote (`Superseded`). Giving up closes the order in the inventory before failing it, like a
+rejection: a stale step that gives up releases nothing of the step that took over.
+
 The happy path reads no order: the event carries the items, and the settle is a compare-and-set
 on the status. Two transactions per order, one in each database, and on PostgreSQL one statement
 in each (`StockRepository.reserve`, `OrdersUnitOfWork.settle_and_complete`): each execution costs
@@ -30,7 +37,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TypeVar
 
 import pybreaker
@@ -39,7 +46,7 @@ from db.outbox import ClaimedEvent
 from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
 from domain.errors import ConflictError
 from domain.events import OrderCancelled, OrderExpired, OrderPlaced
-from domain.inventory import ReservationOutcome, Reserved
+from domain.inventory import Fence, ReservationOutcome, Reserved, Superseded
 from domain.model import Order, OrderItem, OrderStatus, utcnow
 from saga.dispatcher import Completed, Defer, Done, Handler, Retry, Verdict
 from saga.faults import FaultSwitches
@@ -112,7 +119,10 @@ class InventoryParticipant:
         self._faults.maybe_delay("inventory_delay_s")
         self._faults.maybe_fail("inventory_error")
 
-    def reserve(self, order_id: str, items: tuple[OrderItem, ...]) -> ReservationOutcome:
+    def reserve(
+        self, order_id: str, items: tuple[OrderItem, ...], fence: Fence | None = None
+    ) -> ReservationOutcome:
+        """Reserve all items or none; with a `fence`, Superseded if a newer step of the order wrote."""
         self._inject()
         tries = itertools.count()
 
@@ -120,21 +130,26 @@ class InventoryParticipant:
             # The first try skips the up-front read of earlier reservations (see StockRepository).
             check_first = next(tries) > 0
             with self._uow() as uow:
-                outcome = uow.stock.reserve(order_id, items, self._clock(), check_first=check_first)
-                if isinstance(outcome, Reserved) and outcome.fresh:
-                    uow.commit()
+                now = self._clock()
+                outcome = uow.stock.reserve(order_id, items, now, check_first=check_first, fence=fence)
+                if isinstance(outcome, Reserved):
+                    uow.commit()  # a fresh reservation, or (a redelivery) the fence alone
                 return outcome  # otherwise leaving the block rolls back what was taken
 
         return self._with_conflict_retries(attempt)
 
-    def release(self, order_id: str, items: tuple[OrderItem, ...] = ()) -> list[OrderItem]:
-        """Release what the order holds and close it to later reservations (see StockRepository)."""
+    def release(
+        self, order_id: str, items: tuple[OrderItem, ...] = (), fence: Fence | None = None
+    ) -> list[OrderItem] | Superseded:
+        """Release what the order holds and close it to later reservations (see StockRepository);
+        with a `fence`, Superseded if a newer step of the order wrote."""
         self._inject()
 
-        def attempt() -> list[OrderItem]:
+        def attempt() -> list[OrderItem] | Superseded:
             with self._uow() as uow:
-                released = uow.stock.release(order_id, self._clock(), items)
-                uow.commit()
+                released = uow.stock.release(order_id, self._clock(), items, fence)
+                if not isinstance(released, Superseded):
+                    uow.commit()
             return released
 
         return self._with_conflict_retries(attempt)
@@ -183,27 +198,32 @@ class InventorySaga:
 
     def on_order_created(self, event: ClaimedEvent) -> Verdict:
         order_id, items = parse_placed(event.payload)
-        if self._clock() - event.created_at > timedelta(seconds=self._settings.saga_timeout_s):
-            return self._after_settle_refused(order_id, items, event, give_up="saga timed out")
+        self._faults.maybe_crash_on(items)
+        if event.age_s > self._settings.saga_timeout_s:
+            return self._give_up(order_id, items, event, "saga timed out")
+        self._faults.maybe_stall("before_reserve")
         try:
-            outcome = self._guard.call(self._participant.reserve, order_id, items)
+            outcome = self._guard.call(self._participant.reserve, order_id, items, event.fence)
         except (BreakerOpenError, RateLimitedError) as error:
             return self._defer(error)
         except Exception as error:
             if self._breaker_open():
                 return self._defer(error)  # an outage (this call tripped it, or a probe failed)
-            if event.attempts + 1 >= self._settings.max_attempts:
-                return self._after_settle_refused(order_id, items, event, give_up=str(error))
+            if event.attempts >= self._settings.max_attempts:
+                return self._give_up(order_id, items, event, str(error))
             return Retry(f"reserve failed: {type(error).__name__}: {error}")
         self._faults.maybe_crash("crash_after_reserve")
         self._faults.maybe_delay("settle_delay_s")
+        self._faults.maybe_stall("after_reserve")
+        if isinstance(outcome, Superseded):
+            return self._superseded(order_id, event)
         if isinstance(outcome, Reserved):
             log.info("stock reserved for order %s", order_id)
             return self._settle(order_id, items, event, OrderStatus.VALIDATED, None)
         log.info("order %s cannot be reserved: %s", order_id, outcome.reason)
         # Close the order in the inventory before failing it, so that no step of this saga still
         # running elsewhere (a lost lease) can reserve for an order that is already FAILED.
-        closed = self._release(order_id, items)
+        closed = self._release(order_id, items, event)
         if not isinstance(closed, Done):
             return closed
         return self._settle(order_id, items, event, OrderStatus.FAILED, outcome.reason)
@@ -213,23 +233,11 @@ class InventorySaga:
         order = self._load(order_id)
         if order is None:
             raise MalformedEventError(f"order {order_id} does not exist")
-        return self._release(order_id, order.items)
+        return self._release(order_id, order.items, event)
 
     def _load(self, order_id: str) -> Order | None:
         with self._orders_uow(write=False) as uow:
             return uow.orders.get(order_id)
-
-    def _save(self, changed: Order, outcome: str) -> bool:
-        """Write the order version-checked; on success tell watchers and metrics. False if the order
-        moved under the saga."""
-        with self._orders_uow() as uow:
-            saved = uow.orders.save(changed)
-            if saved:
-                uow.commit()
-        if saved:
-            self._on_order_changed(changed.order_id)
-            self._on_outcome(outcome)
-        return saved
 
     def _settle(
         self,
@@ -238,65 +246,80 @@ class InventorySaga:
         event: ClaimedEvent,
         target: OrderStatus,
         reason: str | None,
+        outcome: str = "",
     ) -> Verdict:
         """PENDING -> `target` and the event DONE, one commit; nothing at all if the lease is gone."""
+        self._faults.maybe_stall("before_settle")
         now = self._clock()
         with self._orders_uow() as uow:
             settled, completed = uow.settle_and_complete(order_id, target, reason, event, now)
             if settled:
                 if not completed:
-                    return Completed(kept=False)  # leaving the block rolls the settle back
+                    return self._superseded(order_id, event)  # leaving the block rolls the settle back
                 uow.commit()
         if not settled:
             return self._after_settle_refused(order_id, items, event)
         self._on_order_changed(order_id)
-        self._on_outcome(target.value.lower())
+        self._on_outcome(outcome or target.value.lower())
         log.info("order %s is %s%s", order_id, target.value, f": {reason}" if reason else "")
         return Completed()
 
     def _after_settle_refused(
-        self, order_id: str, items: tuple[OrderItem, ...], event: ClaimedEvent, give_up: str = ""
+        self, order_id: str, items: tuple[OrderItem, ...], event: ClaimedEvent
     ) -> Verdict:
-        """The order was not PENDING, or the saga gives up on it (`give_up`, the reason): read it
-        and make sure nothing stays reserved unless it is VALIDATED."""
+        """The order was not PENDING: read it and make sure nothing stays reserved unless it is
+        VALIDATED (fenced: a step that lost its lease releases nothing of the one that took over)."""
         order = self._load(order_id)
         if order is None:
-            self._release(order_id, items)  # what this step may have reserved
+            self._release(order_id, items, event)  # what this step may have reserved
             raise MalformedEventError(f"order {order_id} does not exist")
-        if give_up and order.status is OrderStatus.PENDING:
-            return self._give_up(order, event, give_up)
         log.info("order %s is %s, not PENDING, for the saga", order_id, order.status.value)
         if order.status is OrderStatus.VALIDATED:
             return Done()
         if order.status is OrderStatus.PENDING:
             return Retry("order changed concurrently and is still PENDING")
-        return self._release(order_id, order.items)
+        return self._release(order_id, order.items, event)
 
-    def _give_up(self, order: Order, event: ClaimedEvent, why: str) -> Verdict:
-        log.warning("giving up on order %s after %d attempts: %s", order.order_id, event.attempts + 1, why)
-        self._save(order.fail(INVENTORY_UNAVAILABLE, now=self._clock()), "gave_up")
-        # Whatever an earlier attempt may have reserved goes back; if the inventory is still down,
-        # the retry comes back here through the "not PENDING" path.
+    def _give_up(self, order_id: str, items: tuple[OrderItem, ...], event: ClaimedEvent, why: str) -> Verdict:
+        """FAILED ("inventory unavailable") after the last attempt or past the saga's timeout. The
+        order is closed in the inventory first, as for a rejection: then no step of this saga can
+        reserve for it any more, and if the inventory is still down the event comes back (a
+        deferral, not an attempt) rather than failing an order whose stock may be held."""
+        log.warning("giving up on order %s after %d attempts: %s", order_id, event.attempts, why)
+        self._faults.maybe_stall("before_give_up")
         try:
-            self._participant.release(order.order_id, order.items)
+            closed = self._participant.release(order_id, items, event.fence)
         except Exception as error:
-            # Not an attempt (this one may be the last): the event must come back to release.
             return self._defer(error)
-        return Done()
+        if isinstance(closed, Superseded):
+            return self._superseded(order_id, event)
+        return self._settle(order_id, items, event, OrderStatus.FAILED, INVENTORY_UNAVAILABLE, "gave_up")
 
-    def _release(self, order_id: str, items: tuple[OrderItem, ...]) -> Verdict:
+    def _release(self, order_id: str, items: tuple[OrderItem, ...], event: ClaimedEvent) -> Verdict:
         try:
-            released = self._guard.call(self._participant.release, order_id, items)
+            released = self._guard.call(self._participant.release, order_id, items, event.fence)
         except (BreakerOpenError, RateLimitedError) as error:
             return self._defer(error)
         except Exception as error:
             if self._breaker_open():
                 return self._defer(error)
             return Retry(f"release failed: {type(error).__name__}: {error}")
+        if isinstance(released, Superseded):
+            return self._superseded(order_id, event)
         if released:
             log.info("released %d reserved item(s) of order %s", len(released), order_id)
             self._on_outcome("released")
         return Done()
+
+    @staticmethod
+    def _superseded(order_id: str, event: ClaimedEvent) -> Completed:
+        log.warning(
+            "order %s: event %d's lease (claim %d) passed to another step; this one wrote nothing",
+            order_id,
+            event.id,
+            event.claims,
+        )
+        return Completed(kept=False)
 
     def _breaker_open(self) -> bool:
         return bool(self._guard.breaker.current_state == pybreaker.STATE_OPEN)

@@ -76,7 +76,7 @@ def _run(settings: Settings, args: Sequence[str], out: TextIO) -> int:
         if action == "stuck" and len(rest) <= 1:
             older_than = float(rest[0]) if rest else settings.saga_timeout_s
             with uow(write=False) as work:
-                orders = work.orders.pending_since(utcnow() - timedelta(seconds=older_than), 1000)
+                orders = work.orders.pending_since(timedelta(seconds=older_than), 1000, utcnow())
                 for order in orders:
                     events = work.outbox.rows(aggregate_id=order.order_id)
                     print(

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import update
 
 import db.outbox
 from db.engine import make_engine
@@ -73,8 +74,11 @@ def test_a_leased_event_is_not_claimable_until_its_lease_runs_out(engine):
         _lease, (event,) = _place_leased(engine, dispatcher)
         with OrdersUnitOfWork(engine) as uow:
             assert uow.outbox.claim(10, timedelta(seconds=30), utcnow()) == []
-            later = utcnow() + timedelta(seconds=31)
-            (taken_over,) = uow.outbox.claim(10, timedelta(seconds=30), later)
+            # The lease runs out (its end moved into the past, as 31 s would move it).
+            uow.connection.execute(
+                update(outbox_events).values(locked_until=utcnow() - timedelta(seconds=1))
+            )
+            (taken_over,) = uow.outbox.claim(10, timedelta(seconds=30), utcnow())
             uow.commit()
         assert taken_over.id == event.id
         assert taken_over.lease_token != event.lease_token, "the late lease holder is fenced out"

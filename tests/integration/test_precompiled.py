@@ -4,18 +4,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, event
 
-from db import precompiled
+from db import clock, precompiled
 from db.chained import statement_for
 from db.engine import make_engine
 from db.inventory import _reserve_all
 from db.orders import OrderRepository
-from db.outbox import OutboxStore, _claim_statement, _complete_and_claim_statement, _complete_many_statement
+from db.outbox import (
+    Lease,
+    OutboxStore,
+    _claim_statement,
+    _complete_and_claim_statement,
+    _complete_many_statement,
+    _renew_statement,
+)
 from db.tables import order_items, orders, outbox_events
 from db.unit_of_work import _settle_and_complete
 from domain.model import Order, OrderItem, OrderStatus, utcnow
@@ -50,15 +56,22 @@ def _sent(engine: Engine, run: Callable[[Connection], object]) -> tuple[str, dic
 
 
 def _same_either_way(engine: Engine, statement: Any, parameters: Mapping[str, Any]) -> None:
-    usual = _sent(engine, lambda c: c.execute(statement, dict(parameters)))
-    once = _sent(engine, lambda c: precompiled.execute(c, statement, parameters))
-    assert once == usual
+    usual_sql, usual = _sent(engine, lambda c: c.execute(statement, dict(parameters)))
+    once_sql, once = _sent(engine, lambda c: precompiled.execute(c, statement, parameters))
+    assert once_sql == usual_sql
+    # Parameters the SQL does not name may ride along (the driver ignores them; `db.clock` gives
+    # both databases' parameters): what it names must be the same.
+    assert {name: once.get(name) for name in usual} == usual
 
 
 def test_the_claim_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
-    now = utcnow()
-    parameters = {"limit": 8, "now": now, "until": now + timedelta(seconds=30), "token": "t-1"}
-    _same_either_way(engine, _claim_statement(), parameters)
+    parameters = {"limit": 8, "token": "t-1", **clock.parameters(utcnow(), lease_s=30.0)}
+    _same_either_way(engine, _claim_statement("postgresql"), parameters)
+
+
+def test_a_lease_renewal_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
+    parameters = {"ids": [1, 2], "tokens": ["t-1"], **clock.parameters(utcnow(), lease_s=30.0)}
+    _same_either_way(engine, _renew_statement("postgresql"), parameters)
 
 
 def test_the_batch_completion_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
@@ -70,18 +83,23 @@ def test_the_place_statement_goes_out_as_sqlalchemy_would_send_it(engine: Engine
     order, placed = Order.place("ann", (OrderItem("SKU-1", 2), OrderItem("SKU-2", 1)), "req-1", now=utcnow())
     parts = [
         *OrderRepository.new_rows(order, "fingerprint"),
-        (outbox_events, OutboxStore.new_rows([placed], "corr-1", order.create_time)),
+        (outbox_events, OutboxStore.new_rows([placed], "corr-1", order.create_time, dialect="postgresql")),
     ]
+    leased = OutboxStore.new_rows([placed], "corr-1", order.create_time, Lease("t-1", 30.0), "postgresql")
     assert [table for table, _ in parts] == [orders, order_items, outbox_events]
     for returning in (False, True):
         prepared = statement_for(parts, returning)
         assert prepared is not None
         _same_either_way(engine, *prepared)
+    prepared = statement_for([*parts[:2], (outbox_events, leased)], returning=True)
+    assert prepared is not None
+    _same_either_way(engine, *prepared)
 
 
 def test_the_reservation_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
     parameters = {"order_id": "o-1", "skus": ["SKU-1", "SKU-2"], "quantities": [2, 1], "now": utcnow()}
     _same_either_way(engine, _reserve_all(), parameters)
+    _same_either_way(engine, _reserve_all(fenced=True), {**parameters, "fence_event": 7, "fence_claim": 2})
 
 
 def test_the_settle_and_completion_go_out_as_sqlalchemy_would_send_them(engine: Engine) -> None:
@@ -91,14 +109,12 @@ def test_the_settle_and_completion_go_out_as_sqlalchemy_would_send_them(engine: 
 
 
 def test_the_completion_with_a_claim_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
-    now = utcnow()
     parameters = {
-        "now": now,
         "ids": [1, 2],
         "tokens": ["t-1"],
         "limit": 8,
-        "until": now + timedelta(seconds=30),
         "token": "t-2",
+        **clock.parameters(utcnow(), lease_s=30.0),
     }
     _same_either_way(engine, _complete_and_claim_statement(), parameters)
 
