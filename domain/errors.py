@@ -8,6 +8,7 @@ DomainError
 │   ├── InvalidTransitionError   e.g. cancelling a FAILED order
 │   └── IdempotencyKeyReusedError  request_id reused with another payload
 ├── UnauthenticatedError     no valid credentials for a protected service
+├── PermissionDeniedError    valid credentials that do not allow this call
     ├── OverloadedError          the service is over a concurrency or rate limit
 ├── UnavailableError         storage unreachable, shutting down
 └── DeadlineExceededError    the caller's deadline passed before the work finished
@@ -57,6 +58,10 @@ class IdempotencyKeyReusedError(PreconditionError):
 
 
 class UnauthenticatedError(DomainError):
+    pass
+
+
+class PermissionDeniedError(DomainError):
     pass
 
 

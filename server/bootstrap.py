@@ -34,7 +34,8 @@ from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
 from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
 from saga.signals import CommitSignals, OrderChanges, WakeUp
 from server.application import OrderApplication
-from server.config import Settings
+from server.auth import METHOD_SCOPES, read_tokens_file
+from server.config import DEFAULT_PAGE_TOKEN_SECRET, Settings
 from server.health import HealthMonitor, HealthServicer
 from server.interceptors import BearerTokenInterceptor, CorrelationInterceptor, ErrorInterceptor
 from server.metrics import Metrics, MetricsInterceptor
@@ -196,6 +197,11 @@ def build(settings: Settings) -> Service:
     changes = OrderChanges()
     wake = WakeUp()
     on_postgres = engines.orders.dialect.name == "postgresql"
+    if on_postgres and settings.page_token_secret == DEFAULT_PAGE_TOKEN_SECRET:
+        log.warning(
+            "--page-token-secret is the built-in default, which anyone can read in the source: "
+            "set a secret of your own, the same on every instance"
+        )
     # This process's listener is no peer of its notifier (db/notifications.py).
     listener_app = listener_name()
     notifier = Notifier(engines.orders, own_listener=listener_app) if on_postgres else None
@@ -270,7 +276,7 @@ def build(settings: Settings) -> Service:
             MetricsInterceptor(metrics),
             ErrorInterceptor(),
             *(
-                [BearerTokenInterceptor(_tokens(settings.auth_tokens_file))]
+                [BearerTokenInterceptor(read_tokens_file(settings.auth_tokens_file), METHOD_SCOPES)]
                 if settings.auth_tokens_file
                 else []
             ),
@@ -344,13 +350,6 @@ def _tls(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
-
-
-def _tokens(path: str) -> frozenset[str]:
-    tokens = frozenset(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
-    if not tokens:
-        raise ValueError(f"{path}: no bearer tokens in the file")
-    return tokens
 
 
 def build_guard(settings: Settings) -> Guard:

@@ -13,14 +13,18 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 from limits import parse as parse_rate
 from sqlalchemy.engine import make_url
 
 from db.engine import UnsupportedDatabaseError, normalise_url
+from server.auth import TokenFileError, parse_tokens
 
 DEFAULT_DATABASE_URL = "sqlite:///var/orders.db"
+# Public (it is in this file): fine for a demo, never for a deployment (a warning says so on PostgreSQL).
+DEFAULT_PAGE_TOKEN_SECRET = "orders-page-tokens"
 
 
 def _setting(default: Any, help: str, *, choices: Sequence[str] | None = None) -> Any:
@@ -60,8 +64,9 @@ class Settings:
     )
     auth_tokens_file: str = _setting(
         "",
-        "file of accepted bearer tokens, one per line; when set, the order and inventory services "
-        "require `authorization: Bearer <token>` (health and reflection stay open)",
+        "file of accepted bearer tokens, one per line, each optionally followed by its scopes "
+        "(`TOKEN orders:read,orders:write`; none listed = every scope); when set, every service but "
+        "health requires `authorization: Bearer <token>`",
     )
     grace_period_s: float = _setting(10.0, "on SIGTERM, how long calls in flight may take to finish")
     shutdown_delay_s: float = _setting(
@@ -75,7 +80,7 @@ class Settings:
     )
     health_interval_s: float = _setting(2.0, "seconds between database health checks")
     page_token_secret: str = _setting(
-        "orders-page-tokens", "HMAC key of ListOrders page tokens (same on every instance)"
+        DEFAULT_PAGE_TOKEN_SECRET, "HMAC key of ListOrders page tokens (same on every instance)"
     )
     saga_workers: int = _setting(
         8, "saga executor threads (the bulkhead); 0 = this process does not dispatch"
@@ -258,9 +263,10 @@ def _check(settings: Settings) -> list[str]:
         if path and not os.path.isfile(path):
             problems.append(f"{_flag(name)}: no such file {path!r}")
     if settings.auth_tokens_file and os.path.isfile(settings.auth_tokens_file):
-        with open(settings.auth_tokens_file) as tokens:
-            if not any(line.strip() for line in tokens):
-                problems.append("--auth-tokens-file: the file holds no token")
+        try:
+            parse_tokens(Path(settings.auth_tokens_file).read_text())
+        except (TokenFileError, OSError, UnicodeDecodeError) as error:
+            problems.append(f"--auth-tokens-file: {error}")
     if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         problems.append("--redis-url: must start with redis://, rediss:// or unix://")
     return problems

@@ -17,7 +17,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -25,7 +25,7 @@ import grpc
 
 from db.unit_of_work import deadline_bound
 from domain import correlation
-from domain.errors import DomainError, UnauthenticatedError
+from domain.errors import DomainError, PermissionDeniedError, UnauthenticatedError
 from server.errors import code_for, to_status
 
 log = logging.getLogger("orders.rpc")
@@ -143,23 +143,57 @@ class ErrorInterceptor(WrappingInterceptor):
 
 
 class BearerTokenInterceptor(WrappingInterceptor):
-    """Requires `authorization: Bearer <token>` on this service's own methods; health and reflection
-    stay open to probes. Tokens are compared in constant time and never logged."""
+    """Requires `authorization: Bearer <token>` on every service but health, which stays open to
+    probes. On this service's own methods the token must also hold the method's scope
+    (`method_scopes`; a method missing from it is refused to every token), elsewhere (server
+    reflection) any valid token will do. Tokens are compared in constant time and never logged."""
 
-    prefixes = ("/orders.",)
+    prefixes = ("/",)
+    open_prefix = "/grpc.health.v1.Health/"
 
-    def __init__(self, tokens: frozenset[str]) -> None:
+    def __init__(self, tokens: Mapping[str, frozenset[str]], method_scopes: Mapping[str, str]) -> None:
         super().__init__()
-        self._tokens = tuple(t.encode() for t in tokens)
+        self._tokens = tuple((token.encode(), scopes) for token, scopes in tokens.items())
+        self._method_scopes = dict(method_scopes)
 
-    def _allowed(self, header: str | None) -> bool:
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        if handler_call_details.method.startswith(self.open_prefix):
+            return continuation(handler_call_details)
+        return super().intercept_service(continuation, handler_call_details)
+
+    def _scopes(self, header: str | None) -> frozenset[str] | None:
+        """The scopes of the offered token, None when it is not one of ours."""
         if header is None or not header.startswith("Bearer "):
-            return False
+            return None
         offered = header[len("Bearer ") :].strip().encode()
-        return any(hmac.compare_digest(offered, token) for token in self._tokens)
+        found = None
+        for token, scopes in self._tokens:  # no early exit: the time tells nothing of which matched
+            if hmac.compare_digest(offered, token):
+                found = scopes
+        return found
+
+    def _refusal(self, method: str, scopes: frozenset[str] | None) -> DomainError | None:
+        if scopes is None:
+            return UnauthenticatedError("a valid bearer token is required")
+        if method.startswith(ErrorInterceptor.prefixes):
+            needed = self._method_scopes.get(method)
+            if needed is None:
+                return PermissionDeniedError(f"no scope allows {method}")
+            if needed not in scopes:
+                return PermissionDeniedError(f"this token lacks the scope {needed}")
+        return None
 
     @contextmanager
     def around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        if not self._allowed(_metadata_value(context, "authorization")):
-            raise UnauthenticatedError("a valid bearer token is required")
-        yield
+        refusal = self._refusal(method, self._scopes(_metadata_value(context, "authorization")))
+        if refusal is None:
+            yield
+            return
+        if method.startswith(ErrorInterceptor.prefixes):
+            raise refusal  # ErrorInterceptor, outside this one, maps it and writes the access line
+        log.info("rpc %s code=%s: %s", method, code_for(refusal).name, refusal)
+        context.abort_with_status(to_status(refusal))

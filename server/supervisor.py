@@ -19,6 +19,7 @@ import logging
 import os
 import selectors
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import FrameType
 
 from sqlalchemy.engine import make_url
@@ -43,6 +45,12 @@ RESTART_DELAY_S = 1.0
 MAX_RESTARTS_PER_MINUTE = 5
 # Beyond grace period and shutdown delay, how long a stopping worker may take before SIGKILL.
 STOP_MARGIN_S = 10.0
+# `-P`: nothing in front of the worker's import path for the working directory, where `python -m`
+# puts it: a `server/` folder in whatever directory the operator started from would otherwise stand
+# in for this package in every worker.
+WORKER_COMMAND = (sys.executable, "-P", "-m", "server.main", "serve")
+# The folder that holds the `server` package this supervisor runs.
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerLink:
@@ -94,6 +102,19 @@ class _WorkerTag(logging.Filter):
         if not str(record.threadName).startswith(self._prefix):
             record.threadName = self._prefix + str(record.threadName)
         return True
+
+
+def worker_import_path(env: Mapping[str, str]) -> str:
+    """A worker's PYTHONPATH: the folder this supervisor's packages came from first, so that the
+    worker runs the same code whether the package is installed (editable or not) or run from a
+    source tree, whatever the working directory. A site-packages folder is left where the
+    interpreter puts it, behind the standard library."""
+    installed = [*site.getsitepackages(), site.getusersitepackages()]
+    site_folders = {Path(folder).resolve() for folder in installed}
+    given = env.get("PYTHONPATH", "")
+    if _SOURCE_ROOT in site_folders:
+        return given
+    return os.pathsep.join(filter(None, [str(_SOURCE_ROOT), given]))
 
 
 def run(settings: Settings) -> int:
@@ -193,11 +214,12 @@ class _Pool:
             metrics_port=self._settings.metrics_port + index if self._settings.metrics_port else 0,
         )
         env = {**os.environ, **environment(settings), LINK_ENV: f"{index}:{theirs.fileno()}"}
+        env["PYTHONPATH"] = worker_import_path(env)
         try:
             # Its own process group: a Ctrl-C in the terminal reaches the supervisor only, which
             # forwards it, instead of every worker at once.
             process = subprocess.Popen(
-                [sys.executable, "-m", "server.main", "serve"],
+                list(WORKER_COMMAND),
                 env=env,
                 pass_fds=(theirs.fileno(),),
                 process_group=0,

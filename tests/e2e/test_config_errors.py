@@ -82,3 +82,16 @@ def test_a_malformed_database_url_is_reported_without_its_password(tmp_path: Pat
     assert done.returncode == 2, done.stderr
     assert "--database-url" in done.stderr
     assert password not in done.stderr, done.stderr
+
+
+def test_a_tokens_file_with_an_unknown_scope_is_refused_without_showing_its_tokens(tmp_path: Path) -> None:
+    secret = secrets.token_hex(8)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{secret} orders:read,orders:delete\n")
+
+    done = run(["--auth-tokens-file", str(tokens)], {}, tmp_path)
+
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "--auth-tokens-file" in done.stderr and "line 1: an unknown scope" in done.stderr
+    assert secret not in done.stderr

@@ -292,3 +292,22 @@ def test_on_an_unmigrated_postgresql_database_the_server_is_not_serving_and_says
 
     assert health_status(server.channel) == health_pb2.HealthCheckResponse.NOT_SERVING
     assert "run `orders-server migrate`" in server.log()
+
+
+@pytest.mark.postgres
+def test_the_default_page_token_secret_on_postgresql_is_warned_about_at_start(
+    make_pg_database: Callable[[], str], spawn_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    url = plain_postgresql(make_pg_database())
+    migrated = run_migrate(url, tmp_path)
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+
+    default = spawn_server(env={"ORDERS_DATABASE_URL": url})
+    own = spawn_server(env={"ORDERS_DATABASE_URL": url, "ORDERS_PAGE_TOKEN_SECRET": "an operator's own"})
+    embedded = spawn_server()  # the SQLite demo default: no deployment to warn
+
+    warned = [line for line in default.log().splitlines() if "--page-token-secret" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0], default.log()
+    assert Settings().page_token_secret not in default.log()
+    assert "--page-token-secret" not in own.log()
+    assert "--page-token-secret" not in embedded.log()

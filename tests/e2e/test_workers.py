@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from generated.orders.v1 import orders_pb2 as pb
+from server import supervisor
 from tests.support import ServerProcess, Stubs, run_cli, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -219,3 +220,46 @@ def test_workers_shut_down_when_their_supervisor_is_killed(
 
     wait_until(lambda: not any(alive(pid) for pid in pids.values()), timeout=15, what="orphaned workers gone")
     assert server.log().count("the supervisor is gone: shutting down") == 2
+
+
+IMPOSTOR = (
+    'import sys\nsys.stderr.write("IMPOSTOR: the {name} package of the working directory\\n")\nsys.exit(97)\n'
+)
+
+
+@pytest.mark.parametrize("python_path", ["repo", "none"], ids=["pythonpath-set", "installed-package-only"])
+def test_workers_run_the_installed_package_from_a_folder_that_has_its_own_server_package(
+    python_path: str, spawn_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    # A folder whose own `server` (and `domain`) packages end any process that imports them.
+    folder = tmp_path / "elsewhere"
+    for name in ("server", "domain"):
+        (folder / name).mkdir(parents=True)
+        for module in ("__init__.py", "main.py"):
+            (folder / name / module).write_text(IMPOSTOR.format(name=name))
+    env = {} if python_path == "repo" else {"PYTHONPATH": ""}
+
+    server = spawn_server(
+        "--workers", "2", "--database-url", f"sqlite:///{tmp_path / 'pool.db'}", *FAST, env=env, cwd=folder
+    )
+
+    assert sorted(worker_pids(server)) == [0, 1]
+    server.stubs.set_stock("W-1", 100)
+    order_ids = place_over_fresh_channels(server.address, channels=6, per_channel=1)
+    wait_until(
+        lambda: all(server.stubs.get(o).status == pb.ORDER_STATUS_VALIDATED for o in order_ids),
+        timeout=20,
+        what="every order VALIDATED",
+    )
+    assert "IMPOSTOR" not in server.log()
+    assert server.stop(signal.SIGTERM) == 0, server.log()[-4000:]
+
+
+def test_a_worker_imports_first_from_the_folder_its_supervisor_imported_from(tmp_path: Path) -> None:
+    # This checkout is a source tree, not a site-packages folder: a worker of a supervisor run from
+    # it (`python -m server.main --workers 2`, not installed) must find it without the working directory.
+    root = str(Path(supervisor.__file__).resolve().parent.parent)
+
+    assert supervisor.worker_import_path({}) == root
+    given = {"PYTHONPATH": str(tmp_path)}
+    assert supervisor.worker_import_path(given) == os.pathsep.join([root, str(tmp_path)])

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import pytest
 
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import Order, OrderItem
 from generated.orders.v1 import orders_pb2 as pb
+from server.config import Settings
+from server.paging import PageTokenCodec
 from tests.integration.helpers import field_violations, rpc_error
 
 
@@ -155,3 +161,42 @@ def test_a_page_token_this_server_did_not_issue_for_this_query_is_an_invalid_arg
         assert set(field_violations(error)) == {"page_token"}, what
 
     assert len(list_page(peer, customer_id="alice", page_size=1, page_token=token).orders) == 1
+
+
+def forge(secret: bytes, body: bytes) -> str:
+    """A page token signed as the server signs them, around a body of the forger's choosing."""
+    return base64.urlsafe_b64encode(PageTokenCodec(secret)._sign(body) + body).decode().rstrip("=")
+
+
+ANY_FILTERS = PageTokenCodec._filters(None, None)
+SOME_ID = "3f2b8c1e-9a4d-4e7b-8c2f-1a2b3c4d5e6f"
+FORGED_BODIES = {
+    "naive time": json.dumps(["2026-01-01T00:00:00", SOME_ID, ANY_FILTERS]),
+    "time before the calendar in UTC": json.dumps(["0001-01-01T00:00:00+05:00", SOME_ID, ANY_FILTERS]),
+    "NUL in the id": json.dumps(["2026-01-01T00:00:00+00:00", "a\u0000b", ANY_FILTERS]),
+    "lone surrogate in the id": f'["2026-01-01T00:00:00+00:00","\\ud800","{ANY_FILTERS}"]',
+    "id not a UUID": json.dumps(["2026-01-01T00:00:00+00:00", "x" * 5000, ANY_FILTERS]),
+    "id a number": json.dumps(["2026-01-01T00:00:00+00:00", 7, ANY_FILTERS]),
+    "nested a million deep": "[" * 1_000_000 + "]" * 1_000_000,
+}
+
+
+@pytest.mark.parametrize("secret", [None, "an operator's own secret"], ids=["default-secret", "own-secret"])
+def test_a_token_forged_with_the_servers_own_secret_is_an_invalid_argument_and_logs_no_error(
+    database_url, start_server, secret, caplog
+):
+    server = start_server(
+        database_url=database_url, saga_workers=0, **({"page_token_secret": secret} if secret else {})
+    )
+    server.stubs.place("alice")
+    key = (secret or Settings().page_token_secret).encode()
+
+    for what, body in FORGED_BODIES.items():
+        request = pb.ListOrdersRequest(page_token=forge(key, body.encode()))
+        error = rpc_error(server.stubs.orders.ListOrders, request, timeout=10)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+        assert set(field_violations(error)) == {"page_token"}, what
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # The same key signing a well-formed body is a token like any other.
+    honest = json.dumps(["2027-01-01T00:00:00+00:00", SOME_ID, ANY_FILTERS]).encode()
+    assert len(list_page(server, page_token=forge(key, honest)).orders) == 1

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from generated.orders.v1 import orders_pb2 as pb
 from generated.orders.v1 import orders_pb2_grpc as pb_grpc
@@ -142,3 +143,100 @@ def test_bearer_tokens_guard_the_services_but_not_health_and_are_never_logged(
 
     assert "secret-token" not in caplog.text
     assert "UNAUTHENTICATED" in caplog.text
+
+
+SCOPED_TOKENS = """\
+# operators: a token alone on its line has every scope
+admin-secret-token
+# the shop front may place, read and cancel orders and read stock, but not set it
+shop-secret-token orders:write,orders:read,inventory:read
+reader-secret-token orders:read
+stock-keeper-secret-token inventory:write,inventory:read
+"""
+
+
+METHODS = {"SetStock", "GetStock", "PlaceOrder", "GetOrder", "ListOrders", "WatchOrder", "CancelOrder"}
+
+
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _code(call, request, token: str) -> grpc.StatusCode:
+    """The status of a unary call, or of a stream's first message."""
+    try:
+        reply = call(request, metadata=_bearer(token), timeout=5)
+        if isinstance(reply, grpc.Call) and hasattr(reply, "__next__"):
+            next(reply)
+            reply.cancel()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture
+def scoped_server(start_server, sqlite_url, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(SCOPED_TOKENS)
+    return start_server(database_url=sqlite_url, auth_tokens_file=str(tokens), saga_workers=0)
+
+
+def test_each_method_needs_its_scope_and_a_token_without_it_gets_permission_denied(scoped_server, caplog):
+    orders, inventory = scoped_server.stubs.orders, scoped_server.stubs.inventory
+    caplog.set_level(logging.DEBUG)
+    place = pb.PlaceOrderRequest(customer_id="scoped", items=[pb.OrderItem(sku="SCOPE-1", quantity=1)])
+    allowed = {
+        "admin-secret-token": set(METHODS),
+        "shop-secret-token": set(METHODS) - {"SetStock"},
+        "reader-secret-token": {"GetOrder", "ListOrders", "WatchOrder"},
+        "stock-keeper-secret-token": {"SetStock", "GetStock"},
+    }
+
+    for token, methods in allowed.items():
+        # A PENDING order of its own, so that each token's CancelOrder has something to cancel.
+        order_id = orders.PlaceOrder(place, metadata=_bearer("admin-secret-token"), timeout=5).order.order_id
+        calls = {
+            "SetStock": (inventory.SetStock, pb.SetStockRequest(sku="SCOPE-1", available=5)),
+            "GetStock": (inventory.GetStock, pb.GetStockRequest(sku="SCOPE-1")),
+            "PlaceOrder": (orders.PlaceOrder, place),
+            "GetOrder": (orders.GetOrder, pb.GetOrderRequest(order_id=order_id)),
+            "ListOrders": (orders.ListOrders, pb.ListOrdersRequest()),
+            "WatchOrder": (orders.WatchOrder, pb.WatchOrderRequest(order_id=order_id)),
+            "CancelOrder": (orders.CancelOrder, pb.CancelOrderRequest(order_id=order_id)),
+        }
+        assert set(calls) == METHODS
+        codes = {name: _code(call, request, token) for name, (call, request) in calls.items()}
+        expected = {
+            name: grpc.StatusCode.OK if name in methods else grpc.StatusCode.PERMISSION_DENIED
+            for name in calls
+        }
+        assert codes == expected, token
+
+    # A token that is not in the file is still unauthenticated, whatever the method.
+    get = pb.GetOrderRequest(order_id=order_id)
+    assert _code(orders.GetOrder, get, "unknown-secret-token") == grpc.StatusCode.UNAUTHENTICATED
+    assert "secret-token" not in caplog.text
+    assert "code=PERMISSION_DENIED" in caplog.text
+
+
+def _list_services(channel: grpc.Channel, metadata=()) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = stub.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=5)
+    return [service.name for service in reply.list_services_response.service]
+
+
+def test_with_tokens_on_reflection_needs_a_valid_token_and_health_none(scoped_server):
+    channel = scoped_server.channel
+
+    for metadata in [(), _bearer("wrong"), (("authorization", "reader-secret-token"),)]:
+        with pytest.raises(grpc.RpcError) as denied:
+            _list_services(channel, metadata)
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Reflection only describes the API: any valid token may read it, whatever its scopes.
+    assert "orders.v1.OrderService" in _list_services(channel, _bearer("reader-secret-token"))
+
+    assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
