@@ -75,8 +75,9 @@ def our_drain(database_url: str, events: int, in_flight: int) -> dict[str, Any]:
     Runs in a spawned process: it imports the service code, which the bench's own process need not."""
     from db.engine import EngineSettings, make_engine
     from db.unit_of_work import OrdersUnitOfWork
-    from saga.dispatcher import DispatcherSettings, Done, OutboxDispatcher
+    from saga.dispatcher import DispatcherSettings, OutboxDispatcher
     from saga.signals import WakeUp
+    from saga.verdicts import Done
 
     # Workers, the dispatcher's claim and a spare: no worker ever waits for a connection.
     engine = make_engine(database_url, EngineSettings(pool_size=in_flight + 2, max_overflow=0))

@@ -48,9 +48,9 @@ from domain.errors import ConflictError
 from domain.events import OrderCancelled, OrderExpired, OrderPlaced
 from domain.inventory import Fence, ReservationOutcome, Reserved, Superseded
 from domain.model import Order, OrderItem, OrderStatus, utcnow
-from saga.dispatcher import Completed, Defer, Done, Handler, Retry, Verdict
 from saga.faults import FaultSwitches
 from saga.resilience import BreakerOpenError, Guard, RateLimitedError
+from saga.verdicts import Completed, Defer, Done, Handler, Retry, Verdict
 
 log = logging.getLogger("orders.saga")
 

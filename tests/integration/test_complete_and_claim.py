@@ -13,8 +13,9 @@ from db.engine import make_engine
 from db.outbox import OutboxStore
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import utcnow
-from saga.dispatcher import DispatcherSettings, Done, OutboxDispatcher
+from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.signals import WakeUp
+from saga.verdicts import Done
 from tests.support import wait_until
 
 LEASE = timedelta(seconds=30)

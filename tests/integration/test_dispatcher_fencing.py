@@ -28,10 +28,11 @@ from db.engine import EngineSettings, make_engine
 from db.outbox import ClaimedEvent
 from db.tables import order_items, orders, outbox_events, stock, stock_reservations
 from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
-from saga.dispatcher import DispatcherSettings, Handler, OutboxDispatcher, Verdict
+from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.faults import FaultSwitches
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
 from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
+from saga.verdicts import Handler, Verdict
 from tests.support import Stubs, apply_schema, wait_until
 
 pytestmark = pytest.mark.postgres

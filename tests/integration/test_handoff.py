@@ -21,8 +21,9 @@ from db.tables import outbox_events
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import Order, OrderItem, utcnow
 from generated.orders.v1 import orders_pb2 as pb
-from saga.dispatcher import Completed, DispatcherSettings, Done, OutboxDispatcher
+from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.signals import WakeUp
+from saga.verdicts import Completed, Done
 from tests.integration.helpers import place_request, rows_of, rpc_error
 from tests.integration.saga_support import wait_for_status
 from tests.support import wait_until

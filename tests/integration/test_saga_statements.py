@@ -30,9 +30,9 @@ from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
 from domain.errors import InvalidTransitionError
 from domain.inventory import Rejected, ReservationOutcome, Reserved, insufficient_stock, unknown_sku
 from domain.model import Order, OrderItem, OrderStatus, utcnow
-from saga.dispatcher import Completed
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
 from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
+from saga.verdicts import Completed
 
 THREADS = 8
 ORDERS_PER_THREAD = 50

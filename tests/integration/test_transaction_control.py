@@ -20,7 +20,8 @@ from db.tables import orders, outbox_events
 from db.unit_of_work import OrdersUnitOfWork, deadline_bound
 from domain.errors import DeadlineExceededError
 from domain.model import Order, OrderItem, utcnow
-from saga.dispatcher import DispatcherSettings, Done, OutboxDispatcher
+from saga.dispatcher import DispatcherSettings, OutboxDispatcher
+from saga.verdicts import Done
 from tests.support import apply_schema, wait_until
 
 pytestmark = pytest.mark.postgres

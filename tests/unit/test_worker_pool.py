@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from saga.dispatcher import WorkerPool
+from saga.worker_pool import WorkerPool
 from tests.support import wait_until
 
 
