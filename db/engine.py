@@ -15,6 +15,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from domain.deadline import remaining_ms
+
 # Execution option a writer sets so that SQLite takes the write lock at BEGIN: a deferred
 # transaction that reads and then writes can fail with "database is locked" instead of waiting.
 SQLITE_BEGIN_IMMEDIATE = "orders_sqlite_begin_immediate"
@@ -199,7 +201,6 @@ def _sqlite_busy_timeout_ms(default_ms: int) -> int:
 
     A budget of a second or more is rounded down to a quarter second: every call's budget differs
     by a few milliseconds, and each new value cost a PRAGMA statement before the transaction."""
-    from db.unit_of_work import remaining_ms  # here: db.unit_of_work imports this module
 
     budget = remaining_ms()
     if budget is None or budget >= default_ms:
@@ -216,14 +217,13 @@ _CLIENT_GRACE_S = 0.5
 
 def _install_wait_callback(settings: EngineSettings) -> None:
     """Bound every psycopg2 wait of this process (connect, query, commit, pre-ping) on the client
-    side: by the bound deadline (db.unit_of_work) plus a grace, else by connect_timeout for a
+    side: by the bound deadline (domain.deadline) plus a grace, else by connect_timeout for a
     connect and statement_timeout plus a grace for anything else. Without it, libpq waits forever
     on a pooled connection whose peer vanished without a reset (partition, dead host): the
     server-side statement_timeout never arrives and connect_timeout only covers new connections."""
     import psycopg2
     import psycopg2.extensions as ext
 
-    from db.unit_of_work import remaining_ms  # here: db.unit_of_work imports this module
 
     connect_s = float(settings.connect_timeout_s)
     other_s = settings.statement_timeout_ms / 1000 + 2.0

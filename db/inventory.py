@@ -10,7 +10,7 @@ them and reserves nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -36,8 +36,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from db import precompiled
 from db.tables import reservation_fences, stock, stock_reservations
+from db.unit_of_work import UnitOfWork
+from domain.fencing import Fence
 from domain.inventory import (
-    Fence,
     Rejected,
     ReservationOutcome,
     Reserved,
@@ -364,3 +365,15 @@ class StockRepository:
                 )
             )
         return items
+
+
+class InventoryUnitOfWork(UnitOfWork):
+    """A transaction on the inventory database: stock and reservations."""
+
+    stock: StockRepository
+
+    def _started(self) -> None:
+        self.stock = StockRepository(self.connection)
+
+
+InventoryUowFactory = Callable[..., InventoryUnitOfWork]

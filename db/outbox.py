@@ -52,7 +52,7 @@ from db import clock, precompiled
 from db.chained import DB_NOW, DbLater, insert_together
 from db.tables import outbox_events as outbox
 from domain.events import DomainEvent
-from domain.inventory import Fence
+from domain.fencing import Fence
 
 PENDING = "PENDING"
 DONE = "DONE"

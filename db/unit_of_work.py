@@ -1,18 +1,19 @@
 """Units of work: one database transaction each, rolled back unless `commit()` is called.
 
+The orders database's is here; the inventory's (`db.inventory.InventoryUnitOfWork`) lives with its
+repository, so that what works on orders and the outbox alone (the dispatcher) imports nothing of
+the inventory.
+
 A unit of work owns the connection and the transaction; repositories only read and write rows on
 the connection it hands them. Database failures leave it as domain errors (`db.errors.translate`).
-The caller's deadline, when one is bound with `deadline_bound`, becomes PostgreSQL's
+The caller's deadline, when one is bound (`domain.deadline`), becomes PostgreSQL's
 `statement_timeout` for the transaction, so a call whose client gave up does not leave its query
 running.
 """
 
 from __future__ import annotations
 
-import contextvars
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
 from types import TracebackType
@@ -39,34 +40,16 @@ from db import precompiled
 from db.chained import insert_together
 from db.engine import SQLITE_BEGIN_IMMEDIATE, WriterGate, is_sqlite, prefix_next_statement, writer_gate
 from db.errors import translate
-from db.inventory import StockRepository
 from db.orders import OrderRepository, settle_pending_statement
 from db.outbox import PENDING, ClaimedEvent, Lease, OutboxStore, done_values
 from db.tables import orders, outbox_events
+from domain import deadline
 from domain.errors import DeadlineExceededError, UnavailableError
 from domain.events import DomainEvent
 from domain.model import Order, OrderStatus
 
-# time.monotonic() by which the current call must be done, or None.
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("db_deadline", default=None)
 # Below this, a transaction is not worth starting.
 _MIN_BUDGET_MS = 5
-
-
-@contextmanager
-def deadline_bound(deadline: float | None) -> Iterator[None]:
-    token = _DEADLINE.set(deadline)
-    try:
-        yield
-    finally:
-        _DEADLINE.reset(token)
-
-
-def remaining_ms() -> int | None:
-    deadline = _DEADLINE.get()
-    if deadline is None:
-        return None
-    return int((deadline - time.monotonic()) * 1000)
 
 
 class UnitOfWork:
@@ -103,7 +86,7 @@ class UnitOfWork:
         return self._engine.dialect.name
 
     def __enter__(self) -> Self:
-        budget = remaining_ms()
+        budget = deadline.remaining_ms()
         if budget is not None and budget < _MIN_BUDGET_MS:
             raise DeadlineExceededError("deadline exceeded before the database was reached")
         if self._write:
@@ -207,7 +190,7 @@ class UnitOfWork:
         finally:
             self._close()
         if exc is not None:
-            domain_error = translate(exc, deadline_set=_DEADLINE.get() is not None)
+            domain_error = translate(exc, deadline_set=deadline.is_bound())
             if domain_error is not None:
                 raise domain_error from exc
         if self._committed:
@@ -309,14 +292,4 @@ def _settle_and_complete() -> Select[Any]:
     )
 
 
-class InventoryUnitOfWork(UnitOfWork):
-    """A transaction on the inventory database: stock and reservations."""
-
-    stock: StockRepository
-
-    def _started(self) -> None:
-        self.stock = StockRepository(self.connection)
-
-
 OrdersUowFactory = Callable[..., OrdersUnitOfWork]
-InventoryUowFactory = Callable[..., InventoryUnitOfWork]

@@ -37,16 +37,6 @@ class Superseded:
 ReservationOutcome = Reserved | Rejected | Superseded
 
 
-@dataclass(frozen=True)
-class Fence:
-    """The fencing token of a saga step: its outbox event and the number of the claim that leased
-    it. Tokens of one order grow (later claims, later events of the order), so the inventory can
-    refuse the writes of a step older than the newest that wrote (`StockRepository.fence`)."""
-
-    event_id: int
-    claim: int
-
-
 def unknown_sku(sku: str) -> Rejected:
     return Rejected(f"unknown SKU {sku!r}")
 

@@ -42,11 +42,13 @@ from typing import TypeVar
 
 import pybreaker
 
+from db.inventory import InventoryUnitOfWork
 from db.outbox import ClaimedEvent
-from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
+from db.unit_of_work import OrdersUnitOfWork
 from domain.errors import ConflictError
 from domain.events import OrderCancelled, OrderExpired, OrderPlaced
-from domain.inventory import Fence, ReservationOutcome, Reserved, Superseded
+from domain.fencing import Fence
+from domain.inventory import ReservationOutcome, Reserved, Superseded
 from domain.model import Order, OrderItem, OrderStatus, utcnow
 from saga.faults import FaultSwitches
 from saga.resilience import BreakerOpenError, Guard, RateLimitedError

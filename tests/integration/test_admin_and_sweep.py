@@ -8,9 +8,10 @@ from functools import partial
 from sqlalchemy import select, update
 
 from db.engine import make_engine
+from db.inventory import InventoryUnitOfWork
 from db.outbox import DEAD
 from db.tables import outbox_events
-from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
+from db.unit_of_work import OrdersUnitOfWork
 from domain.model import OrderItem
 from generated.orders.v1 import orders_pb2 as pb
 from saga.housekeeping import Housekeeper

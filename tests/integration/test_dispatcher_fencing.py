@@ -25,9 +25,10 @@ import pytest
 from sqlalchemy import Engine, select
 
 from db.engine import EngineSettings, make_engine
+from db.inventory import InventoryUnitOfWork
 from db.outbox import ClaimedEvent
 from db.tables import order_items, orders, outbox_events, stock, stock_reservations
-from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
+from db.unit_of_work import OrdersUnitOfWork
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.faults import FaultSwitches
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings

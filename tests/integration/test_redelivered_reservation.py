@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from db.engine import make_engine
+from db.inventory import InventoryUnitOfWork
 from db.tables import stock_reservations
-from db.unit_of_work import InventoryUnitOfWork
 from domain.inventory import Rejected, Reserved
 from domain.model import OrderItem, utcnow
 from saga.inventory import InventoryParticipant

@@ -24,9 +24,10 @@ import pytest
 from sqlalchemy import Engine, event, select
 
 from db.engine import EngineSettings, make_engine
+from db.inventory import InventoryUnitOfWork
 from db.outbox import DONE, PENDING, ClaimedEvent
 from db.tables import orders, outbox_events, stock_reservations
-from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
+from db.unit_of_work import OrdersUnitOfWork
 from domain.errors import InvalidTransitionError
 from domain.inventory import Rejected, ReservationOutcome, Reserved, insufficient_stock, unknown_sku
 from domain.model import Order, OrderItem, OrderStatus, utcnow

@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import event
 
 from db.engine import make_engine, writer_gate
-from db.unit_of_work import OrdersUnitOfWork, deadline_bound
+from db.unit_of_work import OrdersUnitOfWork
+from domain.deadline import deadline_bound
 from domain.errors import DeadlineExceededError
 from domain.model import utcnow
 

@@ -30,10 +30,11 @@ import pytest
 from sqlalchemy import func, select, update
 
 from db.engine import EngineSettings, make_engine
+from db.inventory import InventoryUnitOfWork
 from db.outbox import ClaimedEvent
 from db.tables import orders as orders_table
 from db.tables import outbox_events, stock, stock_reservations
-from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
+from db.unit_of_work import OrdersUnitOfWork
 from domain.model import Order, OrderItem, utcnow
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.faults import FaultSwitches

@@ -17,7 +17,8 @@ from sqlalchemy.exc import DBAPIError
 
 from db.engine import EngineSettings, make_engine
 from db.tables import orders, outbox_events
-from db.unit_of_work import OrdersUnitOfWork, deadline_bound
+from db.unit_of_work import OrdersUnitOfWork
+from domain.deadline import deadline_bound
 from domain.errors import DeadlineExceededError
 from domain.model import Order, OrderItem, utcnow
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher

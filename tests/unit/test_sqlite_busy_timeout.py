@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from db.engine import _sqlite_busy_timeout_ms
-from db.unit_of_work import deadline_bound
+from domain.deadline import deadline_bound
 
 
 def _with_budget(seconds: float | None) -> int:
