@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from db.orders import PageCursor
-from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
+from db.inventory import InventoryUnitOfWork
+from db.unit_of_work import OrdersUnitOfWork
 from domain import correlation
 from domain.errors import ConflictError, IdempotencyKeyReusedError, NotFoundError
 from domain.inventory import StockLevel

@@ -25,7 +25,8 @@ from sqlalchemy import Engine
 from db import migrate
 from db.engine import EngineSettings, is_sqlite, make_engine, normalise_url
 from db.notifications import Listener, Notifier, listener_name
-from db.unit_of_work import InventoryUnitOfWork, OrdersUnitOfWork
+from db.inventory import InventoryUnitOfWork
+from db.unit_of_work import OrdersUnitOfWork
 from generated.orders.v1 import orders_pb2, orders_pb2_grpc
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.faults import FaultSwitches

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from db.unit_of_work import deadline_bound
+from domain.deadline import deadline_bound
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from db.unit_of_work import deadline_bound
+from domain.deadline import deadline_bound
 from domain import correlation
 from domain.errors import DomainError, PermissionDeniedError, UnauthenticatedError
 from server.errors import code_for, to_status
