@@ -12,20 +12,30 @@ Redis), but changes two things pybreaker gets wrong for a thread pool:
 
 Business outcomes (insufficient stock) are return values, not exceptions, so they never count.
 Every state change of the breaker is logged: opening as a warning, with the failure that tripped it.
+
+With Redis, the limiter's counters and the breaker's state are shared by every process. When Redis
+fails (refused, or silent past its socket timeout), `SharedStateFallback` sends both to the
+process's own memory state: one warning per outage, Redis tried again now and then by one caller,
+and shared counting resumes when it answers. pybreaker's Redis storage would otherwise log a
+traceback per call and read "closed" whatever happened, so no breaker could open during an outage.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pybreaker
+import redis
 from limits import parse as parse_rate
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
+from limits.util import WindowStats
 
 T = TypeVar("T")
 
@@ -146,56 +156,231 @@ class ConcurrentCircuitBreaker(pybreaker.CircuitBreaker):
                 pass  # pybreaker announces the trip by raising; the caller has its own error
 
 
+# What a shared store that stopped answering raises (redis-py wraps socket errors in these).
+SHARED_STATE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, StorageError, OSError)
+
+
+class SharedStateFallback:
+    """Shared (Redis) guard state while it answers; each process's own state while it does not.
+
+    The first failure of an outage logs one warning and sends every caller to its local state;
+    every `retry_s` one caller tries Redis again while the others stay local, and the first answer
+    logs the recovery. A silent Redis costs each caller in flight one socket timeout, no more.
+    """
+
+    def __init__(self, retry_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._retry_s = retry_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        self.outages = 0  # times Redis went from answering to failing
+        self.failures = 0  # shared calls that failed, first ones of outages and retries alike
+
+    @property
+    def down(self) -> bool:
+        return self._down_since is not None
+
+    def run(self, shared: Callable[[], T], local: Callable[[], T]) -> T:
+        """`shared()`, or `local()` while the shared store is down or when `shared()` fails."""
+        if not self._may_try():
+            return local()
+        try:
+            result = shared()
+        except SHARED_STATE_ERRORS as error:
+            self._failed(error)
+            return local()
+        self._answered()
+        return result
+
+    def _may_try(self) -> bool:
+        with self._lock:
+            if self._down_since is None:
+                return True
+            now = self._clock()
+            if now < self._next_try:
+                return False
+            self._next_try = now + self._retry_s  # this caller tries; the others stay local meanwhile
+            return True
+
+    def _failed(self, error: Exception) -> None:
+        with self._lock:
+            now = self._clock()
+            self._next_try = now + self._retry_s
+            self.failures += 1
+            if self._down_since is not None:
+                return
+            self._down_since = now
+            self.outages += 1
+        log.warning(
+            "shared guard state (Redis) unavailable (%s: %s): rate limit and circuit breaker count "
+            "per process until it answers; trying again every %g s",
+            type(error).__name__,
+            error,
+            self._retry_s,
+        )
+
+    def _answered(self) -> None:
+        if self._down_since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            if self._down_since is None:
+                return
+            lasted = self._clock() - self._down_since
+            self._down_since = None
+        log.info("shared guard state (Redis) answers again after %.1f s: counting is shared again", lasted)
+
+
+class _RaiseInstead:
+    """Stands in for the logger of pybreaker's Redis storage, which logs every Redis error with a
+    traceback and carries on with a default ("closed", 0). Called inside pybreaker's `except`
+    block, the bare `raise` re-raises the Redis error for `SharedStateFallback` to see."""
+
+    def exception(self, *_args: Any, **_kwargs: Any) -> None:
+        raise
+
+
+class _RaisingRedisStorage(pybreaker.CircuitRedisStorage):
+    logger = _RaiseInstead()  # type: ignore[assignment]
+
+
+class FallbackBreakerStorage(pybreaker.CircuitBreakerStorage):
+    """pybreaker's Redis storage while Redis answers, a memory storage of this process's own while
+    it does not (`SharedStateFallback` decides which)."""
+
+    def __init__(self, client: redis.Redis, namespace: str, fallback: SharedStateFallback) -> None:
+        super().__init__("redis")
+        self._client = client
+        self._namespace = namespace
+        self._fallback = fallback
+        self._local = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        self._redis: pybreaker.CircuitRedisStorage | None = None
+
+    def _shared(self) -> pybreaker.CircuitRedisStorage:
+        # Made at first use, not at start: Redis may be down when the process starts.
+        if self._redis is None:
+            self._redis = _RaisingRedisStorage(
+                pybreaker.STATE_CLOSED, self._client, namespace=self._namespace
+            )
+        return self._redis
+
+    def _read(self, name: str) -> Any:
+        return self._fallback.run(lambda: getattr(self._shared(), name), lambda: getattr(self._local, name))
+
+    def _write(self, name: str, value: Any) -> None:
+        self._fallback.run(
+            lambda: setattr(self._shared(), name, value), lambda: setattr(self._local, name, value)
+        )
+
+    def _do(self, name: str) -> None:
+        self._fallback.run(lambda: getattr(self._shared(), name)(), lambda: getattr(self._local, name)())
+
+    @property
+    def state(self) -> str:
+        return str(self._read("state"))
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._write("state", state)
+
+    def increment_counter(self) -> None:
+        self._do("increment_counter")
+
+    def reset_counter(self) -> None:
+        self._do("reset_counter")
+
+    def increment_success_counter(self) -> None:
+        self._do("increment_success_counter")
+
+    def reset_success_counter(self) -> None:
+        self._do("reset_success_counter")
+
+    @property
+    def counter(self) -> int:
+        return int(self._read("counter"))
+
+    @property
+    def success_counter(self) -> int:
+        return int(self._read("success_counter"))
+
+    @property
+    def opened_at(self) -> datetime | None:
+        value: datetime | None = self._read("opened_at")
+        return value
+
+    @opened_at.setter
+    def opened_at(self, now: datetime) -> None:
+        self._write("opened_at", now)
+
+
 class RateLimiter:
     """A moving-window limit on calls; `memory://` counts per process, `redis://` across processes."""
 
-    def __init__(self, rate: str, storage_uri: str = "memory://", key: str = "inventory") -> None:
+    def __init__(
+        self,
+        rate: str,
+        storage_uri: str = "memory://",
+        key: str = "inventory",
+        *,
+        fallback: SharedStateFallback | None = None,
+        storage_options: Mapping[str, float] | None = None,
+    ) -> None:
         self._item = parse_rate(rate)
         self._key = key
         # When the shared (Redis) counters cannot be reached, each process falls back to counting
         # on its own: a Redis outage must neither stop the saga nor fail orders.
         self._local = MovingWindowRateLimiter(storage_from_string("memory://"))
         self._shared: MovingWindowRateLimiter | None = None
+        self._fallback = fallback or SharedStateFallback(retry_s=5.0)
         if storage_uri != "memory://":
             try:
-                self._shared = MovingWindowRateLimiter(storage_from_string(storage_uri))
+                self._shared = MovingWindowRateLimiter(
+                    storage_from_string(storage_uri, **dict(storage_options or {}))
+                )
             except Exception as error:
                 log.warning(
                     "rate limiter storage %s unusable (%s): counting per process",
                     storage_uri,
                     type(error).__name__,
                 )
-        self._warned_at = 0.0
-
-    def _limiter(self) -> MovingWindowRateLimiter:
-        return self._shared if self._shared is not None else self._local
 
     def acquire(self) -> None:
         """Take one slot now or raise RateLimitedError; never waits (the caller defers instead)."""
-        try:
-            admitted = self._limiter().hit(self._item, self._key)
-        except Exception as error:
-            if time.monotonic() - self._warned_at > 10:
-                log.warning("shared rate limit unavailable (%s): counting per process", type(error).__name__)
-                self._warned_at = time.monotonic()
+        shared = self._shared
+        if shared is None:
             admitted = self._local.hit(self._item, self._key)
+        else:
+            admitted = self._fallback.run(
+                lambda: shared.hit(self._item, self._key), lambda: self._local.hit(self._item, self._key)
+            )
         if not admitted:
             raise RateLimitedError(f"over {self._item}")
 
     def retry_after_s(self) -> float:
-        try:
-            stats = self._limiter().get_window_stats(self._item, self._key)
-        except Exception:
-            stats = self._local.get_window_stats(self._item, self._key)
+        shared = self._shared
+
+        def local() -> WindowStats:
+            return self._local.get_window_stats(self._item, self._key)
+
+        if shared is None:
+            stats = local()
+        else:
+            stats = self._fallback.run(lambda: shared.get_window_stats(self._item, self._key), local)
         return max(stats.reset_time - time.time(), 0.01)
 
 
 class Guard:
     """Rate limiter, then breaker, around a call to another participant."""
 
-    def __init__(self, breaker: ConcurrentCircuitBreaker, limiter: RateLimiter) -> None:
+    def __init__(
+        self,
+        breaker: ConcurrentCircuitBreaker,
+        limiter: RateLimiter,
+        shared_state: SharedStateFallback | None = None,
+    ) -> None:
         self.breaker = breaker
         self.limiter = limiter
+        self.shared_state = shared_state  # None: both count per process, by configuration
         self.denials = 0
 
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -32,7 +32,13 @@ from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.faults import FaultSwitches
 from saga.housekeeping import Housekeeper
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
-from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
+from saga.resilience import (
+    ConcurrentCircuitBreaker,
+    FallbackBreakerStorage,
+    Guard,
+    RateLimiter,
+    SharedStateFallback,
+)
 from saga.signals import CommitSignals, OrderChanges, WakeUp
 from server.application import OrderApplication
 from server.auth import METHOD_SCOPES, read_tokens_file
@@ -354,12 +360,18 @@ def _tls(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 def build_guard(settings: Settings) -> Guard:
-    """Breaker and limiter of the inventory call; shared through Redis when `redis_url` is set."""
+    """Breaker and limiter of the inventory call; shared through Redis when `redis_url` is set, each
+    falling back to per-process state while Redis fails (`SharedStateFallback`)."""
     storage: pybreaker.CircuitBreakerStorage | None = None
+    shared_state: SharedStateFallback | None = None
+    timeouts = {
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        "socket_timeout": settings.redis_socket_timeout_s,
+    }
     if settings.redis_url:
-        storage = pybreaker.CircuitRedisStorage(
-            pybreaker.STATE_CLOSED, redis.Redis.from_url(settings.redis_url), namespace="orders-inventory"
-        )
+        shared_state = SharedStateFallback(retry_s=settings.redis_retry_s)
+        client = redis.Redis.from_url(settings.redis_url, **timeouts)
+        storage = FallbackBreakerStorage(client, "orders-inventory", shared_state)
     breaker = ConcurrentCircuitBreaker(
         slow_call_s=settings.breaker_slow_call_s,
         fail_max=settings.breaker_fail_max,
@@ -367,5 +379,10 @@ def build_guard(settings: Settings) -> Guard:
         state_storage=storage,
         name="inventory",
     )
-    limiter = RateLimiter(settings.inventory_rate, settings.redis_url or "memory://")
-    return Guard(breaker, limiter)
+    limiter = RateLimiter(
+        settings.inventory_rate,
+        settings.redis_url or "memory://",
+        fallback=shared_state,
+        storage_options=timeouts,
+    )
+    return Guard(breaker, limiter, shared_state)

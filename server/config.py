@@ -98,6 +98,13 @@ class Settings:
     breaker_slow_call_s: float = _setting(2.0, "an inventory call slower than this counts as a failure")
     inventory_rate: str = _setting("1000/second", "rate limit of inventory calls, `limits` notation")
     redis_url: str = _setting("", "Redis URL for shared rate-limit counters and breaker state (optional)")
+    redis_connect_timeout_s: float = _setting(0.5, "longest wait for a connection to Redis")
+    redis_socket_timeout_s: float = _setting(
+        0.5, "longest wait for a Redis answer; past it the guards count per process (see --redis-retry-s)"
+    )
+    redis_retry_s: float = _setting(
+        5.0, "while Redis fails, seconds between tries to reach it again; meanwhile counting is per process"
+    )
     outbox_retention_s: float = _setting(3600.0, "DONE outbox rows older than this are deleted")
     housekeeping_interval_s: float = _setting(5.0, "seconds between outbox clean-ups and backlog readings")
     fault_file: str = _setting("", "testing only: a JSON file of fault switches read at run time")
@@ -237,6 +244,9 @@ def _check(settings: Settings) -> list[str]:
         "saga_timeout_s",
         "breaker_reset_s",
         "breaker_slow_call_s",
+        "redis_connect_timeout_s",
+        "redis_socket_timeout_s",
+        "redis_retry_s",
         "housekeeping_interval_s",
         "outbox_retention_s",
     ):

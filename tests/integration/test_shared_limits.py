@@ -14,6 +14,7 @@ Like PostgreSQL, it may be missing on a laptop (the tests skip) but not under CI
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pybreaker
 import pytest
@@ -42,6 +44,7 @@ from server.config import Settings
 from tests import support
 from tests.conftest import InProcessServer
 from tests.support import ServerProcess, wait_until
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -395,3 +398,205 @@ def test_a_redis_outage_does_not_fail_orders(
         timeout=15, what="the order validated once Redis is back",
     )  # fmt: skip
     assert server.stubs.stock(SKU).reserved == 3
+
+
+# --- a Redis that stops answering (no RST): the TCP proxy's blackhole -----------------------------
+
+# What each test gives its guards: small timeouts and quick retries, so an outage costs little time.
+REDIS_TIMEOUT_S = 0.5
+REDIS_RETRY_S = 0.5
+SILENT = {
+    "redis_connect_timeout_s": REDIS_TIMEOUT_S,
+    "redis_socket_timeout_s": REDIS_TIMEOUT_S,
+    "redis_retry_s": REDIS_RETRY_S,
+}
+# A window long enough that every call counted in it is still there when the test reads it.
+WINDOW_RATE = "1000/minute"
+WINDOW_KEY = "LIMITS:LIMITER/inventory/1000/1/minute"  # limits' key of that window (a list)
+BREAKER_STATE_KEY = "orders-inventory:pybreaker:state"
+OUTAGE_WARNING = "shared guard state (Redis) unavailable"
+RECOVERY_LINE = "shared guard state (Redis) answers again"
+
+
+@pytest.fixture
+def redis_proxy(redis_url: str) -> Iterator[tuple[TcpProxy, str]]:
+    """A TCP proxy in front of the test Redis, and the Redis URL that goes through it."""
+    parts = urlsplit(redis_url)
+    with TcpProxy((parts.hostname or "127.0.0.1", parts.port or 6379), lifetime_s=120) as proxy:
+        yield proxy, f"redis://127.0.0.1:{proxy.port}{parts.path}"
+
+
+def counted_in_redis(redis_url: str) -> int:
+    """Inventory calls in the shared rate-limit window, read straight from Redis (not the proxy)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.llen(WINDOW_KEY))
+    finally:
+        client.close()
+
+
+def guard_lines(caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[logging.LogRecord]]:
+    """The outage warnings logged so far, and every record that carries a traceback."""
+    warnings = [r.getMessage() for r in caplog.records if OUTAGE_WARNING in r.getMessage()]
+    return warnings, [r for r in caplog.records if r.exc_info is not None]
+
+
+def test_a_silent_redis_costs_a_guarded_call_one_timeout_then_the_process_counts_alone_until_it_answers(
+    redis_url: str,
+    redis_proxy: tuple[TcpProxy, str],
+    caplog: pytest.LogCaptureFixture,
+    record_property: Callable[[str, Any], None],
+) -> None:
+    caplog.set_level(logging.INFO)
+    proxy, through_proxy = redis_proxy
+    guard = build_guard(
+        Settings(redis_url=through_proxy, inventory_rate=WINDOW_RATE, breaker_fail_max=2, **SILENT)
+    )
+    assert guard.shared_state is not None
+    assert guard.call(lambda: "ok") == "ok"
+    assert counted_in_redis(redis_url) == 1
+
+    proxy.blackhole()
+    started = time.monotonic()
+    assert guard.call(lambda: "ok") == "ok"
+    first = time.monotonic() - started
+    started = time.monotonic()
+    for _ in range(20):
+        guard.call(lambda: "ok")
+    next_twenty = time.monotonic() - started
+    record_property("blackhole_first_call_s", round(first, 3))
+    record_property("blackhole_next_20_calls_s", round(next_twenty, 3))
+    print(f"\nsilent Redis: first guarded call {first:.3f}s, the next 20 {next_twenty:.3f}s")
+
+    # One socket timeout (the connection is open: no connect), then no more waiting on Redis.
+    assert REDIS_TIMEOUT_S * 0.9 <= first <= REDIS_TIMEOUT_S + 0.3, first
+    assert next_twenty < REDIS_TIMEOUT_S, next_twenty
+    assert guard.shared_state.down
+    # The breaker counts on its own too: two failures open it here, not in Redis.
+    for _ in range(2):
+        with pytest.raises(ZeroDivisionError):
+            guard.call(lambda: 1 / 0)
+    assert guard.breaker.current_state == pybreaker.STATE_OPEN
+    direct = redis.Redis.from_url(redis_url)
+    try:
+        assert direct.get(BREAKER_STATE_KEY) == b"closed"
+        assert counted_in_redis(redis_url) == 1, "nothing reached Redis during the outage"
+        # A retry (one every REDIS_RETRY_S) fails too: still the one warning, and no traceback.
+        failures = guard.shared_state.failures
+
+        def tried_again() -> bool:
+            guard.breaker.current_state  # noqa: B018 - a read of the breaker's storage, which may retry Redis
+            return guard.shared_state.failures > failures
+
+        wait_until(tried_again, timeout=REDIS_RETRY_S + 5, what="a failed retry of Redis")
+        warnings, tracebacks = guard_lines(caplog)
+        assert len(warnings) == 1, warnings
+        assert tracebacks == []
+
+        proxy.restore()
+
+        def answered() -> bool:
+            guard.breaker.current_state  # noqa: B018 - as above
+            return not guard.shared_state.down
+
+        wait_until(answered, timeout=REDIS_RETRY_S + 5, what="the guards to reach Redis again")
+        assert any(RECOVERY_LINE in r.getMessage() for r in caplog.records)
+        # Shared again: the breaker reads Redis's state ("closed"), and calls are counted there.
+        assert guard.breaker.current_state == pybreaker.STATE_CLOSED
+        before = counted_in_redis(redis_url)
+        for _ in range(3):
+            assert guard.call(lambda: "ok") == "ok"
+        assert counted_in_redis(redis_url) == before + 3
+        # Another instance opening the breaker in Redis opens it here again.
+        direct.set("orders-inventory:pybreaker:opened_at", int(time.time()))
+        direct.set(BREAKER_STATE_KEY, pybreaker.STATE_OPEN)
+        assert guard.breaker.current_state == pybreaker.STATE_OPEN
+    finally:
+        direct.close()
+    assert len(guard_lines(caplog)[0]) == 1
+
+
+def validated_after(server: InProcessServer, order: pb.Order, timeout: float) -> float:
+    """Seconds from now until `order` is VALIDATED (polled)."""
+    started = time.monotonic()
+    wait_until(
+        lambda: server.stubs.get(order.order_id).status == pb.ORDER_STATUS_VALIDATED,
+        timeout=timeout, interval=0.01, what=f"order {order.order_id} VALIDATED",
+    )  # fmt: skip
+    return time.monotonic() - started
+
+
+def test_with_redis_silent_sagas_go_on_within_a_bounded_delay_and_counting_returns_to_redis_after(
+    redis_url: str,
+    redis_proxy: tuple[TcpProxy, str],
+    sqlite_url: str,
+    start_server: Callable[..., InProcessServer],
+    caplog: pytest.LogCaptureFixture,
+    record_property: Callable[[str, Any], None],
+) -> None:
+    caplog.set_level(logging.INFO)
+    proxy, through_proxy = redis_proxy
+    server = start_server(
+        database_url=sqlite_url, redis_url=through_proxy, inventory_rate=WINDOW_RATE, max_attempts=3, **SILENT
+    )
+    shared_state = server.service.guard.shared_state
+    assert shared_state is not None
+    server.stubs.set_stock(SKU, 1_000)
+    baseline = validated_after(server, server.stubs.place("before", [(SKU, 1)]), timeout=10)
+    assert counted_in_redis(redis_url) == 1
+
+    proxy.blackhole()
+    first = validated_after(server, server.stubs.place("silent-0", [(SKU, 1)]), timeout=30)
+    # More orders through the outage, until a retry of Redis has failed as well.
+    failures = shared_state.failures
+    during = [first]
+    while shared_state.failures <= failures or len(during) < 5:
+        assert len(during) < 100, "no retry of Redis within 100 orders"
+        during.append(validated_after(server, server.stubs.place(f"silent-{len(during)}", [(SKU, 1)]), 30))
+    record_property("settle_s_before_outage", round(baseline, 3))
+    record_property("settle_s_first_in_outage", round(first, 3))
+    record_property("settle_s_worst_in_outage", round(max(during), 3))
+    print(
+        f"\nsettle time: {baseline:.3f}s before the outage; in it, first {first:.3f}s, "
+        f"worst {max(during):.3f}s, median {sorted(during)[len(during) // 2]:.3f}s of {len(during)}"
+    )
+
+    # Each order waits at most for the one Redis call it was in when Redis went silent (or a retry).
+    bound = baseline + REDIS_TIMEOUT_S * 2 + 1.0
+    assert max(during) <= bound, (during, bound)
+    assert counted_in_redis(redis_url) == 1, "nothing reached Redis during the outage"
+    warnings, tracebacks = guard_lines(caplog)
+    assert len(warnings) == 1, warnings
+    assert tracebacks == [], [r.getMessage() for r in tracebacks]
+
+    proxy.restore()
+
+    def counted_again() -> bool:
+        server.stubs.place(f"after-{uuid.uuid4().hex[:8]}", [(SKU, 1)])
+        return not shared_state.down
+
+    wait_until(counted_again, timeout=REDIS_RETRY_S + 10, interval=0.1, what="the guards to reach Redis")
+    before = counted_in_redis(redis_url)
+    after = [server.stubs.place(f"shared-{i}", [(SKU, 1)]) for i in range(3)]
+    for order in after:
+        validated_after(server, order, timeout=10)
+    assert counted_in_redis(redis_url) >= before + len(after)
+    assert shared_state.outages == 1
+    assert len(guard_lines(caplog)[0]) == 1
+
+
+def test_a_server_starts_and_settles_orders_while_redis_is_silent(
+    redis_proxy: tuple[TcpProxy, str],
+    sqlite_url: str,
+    start_server: Callable[..., InProcessServer],
+) -> None:
+    proxy, through_proxy = redis_proxy
+    proxy.blackhole()
+    started = time.monotonic()
+    server = start_server(database_url=sqlite_url, redis_url=through_proxy, **SILENT)
+    start_s = time.monotonic() - started
+    server.stubs.set_stock(SKU, 10)
+    settle_s = validated_after(server, server.stubs.place("silent-start", [(SKU, 1)]), timeout=30)
+    print(f"\nstart with a silent Redis: {start_s:.3f}s; first order settled in {settle_s:.3f}s")
+    assert start_s < REDIS_TIMEOUT_S * 2 + 10
+    assert server.service.guard.shared_state is not None and server.service.guard.shared_state.down

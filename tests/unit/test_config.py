@@ -171,6 +171,11 @@ BAD_VALUES = [
     pytest.param(["--retry-base-s", "nan"], {}, "--retry-base-s", id="nan-delay"),
     pytest.param(["--log-level", "verbose"], {}, "--log-level", id="flag-outside-choices"),
     pytest.param(["--redis-url", "http://cache:6379"], {}, "--redis-url", id="redis-scheme"),
+    pytest.param(["--redis-socket-timeout-s", "0"], {}, "--redis-socket-timeout-s", id="zero-redis-timeout"),
+    pytest.param(
+        [], {"ORDERS_REDIS_CONNECT_TIMEOUT_S": "-1"}, "--redis-connect-timeout-s", id="negative-redis-connect"
+    ),
+    pytest.param(["--redis-retry-s", "0"], {}, "--redis-retry-s", id="zero-redis-retry"),
     pytest.param(["--no-such-flag"], {}, "--no-such-flag", id="unknown-flag"),
 ]
 

@@ -18,10 +18,19 @@ from typing import Any
 
 import pybreaker
 import pytest
+import redis
 
 from domain.inventory import Rejected
-from saga.dispatcher import backoff_s
-from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimitedError, RateLimiter, SlowCallError
+from saga.resilience import (
+    ConcurrentCircuitBreaker,
+    FallbackBreakerStorage,
+    Guard,
+    RateLimitedError,
+    RateLimiter,
+    SharedStateFallback,
+    SlowCallError,
+)
+from saga.verdicts import backoff_s
 
 
 class Boom(Exception):
@@ -459,3 +468,82 @@ def test_an_opening_noticed_through_shared_state_blames_no_failure_of_its_own(ca
         "circuit breaker inventory: closed -> open after 2 failures in a row (no failure seen here); "
         "calls are refused for 30 s",
     ]
+
+
+# --- shared state (Redis) that fails: per-process counting meanwhile --------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SilentRedis:
+    """A Redis client whose every command fails as one past its socket timeout does."""
+
+    def __init__(self) -> None:
+        self.commands = 0
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def command(*_args: Any, **_kwargs: Any) -> Any:
+            self.commands += 1
+            raise redis.TimeoutError("Timeout reading from socket")
+
+        return command
+
+
+def test_a_failing_shared_store_sends_callers_to_local_state_with_one_warning_and_one_retry_per_interval(
+    caplog,
+):
+    clock = Clock()
+    fallback = SharedStateFallback(retry_s=5.0, clock=clock)
+    tries = 0
+
+    def shared() -> str:
+        nonlocal tries
+        tries += 1
+        raise redis.ConnectionError("Connection refused")
+
+    with caplog.at_level("INFO", logger="saga.resilience"):
+        assert [fallback.run(shared, lambda: "local") for _ in range(10)] == ["local"] * 10
+        assert (tries, fallback.down) == (1, True)  # the others did not wait on Redis
+        clock.now += 5.0
+        assert [fallback.run(shared, lambda: "local") for _ in range(10)] == ["local"] * 10
+        assert tries == 2  # one retry per interval
+        clock.now += 5.0
+        assert fallback.run(lambda: "shared", lambda: "local") == "shared"
+        assert fallback.run(lambda: "shared", lambda: "local") == "shared"
+
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        (
+            "WARNING",
+            "shared guard state (Redis) unavailable (ConnectionError: Connection refused): rate limit and "
+            "circuit breaker count per process until it answers; trying again every 5 s",
+        ),
+        ("INFO", "shared guard state (Redis) answers again after 10.0 s: counting is shared again"),
+    ]
+    assert (fallback.down, fallback.outages, fallback.failures) == (False, 1, 2)
+
+
+def test_a_breaker_on_a_silent_redis_counts_and_opens_in_this_process_without_a_traceback_per_call(caplog):
+    client = SilentRedis()
+    fallback = SharedStateFallback(retry_s=60.0)
+    breaker = ConcurrentCircuitBreaker(
+        slow_call_s=5.0,
+        fail_max=3,
+        reset_timeout=60,
+        state_storage=FallbackBreakerStorage(client, "orders-inventory", fallback),  # type: ignore[arg-type]
+    )
+    with caplog.at_level("INFO"):
+        trip(breaker)  # pybreaker's own Redis storage would read "closed" for ever
+        with pytest.raises(pybreaker.CircuitBreakerError):
+            breaker.call(lambda: "refused")
+
+    assert client.commands == 1, "after the first failure, Redis is left alone until the retry"
+    assert [r for r in caplog.records if r.exc_info] == []
+    [outage] = [r.getMessage() for r in caplog.records if "shared guard state" in r.getMessage()]
+    assert outage.startswith("shared guard state (Redis) unavailable (TimeoutError: Timeout reading")
