@@ -12,6 +12,9 @@ client ledger of what the service acknowledged, and the checks of DESIGN.md's "N
   was answered OK counts as acknowledged.
 - `check_acknowledged` asserts that every acknowledged order exists under its `request_id`, is settled,
   and that every acknowledged cancel left the order CANCELLED.
+- `count_lines` counts log lines that show what happened inside the processes: steps stalled by the
+  fault switch (`STALLED`), completions refused by the lease fence (`FENCED`), saga steps that found
+  their event taken over and wrote nothing (`SUPERSEDED`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ IN_TRANSIT = frozenset(
     }
 )
 FENCED = re.compile(r"lease lost to another dispatcher")
+SUPERSEDED = re.compile(r"passed to another step; this one wrote nothing")
+STALLED = re.compile(r"fault stall: [\d.]+s at (?P<boundary>\w+)")
 SETTLED = frozenset({"VALIDATED", "FAILED", "CANCELLED"})
 
 
@@ -69,16 +74,18 @@ def migrate(url: str, cwd: Path) -> None:
     migrate_database(url, cwd)
 
 
-def server_args(url: str, fault_file: Path | None = None) -> list[str]:
+def server_args(
+    url: str, fault_file: Path | None = None, *, lease_s: float = LEASE_S, port: int = 0
+) -> list[str]:
     """Flags of every chaos instance: short leases and polls, quick retries, modest pools (2 cores,
     one PostgreSQL of 100 connections). CHAOS_SAGA_WORKERS overrides the 4 saga workers."""
     args = [
         "--port",
-        "0",
+        str(port),
         "--database-url",
         url,
         "--lease-s",
-        str(LEASE_S),
+        str(lease_s),
         "--poll-interval-s",
         "0.2",
         "--retry-base-s",
@@ -104,9 +111,14 @@ def basket(rng: random.Random) -> list[tuple[str, int]]:
     return [(sku, rng.randint(1, 3)) for sku in sorted(rng.sample(SKUS, rng.randint(1, 3)))]
 
 
+def count_lines(logs: Sequence[Path], pattern: re.Pattern[str]) -> int:
+    """Matches of `pattern` over all logs (those that exist)."""
+    return sum(len(pattern.findall(path.read_text(errors="replace"))) for path in logs if path.exists())
+
+
 def fenced_completions(logs: Sequence[Path]) -> int:
     """Completions refused by the lease fence ("lease lost to another dispatcher"), over all logs."""
-    return sum(len(FENCED.findall(path.read_text(errors="replace"))) for path in logs if path.exists())
+    return count_lines(logs, FENCED)
 
 
 @dataclass
