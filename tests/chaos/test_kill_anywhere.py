@@ -239,9 +239,11 @@ def test_a_stale_saga_step_leaves_no_reservation_behind(
     """Instance A claims ORDER_CREATED and its inventory call hangs past the lease (A has one saga
     worker, so it cannot claim the event again itself). The client cancels the order. Instance B
     takes the event over: order not PENDING, nothing to release, DONE; ORDER_CANCELLED, DONE. Then
-    A's stale step reserves (no reservation row says the order was ever handled), and either dies
-    right there (`crash_after_reserve`) or finds the order CANCELLED and defers its release because
-    the slow call opened the breaker (`breaker_open`); that verdict is fenced and dropped."""
+    A's stale step makes its reserve call, and either dies right there (`crash_after_reserve`) or,
+    the slow call having opened the breaker (`breaker_open`), ends with a verdict that is fenced and
+    dropped: by the inventory's fence, B's step of the order being newer ("passed to another step"),
+    or by the lease token ("lease lost"). A's dispatcher renews no lease meanwhile
+    (`lease_renewal_off`): the hang stands for the whole process stalling."""
     url = make_pg_database()
     migrate(url, tmp_path)
     cluster = Cluster(url, tmp_path, size=2)
@@ -251,7 +253,7 @@ def test_a_stale_saga_step_leaves_no_reservation_behind(
         extra = ["--saga-workers", "1"] + (["--breaker-fail-max", "1"] if ending == "breaker_open" else [])
         a = cluster.start(0, extra)
         a.stubs.set_stock(sku, 10)
-        faults: dict[str, object] = {"inventory_delay_s": hang_s}
+        faults: dict[str, object] = {"inventory_delay_s": hang_s, "lease_renewal_off": True}
         if ending == "crash_after_reserve":
             faults[ending] = True
         cluster.write_fault(0, faults)
@@ -264,7 +266,11 @@ def test_a_stale_saga_step_leaves_no_reservation_behind(
         if ending == "crash_after_reserve":
             wait_until(lambda: a.proc.poll() is not None, timeout=2 * hang_s, what="A's crash")
         else:
-            wait_until(lambda: "lease lost" in a.log(), timeout=2 * hang_s, what="A's fenced verdict")
+            wait_until(
+                lambda: "lease lost" in a.log() or "passed to another step" in a.log(),
+                timeout=2 * hang_s,
+                what="A's fenced verdict",
+            )
         assert settled(engine)
     finally:
         cluster.stop_all()
