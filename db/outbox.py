@@ -74,6 +74,9 @@ class ClaimedEvent:
     lease_token: str
     claimed_at: datetime  # on PostgreSQL, like created_at, the database's time
     claims: int = 1  # the number of the claim that leased it
+    # The attempt before this one never recorded an outcome (its process died or stalled): this
+    # event may be what killed it, so the dispatcher runs it alone (see saga.dispatcher).
+    suspect: bool = False
 
     @property
     def correlation_id(self) -> str | None:
@@ -139,7 +142,16 @@ _CLAIMED = (
     outbox.c.attempts,
     outbox.c.claims,
     outbox.c.created_at,
+    outbox.c.last_error,
 )
+
+
+_UNFINISHED = " did not finish: its lease ran out (the process died or stalled)"
+
+
+def unfinished_attempt(attempt: int) -> str:
+    """The `last_error` a claim writes when attempt `attempt` never recorded an outcome."""
+    return f"attempt {attempt}{_UNFINISHED}"
 
 
 def _unfinished_attempt() -> Case[Any]:
@@ -148,9 +160,7 @@ def _unfinished_attempt() -> Case[Any]:
     return case(
         (
             outbox.c.locked_until.is_not(None),
-            literal("attempt ")
-            + cast(outbox.c.attempts, String)
-            + literal(" did not finish: its lease ran out (the process died or stalled)"),
+            literal("attempt ") + cast(outbox.c.attempts, String) + literal(_UNFINISHED),
         ),
         else_=outbox.c.last_error,
     )
@@ -404,6 +414,7 @@ class OutboxStore:
                     lease_token=token,
                     claimed_at=_utc(row.claimed_at),
                     claims=row.claims,
+                    suspect=row.last_error == unfinished_attempt(row.attempts - 1),
                 )
                 for row in rows
             ),

@@ -6,12 +6,16 @@ It knows event types and handlers, nothing of what an event means. Each handler 
 event's correlation id and order id restored in a fresh context (an executor carries no
 contextvars), and its verdict (`saga.verdicts`) is written back fenced on the lease. DONE is
 written in batches, with the next round's claim. An event this process commits while a worker is
-idle is handed over without a claim (`take_slots`, `hand`). docs/architecture.md, "The
-dispatcher", tells the whole design and why.
+idle is handed over without a claim (`take_slots`, `hand`). An event whose previous attempt
+never finished (`ClaimedEvent.suspect`: it may have killed its process) runs alone, once nothing
+else runs, with no claim or hand-off meanwhile: a crash loop then costs attempts of that event
+only, not of the events that happened to run beside it. docs/architecture.md, "The dispatcher",
+tells the whole design and why.
 """
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import logging
 import threading
@@ -105,6 +109,9 @@ class OutboxDispatcher:
         self._full = False  # the last round claimed all it asked for: more may be due
         self._failures = 0  # rounds failed in a row
         self._pause = 0.0  # seconds to wait before the next round, after a failure
+        # Suspect events waiting to run alone, with their dispatch lag; and whether one runs.
+        self._solo: collections.deque[tuple[ClaimedEvent, float]] = collections.deque()
+        self._solo_running = False
         self._stopping = threading.Event()
         self._executor = WorkerPool(settings.workers, "saga")
         self._round_threads = WorkerPool(rounds.ROUNDS, "dispatcher-round")
@@ -153,7 +160,8 @@ class OutboxDispatcher:
             owed = self._owed_since is not None and (
                 time.monotonic() - self._owed_since >= self._settings.handoff_yield_after_s
             )
-            if not self._started or self._stopping.is_set() or owed or busy + count > self._settings.workers:
+            closed = not self._started or self._stopping.is_set() or bool(self._solo) or self._solo_running
+            if closed or owed or busy + count > self._settings.workers:
                 return None
             self._reserved += count
         return Lease(str(uuid.uuid4()), self._settings.lease_s, count)
@@ -214,6 +222,7 @@ class OutboxDispatcher:
         deadline = time.monotonic() + timeout
         self._stopping.set()
         self._wake.set()
+        self._hand_back_solo()
         self._thread.join(timeout)
         with self._idle:
             finished = self._idle.wait_for(
@@ -249,10 +258,11 @@ class OutboxDispatcher:
     def _rounds_to_start(self) -> list[int]:
         """The sizes of the rounds to start now (`saga.rounds.plan_rounds`), counted in flight
         (under the lock)."""
+        solo = bool(self._solo) or self._solo_running  # nothing more while a suspect waits or runs
         plan = rounds.plan_rounds(
             rounds.Load(
                 workers=self._settings.workers,
-                busy=self._in_flight + self._reserved,
+                busy=self._settings.workers if solo else self._in_flight + self._reserved,
                 claiming=self._claiming,
                 rounds=self._rounds,
                 wanted=self._wanted,
@@ -355,7 +365,40 @@ class OutboxDispatcher:
         return len(events), len(kept)
 
     def _submit(self, event: ClaimedEvent, lag_s: float) -> None:
-        """Run a leased event, already counted in flight, on the executor."""
+        """Run a leased event, already counted in flight, on the executor (a suspect: alone)."""
+        if event.suspect:
+            with self._lock:
+                busy = bool(self._solo) or self._solo_running
+                if not busy:
+                    self._solo.append((event, lag_s))
+            if busy:
+                self._hand_back_suspect(event)
+                return
+            unfinished = event.attempts - 1
+            log.warning("event %d: attempt %d did not finish; this one runs alone", event.id, unfinished)
+            self._start_solo()
+            return
+        self._run_on_pool(event, lag_s)
+
+    def _hand_back_suspect(self, event: ClaimedEvent) -> None:
+        """One suspect at a time per process: another claimed beside it goes back unrun, its
+        attempt given back and its error kept (so it is still a suspect when claimed again); held
+        here, it would die with the first if that one kills the process."""
+        try:
+            with self._uow() as uow:
+                later_s = self._settings.poll_interval_s
+                kept = uow.outbox.reschedule(event, later_s, self._clock(), None, False)
+                uow.commit()
+            self._count("deferred" if kept else "fenced", event, 0.0)
+        except Exception as error:
+            log.warning("event %d left to its lease: %s", event.id, describe(error))
+        with self._idle:
+            self._in_flight -= 1
+            self._leave(event)
+            self._idle.notify_all()
+        self._start_solo()
+
+    def _run_on_pool(self, event: ClaimedEvent, lag_s: float) -> None:
         if self._on_claimed is not None:
             self._on_claimed(event, lag_s)
         # A fresh context per task: one context entered by two threads at once raises.
@@ -364,6 +407,30 @@ class OutboxDispatcher:
             self._executor.submit(context.run, self._handle, event)
         except RuntimeError:  # the pool shut down after a stop that gave up waiting
             log.warning("event %d left to its lease: the dispatcher has stopped", event.id)
+            with self._idle:
+                self._in_flight -= 1
+                self._leave(event)
+                self._solo_running = self._solo_running and not event.suspect
+                self._idle.notify_all()
+
+    def _start_solo(self) -> None:
+        """Start the next suspect event once nothing else is in flight (queued suspects aside)."""
+        with self._lock:
+            if self._solo_running or not self._solo or self._in_flight != len(self._solo):
+                return
+            event, lag_s = self._solo.popleft()
+            self._solo_running = True
+        self._run_on_pool(event, lag_s)
+
+    def _hand_back_solo(self) -> None:
+        """At stop: the suspects still waiting go back to the queue (a deferral), unrun."""
+        with self._lock:
+            waiting, self._solo = list(self._solo), collections.deque()
+        for event, _lag in waiting:
+            try:
+                self._count(self._record(event, Defer(0.0, "dispatcher stopping")), event, 0.0)
+            except Exception as error:
+                log.warning("event %d left to its lease at stop: %s", event.id, describe(error))
             with self._idle:
                 self._in_flight -= 1
                 self._leave(event)
@@ -407,10 +474,13 @@ class OutboxDispatcher:
                 self._in_flight -= 1
                 self._idle.notify_all()
                 self._leave(event)
+                if event.suspect:
+                    self._solo_running = False
                 wake = (
                     self._owed_since is not None or self._flush_due() or event.aggregate_id in self._followed
                 )
                 self._followed.discard(event.aggregate_id)
+            self._start_solo()
             if wake:
                 self._wake.set()
 

@@ -12,9 +12,8 @@ ORDER_EXPIRED releases nothing, so DESIGN.md's invariants hold on the whole data
 
 Normal orders placed before the BOOM order, during the crash loop (a client waiting for the server
 to come back, retrying with the same `request_id` when a call dies with its process) and after it
-all end VALIDATED. (An order in flight beside the BOOM order at each of its crashes would use up
-its attempts as well and be buried with it; those placed here come after the first crash, so they
-can lose two attempts at most.)
+all end VALIDATED. An event whose last attempt did not finish runs alone, so orders claimed beside
+the BOOM order lose one attempt at most, to the first crash (the second test).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from db.tables import orders, outbox_events
 from generated.orders.v1 import orders_pb2 as pb
 from tests.chaos.harness import IN_TRANSIT, migrate, server_args
 from tests.invariants import check_invariants, settled
-from tests.support import READY, Stubs, server_command, server_env, wait_until
+from tests.support import READY, ServerProcess, Stubs, server_command, server_env, wait_until
 
 MAX_ATTEMPTS = 3
 LEASE_S = 1.0
@@ -313,3 +312,48 @@ def test_an_order_that_kills_its_process_every_time_ends_dead_and_the_others_flo
     summary = check_invariants(url, url, STOCK)
     assert summary.events_by_status["DEAD"] == 1, summary.events_by_status
     assert summary.stock["BOOM"] == (STOCK["BOOM"], 0), "the BOOM order reserved something"
+
+
+def test_orders_claimed_beside_a_crash_looping_one_are_not_buried_with_it(
+    make_pg_database: Callable[[], str], tmp_path: Path
+) -> None:
+    """The BOOM order and four normal ones wait in the outbox before any saga runs, so the first
+    round claims them together and the first crash kills the normal ones' steps too. From then on
+    an event whose last attempt did not finish runs alone: the BOOM order alone uses its attempts
+    (three crashes in all), and every normal order is VALIDATED."""
+    url = make_pg_database()
+    migrate(url, tmp_path)
+    fault_file = tmp_path / "faults.json"
+    fault_file.write_text('{"crash_on_sku": "BOOM"}')
+    port = free_port()
+    flags = [*server_args(url, fault_file, lease_s=LEASE_S, port=port), "--max-attempts", str(MAX_ATTEMPTS)]
+    placer = ServerProcess([*flags, "--saga-workers", "0"], server_env(), tmp_path, tmp_path / "placer.log")
+    try:
+        for sku, available in STOCK.items():
+            placer.stubs.set_stock(sku, available)
+        boom = placer.stubs.place("crash-loop", [("BOOM", 1)]).order_id
+        normal = [placer.stubs.place("crash-loop", [("FINE-1", 1)]).order_id for _ in range(4)]
+    finally:
+        assert placer.stop() == 0
+    supervisor = Supervisor(flags, tmp_path, MAX_STARTS)
+    engine = make_engine(url, EngineSettings(pool_size=2, max_overflow=0))
+    try:
+        supervisor.start()
+        wait_until(
+            lambda: created_event(engine, boom)[0] == "DEAD"
+            and set(statuses(engine, normal).values()) == {"VALIDATED"},
+            timeout=40,
+            interval=0.1,
+            what="the BOOM order's event DEAD and every normal order VALIDATED",
+        )
+        wait_until(supervisor.running, timeout=15, what="the last process to be up")
+        events = [created_event(engine, order_id) for order_id in normal]
+    finally:
+        supervisor.stop()
+        engine.dispose()
+    logs = supervisor.log_text()
+    assert supervisor.exits == [137] * MAX_ATTEMPTS, logs[-5000:]
+    assert {status for status, *_ in events} == {"DONE"}
+    # At most the first crash took an attempt of theirs.
+    assert max(attempts for _, attempts, _, _ in events) <= 2, events
+    assert "runs alone" in logs

@@ -351,3 +351,43 @@ def test_a_dispatcher_whose_clock_runs_a_minute_ahead_steals_no_lease(
     stalled.resume()
     wait_until(lambda: a.stats.done == 1, timeout=10, what="A to settle its order")
     assert {rows(url, order_id)[0].status for order_id in (held, other)} == {"VALIDATED"}
+
+
+def test_events_whose_last_attempt_did_not_finish_run_one_at_a_time_and_alone(
+    migrated_url: str, instances: Callable[..., Instance]
+) -> None:
+    set_stock(migrated_url, 100)
+    orders = [place(migrated_url, 1) for _ in range(4)]
+    engine = make_engine(migrated_url)
+    try:  # a process claimed them all and died: every lease runs out unfinished
+        with OrdersUnitOfWork(engine) as uow:
+            assert len(uow.outbox.claim(10, timedelta(seconds=30), utcnow())) == 4
+            uow.connection.execute(update(outbox_events).values(locked_until=utcnow() - timedelta(seconds=1)))
+            uow.commit()
+    finally:
+        engine.dispose()
+    fresh = place(migrated_url, 1)  # and one that never ran
+    running: list[int] = []
+    overlaps: list[tuple[int, ...]] = []
+    lock = threading.Lock()
+
+    class Watched(Hooks):
+        def maybe_stall(self, boundary: str) -> None:
+            if boundary == "before_reserve":
+                with lock:
+                    running.append(1)
+                    if len(running) > 1:
+                        overlaps.append(tuple(running))
+                threading.Event().wait(0.05)  # long enough for a second step to start beside it
+                with lock:
+                    running.pop()
+
+    a = instances(DispatcherSettings(workers=4, poll_interval_s=0.05), Watched())
+    a.dispatcher.start()
+
+    wait_until(lambda: a.stats.done == 5, timeout=15, what="every order to settle")
+    assert overlaps == [], "a step whose last attempt did not finish ran beside another"
+    for order_id in [*orders, fresh]:
+        assert rows(migrated_url, order_id)[0].status == "VALIDATED"
+    assert {rows(migrated_url, order_id)[1].attempts for order_id in orders} == {2}
+    assert rows(migrated_url, fresh)[1].attempts == 1
