@@ -1,35 +1,34 @@
-"""The relay figures: our outbox dispatcher against pgqueuer on the same PostgreSQL, same run.
+"""The relay's processes: our outbox dispatcher and pgqueuer, consumers and paced producers.
 
-Drain: N jobs already queued, a no-op handler, 16 in flight; jobs per second until all are done.
+Drain: N jobs already queued, a no-op handler, a fixed number in flight; jobs per second until all
+are done.
 Pickup: a producer paced at a steady rate; per job, the wall-clock time from the enqueue call's
 start (for us: the PlaceOrder call's start) to its handler's start. Every consumer and producer
 runs in its own spawned process, as a server and its clients would. Times are `time.time()`, the
 machine's one wall clock, so the two sides of a pair come from different processes safely.
+bench/scenarios/drain_and_pickup.py runs them and pairs the times.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from datetime import datetime
 from functools import partial
 from multiprocessing import get_context
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
-import psycopg2
+from sqlalchemy.engine import make_url
 
-from bench import load, scenarios
+from bench import operations
+from bench.plan import PG_ADMIN_URL
 from generated.orders.v1 import orders_pb2 as pb
 from generated.orders.v1 import orders_pb2_grpc as pb_grpc
+from tests.local_services import pg_connect
 
 ENTRYPOINT = "relay"
-# What "handler start" is in the server's JSON log (saga/dispatcher.py, DEBUG).
-HANDLING = "handling ORDER_CREATED event "
 # Time for a spawned process to import and connect before the paced producer starts.
 STARTUP_S = 1.5
 
@@ -42,16 +41,18 @@ def in_processes(*calls: tuple[Any, ...]) -> list[Any]:
 
 
 def asyncpg_dsn(dbname: str) -> str:
-    return f"postgresql://postgres@127.0.0.1:5432/{dbname}"
+    """The URI of one of the run's databases as asyncpg takes it (no `+driver`)."""
+    url = make_url(PG_ADMIN_URL).set(drivername="postgresql", database=dbname)
+    return url.render_as_string(hide_password=False)
 
 
 # --- our outbox ----------------------------------------------------------------------------------
 
 
-def insert_pending(dsn: str, events: int) -> None:
+def insert_pending(url: str, events: int) -> None:
     """N PENDING ORDER_CREATED events, one aggregate each (so per-order ordering holds none back),
     then ANALYZE, as autovacuum would have done on a table that grew this big."""
-    connection = psycopg2.connect(dsn)
+    connection = pg_connect(url)
     try:
         with connection, connection.cursor() as cursor:
             cursor.execute(
@@ -142,7 +143,12 @@ def pgq_drain(dbname: str, jobs: int, in_flight: int) -> dict[str, Any]:
     return asyncio.run(_pgq_drain(asyncpg_dsn(dbname), jobs, in_flight))
 
 
-def pgq_settings(in_flight: int) -> dict[str, int]:
+class PgqSettings(TypedDict):
+    batch_size: int
+    max_concurrent_tasks: int
+
+
+def pgq_settings(in_flight: int) -> PgqSettings:
     """`in_flight` picked jobs at most; pgqueuer wants batches of at most half of that."""
     return {"batch_size": max(1, in_flight // 2), "max_concurrent_tasks": in_flight}
 
@@ -248,18 +254,18 @@ def paced_place(address: str, rate: float, duration: float, start_at: float, sku
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.OrderServiceStub(channel)
         request = pb.PlaceOrderRequest(
-            customer_id="bench-pickup", items=[pb.OrderItem(sku=scenarios.sku_name(0), quantity=1)]
+            customer_id="bench-pickup", items=[pb.OrderItem(sku=operations.sku_name(0), quantity=1)]
         )
 
         def call(n: int) -> None:
             correlation_id = str(uuid.uuid4())
             mine = pb.PlaceOrderRequest()
             mine.CopyFrom(request)
-            mine.items[0].sku = scenarios.sku_name(n % skus)
+            mine.items[0].sku = operations.sku_name(n % skus)
             mine.request_id = correlation_id
             sent[correlation_id] = time.time()
             stub.PlaceOrder(
-                mine, timeout=scenarios.TIMEOUT_S, metadata=(("x-correlation-id", correlation_id),)
+                mine, timeout=operations.TIMEOUT_S, metadata=(("x-correlation-id", correlation_id),)
             )
 
         with ThreadPoolExecutor(32) as threads:
@@ -270,36 +276,3 @@ def paced_place(address: str, rate: float, duration: float, start_at: float, sku
             for future in futures:
                 future.result()
     return sent
-
-
-def handler_starts(log_text: str) -> dict[str, float]:
-    """Saga handler start times (epoch seconds) by correlation id, from the server's JSON log."""
-    starts: dict[str, float] = {}
-    for line in log_text.splitlines():
-        if HANDLING not in line or not line.startswith("{"):
-            continue
-        entry = json.loads(line)
-        if entry.get("message", "").startswith(HANDLING):
-            starts[entry["correlation_id"]] = datetime.fromisoformat(entry["time"]).timestamp()
-    return starts
-
-
-def pickup(sent: dict[str, float], started: dict[str, float], rate: float, duration: float) -> dict[str, Any]:
-    """Percentiles of handler start minus enqueue start over every job sent; a job whose handler
-    was not seen to start counts as slower than all (its percentile is then None)."""
-    delays = sorted(started[key] - t if key in started else math.inf for key, t in sent.items())
-
-    def ms(q: float) -> float | None:
-        value = load.percentile(delays, q)
-        return round(value * 1000, 1) if math.isfinite(value) else None
-
-    return {
-        "rate_per_s": rate,
-        "duration_s": duration,
-        "sent": len(sent),
-        "paired": sum(1 for key in sent if key in started),
-        "p50_ms": ms(0.50),
-        "p95_ms": ms(0.95),
-        "p99_ms": ms(0.99),
-        "max_ms": ms(1.0),
-    }

@@ -7,40 +7,26 @@ PostgreSQL tests need the local server. Without it they skip on a laptop, but un
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg2
 import pytest
-from sqlalchemy.engine import make_url
 
 from server import bootstrap
 from server.config import Settings
+from tests.local_services import create_database, drop_databases, pg_connect, with_database
 from tests.support import ServerProcess, Stubs, apply_schema, server_env
 
 PG_ADMIN_URL = os.environ.get("ORDERS_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("ORDERS_TEST_REQUIRE_POSTGRES") == "1" or os.environ.get("CI") == "true"
 
 
-def _pg_connect(database: str | None = None) -> Any:
-    url = make_url(PG_ADMIN_URL)
-    return psycopg2.connect(
-        host=url.host,
-        port=url.port or 5432,
-        user=url.username,
-        password=url.password,
-        dbname=database or url.database,
-        connect_timeout=5,
-    )
-
-
 def _pg_reachable() -> str | None:
     try:
-        _pg_connect().close()
+        pg_connect(PG_ADMIN_URL).close()
     except Exception as error:
         return str(error)
     return None
@@ -63,22 +49,11 @@ def make_pg_database(postgres_server: str) -> Iterator[Callable[[], str]]:
     created: list[str] = []
 
     def make() -> str:
-        name = f"orders_test_{uuid.uuid4().hex[:12]}"
-        admin = _pg_connect()
-        admin.autocommit = True
-        with admin.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-        admin.close()
-        created.append(name)
-        return make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+        created.append(create_database(PG_ADMIN_URL, "orders_test"))
+        return with_database(postgres_server, created[-1])
 
     yield make
-    admin = _pg_connect()
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        for name in created:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    drop_databases(PG_ADMIN_URL, created)
 
 
 @pytest.fixture

@@ -8,15 +8,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import psycopg2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from sqlalchemy import Engine, Table, func, select
-from sqlalchemy.engine import make_url
 
 from db.tables import order_items, orders, outbox_events
 from generated.orders.v1 import orders_pb2 as pb
+from tests.local_services import pg_connect as pg_connect  # shared with the benchmark
 
 if TYPE_CHECKING:
     from tests.conftest import InProcessServer
@@ -114,21 +113,6 @@ def field_violations(error: grpc.RpcError) -> dict[str, str]:
             for violation in bad_request.field_violations:
                 violations[violation.field] = violation.description
     return violations
-
-
-def pg_connect(url: str, *, autocommit: bool = False) -> Any:
-    """A plain psycopg2 connection to the database of a SQLAlchemy URL (the test's own, not the server's)."""
-    parsed = make_url(url)
-    connection = psycopg2.connect(
-        host=parsed.host,
-        port=parsed.port or 5432,
-        user=parsed.username,
-        password=parsed.password,
-        dbname=parsed.database,
-        connect_timeout=5,
-    )
-    connection.autocommit = autocommit
-    return connection
 
 
 def health_status(server: InProcessServer, service: str = "") -> str:

@@ -1,0 +1,1 @@
+"""The report of a run: the page written to docs/benchmarks.md and the figures against their targets."""

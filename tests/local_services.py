@@ -1,0 +1,137 @@
+"""What the tests and the benchmark both need: `orders-server` processes, throwaway PostgreSQL databases.
+
+Imports no service code and no gRPC (the benchmark's own process does without them): the standard
+library, psycopg2, and SQLAlchemy for its URL parser only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg2
+from sqlalchemy.engine import make_url
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+# The line `orders-server` logs once it accepts calls (server/main.py); the port is the bound one.
+READY = re.compile(r"orders-server ready on (?P<host>\S+):(?P<port>\d+)")
+
+
+def wait_until(
+    predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> T:
+    """Poll `predicate` until it returns something truthy; AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate!r} (last: {last!r})")
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listened on a moment ago (for a flag that does not take 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def server_command() -> list[str]:
+    """`orders-server` as the README installs it (the venv's console script)."""
+    script = Path(sys.executable).parent / "orders-server"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "server.main"]
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without its ORDERS_* settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+    # Without the installed console script the server runs as `python -m server.main` from the repo.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+class OrdersServer:
+    """A real `orders-server` process, started and waited for until its ready line; its output (the
+    log) goes to a file that `log()` reads."""
+
+    def __init__(
+        self, args: Sequence[str], env: dict[str, str], cwd: Path, log_path: Path, ready_timeout: float = 30
+    ) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*server_command(), *args], env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        match = wait_until(self._ready, timeout=ready_timeout, what="the ready line")
+        self.port = int(match.group("port"))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _ready(self) -> re.Match[str] | None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"orders-server exited with {self.proc.returncode}:\n{self.log()}")
+        return READY.search(self.log())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the process, kill it if it is still running after `timeout`; its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def pg_connect(url: str, *, autocommit: bool = False) -> Any:
+    """A plain psycopg2 connection to the database of a SQLAlchemy URL (ours, not the server's)."""
+    parsed = make_url(url)
+    connection = psycopg2.connect(
+        host=parsed.host,
+        port=parsed.port or 5432,
+        user=parsed.username,
+        password=parsed.password,
+        dbname=parsed.database,
+        connect_timeout=5,
+    )
+    connection.autocommit = autocommit
+    return connection
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` with its database replaced by `name` (same server, same user)."""
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def create_database(admin_url: str, prefix: str) -> str:
+    """A new, empty database on the server of `admin_url`, named `prefix` and a random suffix; its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with closing(pg_connect(admin_url, autocommit=True)) as admin, admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_databases(admin_url: str, names: Iterable[str]) -> None:
+    """Drop each database, closing whatever connections are still open on it."""
+    with closing(pg_connect(admin_url, autocommit=True)) as admin, admin.cursor() as cursor:
+        for name in names:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
