@@ -75,9 +75,9 @@ def refused_outbox_rows(reached: list[str]):
     items: on SQLite as the third statement, on PostgreSQL inside the one statement with them."""
     real = db.outbox.OutboxStore.new_rows
 
-    def new_rows(events, correlation_id, now, lease=None):
+    def new_rows(events, correlation_id, now, lease=None, dialect="sqlite"):
         reached.append("outbox")
-        return [{**row, "status": None} for row in real(events, correlation_id, now, lease)]
+        return [{**row, "status": None} for row in real(events, correlation_id, now, lease, dialect)]
 
     return staticmethod(new_rows)
 
