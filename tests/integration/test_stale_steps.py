@@ -248,9 +248,9 @@ def test_a_live_slow_step_keeps_its_lease_by_renewing_it(
 ) -> None:
     set_stock(migrated_url, 10)
     order_id = place(migrated_url, 3)
-    slow = Hooks(settle_delay_s=1.5)  # three leases long; slow, not stalled: leases are renewed
-    a = instances(DispatcherSettings(workers=1, poll_interval_s=0.05, lease_s=0.5), slow)
-    b = instances(DispatcherSettings(workers=1, poll_interval_s=0.05, lease_s=0.5), Hooks())
+    slow = Hooks(settle_delay_s=3.0)  # three leases long; slow, not stalled: leases are renewed
+    a = instances(DispatcherSettings(workers=1, poll_interval_s=0.05, lease_s=1.0), slow)
+    b = instances(DispatcherSettings(workers=1, poll_interval_s=0.05, lease_s=1.0), Hooks())
     a.dispatcher.start()
     wait_until(lambda: a.runs, timeout=10, what="A to start the step")
     b.dispatcher.start()
