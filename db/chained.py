@@ -1,4 +1,5 @@
-"""Rows for several tables in one INSERT statement (PostgreSQL's data-modifying CTEs).
+"""Rows for several tables in one INSERT statement (PostgreSQL's data-modifying CTEs; for a
+backend with `one_statement_writes`).
 
 `WITH w0 AS (INSERT INTO a ...), w1 AS (INSERT INTO b ...) INSERT INTO c ...` is one statement,
 so one round trip and atomic on its own. The statement is built once per shape (tables, row

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Float, bindparam, func
 
+from db.backend import backend_of
 from db.tables import UTCDateTime
 
 NOW = "now"
@@ -27,7 +28,7 @@ NOW = "now"
 
 def now(dialect: str) -> ColumnElement[Any]:
     """The database's current time: `now()` on PostgreSQL, the parameter `now` on SQLite."""
-    if dialect == "postgresql":
+    if backend_of(dialect).database_clock:
         return func.now()
     return bindparam(NOW, type_=UTCDateTime())
 
@@ -35,7 +36,7 @@ def now(dialect: str) -> ColumnElement[Any]:
 def later(dialect: str, seconds: str) -> ColumnElement[Any]:
     """`now(dialect)` plus the parameter `seconds` (a float) on PostgreSQL; on SQLite the parameter
     `seconds`_at, the time that makes (see `parameters`)."""
-    if dialect == "postgresql":
+    if backend_of(dialect).database_clock:
         return func.now() + func.make_interval(0, 0, 0, 0, 0, 0, bindparam(seconds, type_=Float))
     return bindparam(f"{seconds}_at", type_=UTCDateTime())
 

@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from db.backend import backend_of
 from domain.deadline import remaining_ms
 
 # Execution option a writer sets so that SQLite takes the write lock at BEGIN: a deferred
@@ -59,7 +60,8 @@ def normalise_url(raw: str) -> URL:
 
 
 def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"
+    """The embedded database, whose driver this module configures (pragmas, BEGIN IMMEDIATE)."""
+    return backend_of(engine).embedded
 
 
 def make_engine(raw_url: str, settings: EngineSettings | None = None) -> Engine:

@@ -32,9 +32,10 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 
 from db import precompiled
+from db.backend import backend_of
 from db.tables import reservation_fences, stock, stock_reservations
 from db.unit_of_work import UnitOfWork
 from domain.fencing import Fence
@@ -81,8 +82,7 @@ def _fence_statement(dialect: str) -> Any:
     """Record a step's fence as the order's newest, unless a newer one is there: RETURNING a row
     only when the step may write. On conflict the row is locked, so a concurrent step of the same
     order waits here for this one's commit, and then compares against what it wrote."""
-    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = dialect_insert(reservation_fences).values(
+    statement = backend_of(dialect).upsert(reservation_fences).values(
         order_id=bindparam("order_id", type_=String),
         event_id=bindparam("fence_event", type_=reservation_fences.c.event_id.type),
         claim=bindparam("fence_claim", type_=Integer),
@@ -188,8 +188,7 @@ class StockRepository:
         self._c = connection
 
     def set_available(self, sku: str, available: int, now: datetime) -> StockLevel:
-        dialect_insert = postgresql.insert if self._c.dialect.name == "postgresql" else sqlite.insert
-        new_row = dialect_insert(stock).values(
+        new_row = backend_of(self._c).upsert(stock).values(
             sku=sku, available=available, reserved=0, version=1, update_time=now
         )
         statement = new_row.on_conflict_do_update(
@@ -244,14 +243,15 @@ class StockRepository:
         has no data-modifying WITH and takes the per-item path.
 
         With a `fence`, Superseded (nothing written) if a newer step of the order wrote before."""
-        fenced_here = fence is not None and (check_first or self._c.dialect.name != "postgresql")
+        one_statement = backend_of(self._c).one_statement_writes
+        fenced_here = fence is not None and (check_first or not one_statement)
         if fenced_here and fence is not None and not self.fence(order_id, fence, now):
             return Superseded()
         if check_first:
             settled = self._settled_reservation(order_id)
             if settled is not None:
                 return settled
-        elif self._c.dialect.name == "postgresql":
+        elif one_statement:
             return self._reserve_first_delivery(order_id, items, now, fence)
         self._c.execute(
             insert(stock_reservations),
@@ -331,9 +331,8 @@ class StockRepository:
         if fence is not None and not self.fence(order_id, fence, now):
             return Superseded()
         if items:
-            dialect_insert = postgresql.insert if self._c.dialect.name == "postgresql" else sqlite.insert
             self._c.execute(
-                dialect_insert(stock_reservations).on_conflict_do_nothing(),
+                backend_of(self._c).upsert(stock_reservations).on_conflict_do_nothing(),
                 [
                     {
                         "order_id": order_id,

@@ -49,6 +49,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 
 from db import clock, precompiled
+from db.backend import backend_of
 from db.chained import DB_NOW, DbLater, insert_together
 from db.tables import outbox_events as outbox
 from domain.events import DomainEvent
@@ -217,20 +218,27 @@ def _complete_many_statement(dialect: str) -> Update:
     an expanding tuple IN costs SQLAlchemy a rewrite of the statement per call. It is a looser
     match than the (id, token) pairs, and safe: tokens are this process's own, so it can only mark
     an event whose lease this process holds and one of whose runs here has finished."""
-    matched: tuple[ColumnElement[bool], ...]
-    if dialect == "postgresql":
-        matched = (
+    held = _held_by(dialect)
+    return (
+        update(outbox).where(*held, outbox.c.status == PENDING).values(done_values()).returning(outbox.c.id)
+    )
+
+
+def _held_by(dialect: str) -> tuple[ColumnElement[bool], ...]:
+    """The rows of a batch of leases: with array parameters `id = ANY(:ids) AND lease_token =
+    ANY(:tokens)`, else (id, token) pairs (`:leases`); see `_lease_parameters`."""
+    if backend_of(dialect).one_statement_writes:
+        return (
             outbox.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger))),
             outbox.c.lease_token == any_(bindparam("tokens", type_=postgresql.ARRAY(String))),
         )
-    else:
-        matched = (tuple_(outbox.c.id, outbox.c.lease_token).in_(bindparam("leases", expanding=True)),)
-    return (
-        update(outbox)
-        .where(*matched, outbox.c.status == PENDING)
-        .values(done_values())
-        .returning(outbox.c.id)
-    )
+    return (tuple_(outbox.c.id, outbox.c.lease_token).in_(bindparam("leases", expanding=True)),)
+
+
+def _lease_parameters(dialect: str, events: Sequence[ClaimedEvent]) -> dict[str, Any]:
+    if backend_of(dialect).one_statement_writes:
+        return {"ids": [e.id for e in events], "tokens": list({e.lease_token for e in events})}
+    return {"leases": [(e.id, e.lease_token) for e in events]}
 
 
 def done_values() -> dict[str, Any]:
@@ -263,20 +271,11 @@ def _complete_and_claim_statement() -> Select[Any]:
 
 @lru_cache(maxsize=2)
 def _renew_statement(dialect: str) -> Update:
-    """Extend leases still held and not run out (`id = ANY(:ids) AND lease_token = ANY(:tokens)` on
-    PostgreSQL, as in `_complete_many_statement`; (id, token) pairs on SQLite): RETURNING the ids
-    renewed. A lease that ran out stays out, even if no one has taken the event yet."""
-    matched: tuple[ColumnElement[bool], ...]
-    if dialect == "postgresql":
-        matched = (
-            outbox.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger))),
-            outbox.c.lease_token == any_(bindparam("tokens", type_=postgresql.ARRAY(String))),
-        )
-    else:
-        matched = (tuple_(outbox.c.id, outbox.c.lease_token).in_(bindparam("leases", expanding=True)),)
+    """Extend leases still held and not run out (matched as in `_complete_many_statement`):
+    RETURNING the ids renewed. A lease that ran out stays out, even if no one has taken the event."""
     return (
         update(outbox)
-        .where(*matched, outbox.c.status == PENDING, outbox.c.locked_until > clock.now(dialect))
+        .where(*_held_by(dialect), outbox.c.status == PENDING, outbox.c.locked_until > clock.now(dialect))
         .values(locked_until=clock.later(dialect, "lease_s"))
         .returning(outbox.c.id)
     )
@@ -295,16 +294,17 @@ class OutboxStore:
     ) -> list[ClaimedEvent]:
         """Store `events`; with a `lease`, already leased, and returned as claimed (else [])."""
         dialect = self._c.dialect.name
+        one_statement = backend_of(dialect).one_statement_writes
         rows = self.new_rows(events, correlation_id, now, lease, dialect)
         if not rows:
             return []
         if lease is None:
-            if dialect == "postgresql":
+            if one_statement:
                 insert_together(self._c, [(outbox, rows)])
             else:
                 self._c.execute(insert(outbox), rows)
             return []
-        if dialect == "postgresql":  # its RETURNING gives one key: one statement a row
+        if one_statement:  # its RETURNING gives one key: one statement a row
             ids = [insert_together(self._c, [(outbox, [row])], returning=True)[0] for row in rows]
         else:
             one = insert(outbox).returning(outbox.c.id)
@@ -322,7 +322,8 @@ class OutboxStore:
         """The PENDING rows that store `events` (see `add`), leased when `lease` is given. On
         PostgreSQL the times are the database's, written by `db.chained.insert_together`."""
         headers = json.dumps({"correlation_id": correlation_id} if correlation_id else {})
-        at: Any = DB_NOW if dialect == "postgresql" else now
+        database_clock = backend_of(dialect).database_clock
+        at: Any = DB_NOW if database_clock else now
         rows: list[dict[str, Any]] = [
             {
                 "aggregate_id": event.order_id,
@@ -342,7 +343,7 @@ class OutboxStore:
             if len(rows) != lease.count:
                 raise ValueError(f"a lease for {lease.count} event(s) cannot hold {len(rows)}")
             later = timedelta(seconds=lease.seconds)
-            until = DbLater(lease.seconds) if dialect == "postgresql" else now + later
+            until = DbLater(lease.seconds) if database_clock else now + later
             for row in rows:
                 row.update(lease_token=lease.token, locked_until=until, attempts=1, claims=1)
         return rows
@@ -427,12 +428,11 @@ class OutboxStore:
         """`complete_many(finished)`, then `claim(limit)`: the completed ids and the claimed events.
         On PostgreSQL one statement (`_complete_and_claim_statement`), the dispatcher's every
         round; on SQLite the two."""
-        if self._c.dialect.name != "postgresql" or not finished or limit <= 0:
+        if not backend_of(self._c).one_statement_writes or not finished or limit <= 0:
             return self.complete_many(finished, now), self.claim(limit, lease, now)
         token = str(uuid.uuid4())
         parameters = {
-            "ids": [e.id for e in finished],
-            "tokens": list({e.lease_token for e in finished}),
+            **_lease_parameters(self._c.dialect.name, finished),
             "limit": limit,
             "token": token,
             **clock.parameters(now, lease_s=lease.total_seconds()),
@@ -448,12 +448,10 @@ class OutboxStore:
         if not events:
             return set()
         dialect = self._c.dialect.name
-        parameters: dict[str, Any] = clock.parameters(now, lease_s=lease.total_seconds())
-        if dialect == "postgresql":
-            parameters["ids"] = [e.id for e in events]
-            parameters["tokens"] = list({e.lease_token for e in events})
-        else:
-            parameters["leases"] = [(e.id, e.lease_token) for e in events]
+        parameters = {
+            **clock.parameters(now, lease_s=lease.total_seconds()),
+            **_lease_parameters(dialect, events),
+        }
         return set(precompiled.execute(self._c, _renew_statement(dialect), parameters).scalars())
 
     def _fenced(self, event: ClaimedEvent) -> Any:
@@ -470,12 +468,7 @@ class OutboxStore:
         if not events:
             return set()
         dialect = self._c.dialect.name
-        parameters: dict[str, Any] = {"now": now}
-        if dialect == "postgresql":
-            parameters["ids"] = [e.id for e in events]
-            parameters["tokens"] = list({e.lease_token for e in events})
-        else:
-            parameters["leases"] = [(e.id, e.lease_token) for e in events]
+        parameters = {"now": now, **_lease_parameters(dialect, events)}
         statement = _complete_many_statement(dialect)
         return set(precompiled.execute(self._c, statement, parameters).scalars())
 
@@ -497,9 +490,7 @@ class OutboxStore:
             "updated_at": clock.now(dialect),
         }
         if not count_attempt:
-            values["attempts"] = func.max(outbox.c.attempts - 1, 0) if dialect == "sqlite" else func.greatest(
-                outbox.c.attempts - 1, 0
-            )
+            values["attempts"] = case((outbox.c.attempts > 0, outbox.c.attempts - 1), else_=0)
         if error is not None:
             values["last_error"] = error[:MAX_ERROR_CHARS]
         statement = self._fenced(event).values(**values)

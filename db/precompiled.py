@@ -24,6 +24,8 @@ from typing import Any
 from sqlalchemy import Connection, CursorResult, Dialect
 from sqlalchemy.sql import ClauseElement
 
+from db.backend import backend_of
+
 
 @dataclass(frozen=True)
 class Precompiled:
@@ -72,7 +74,7 @@ def execute(
     connection: Connection, statement: ClauseElement, parameters: Mapping[str, Any]
 ) -> CursorResult[Any]:
     """`connection.execute(statement, parameters)`, from the SQL compiled once on PostgreSQL."""
-    if connection.dialect.name != "postgresql":
+    if not backend_of(connection).one_statement_writes:
         return connection.execute(statement, parameters)  # type: ignore[call-overload,no-any-return]
     precompiled = precompile(statement, connection.dialect)
     return connection.exec_driver_sql(precompiled.sql, parameters_for(precompiled, parameters))

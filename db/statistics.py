@@ -14,11 +14,19 @@ from collections.abc import Sequence
 
 from sqlalchemy import Connection, text
 
+from db.backend import backend_of
+
 ORDERS_TABLES = ("outbox_events", "orders", "order_items")
 
 
 def autovacuum_on(connection: Connection) -> bool:
     return str(connection.execute(text("SHOW autovacuum")).scalar_one()).lower() in ("on", "true", "1")
+
+
+def need_keeping(connection: Connection) -> bool:
+    """Whether someone must ANALYZE for the planner here: a backend that keeps statistics, with
+    autovacuum off."""
+    return backend_of(connection).keeps_statistics and not autovacuum_on(connection)
 
 
 def stale(connection: Connection, tables: Sequence[str]) -> list[str]:

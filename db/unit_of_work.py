@@ -37,6 +37,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from db import precompiled
+from db.backend import backend_of
 from db.chained import insert_together
 from db.engine import SQLITE_BEGIN_IMMEDIATE, WriterGate, is_sqlite, prefix_next_statement, writer_gate
 from db.errors import translate
@@ -244,7 +245,7 @@ class OrdersUnitOfWork(UnitOfWork):
         this process and returned as claimed, for the local dispatcher to run without a claim."""
         if lease is not None and len(events) != 1:
             raise ValueError("an order placed under a lease has exactly one event")
-        if self.dialect != "postgresql":
+        if not backend_of(self.dialect).one_statement_writes:
             self.orders.add(order, request_fingerprint)
             return self.outbox.add(events, correlation_id, order.create_time, lease)
         rows = OutboxStore.new_rows(events, correlation_id, order.create_time, lease, self.dialect)
@@ -259,7 +260,7 @@ class OrdersUnitOfWork(UnitOfWork):
         on the lease (`OutboxStore.complete`): (settled, completed). The event is completed only
         if the order settled. On PostgreSQL one statement (the settle is a CTE of the completion),
         on SQLite two. The caller commits only (True, True)."""
-        if self.dialect != "postgresql":
+        if not backend_of(self.dialect).one_statement_writes:
             settled = self.orders.settle_pending(order_id, target, reason, now)
             return settled, settled and self.outbox.complete(event, now)
         parameters = OrderRepository.settle_parameters(order_id, target, reason, now)

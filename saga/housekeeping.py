@@ -117,7 +117,7 @@ class Housekeeper:
     def _autovacuum_off(self) -> bool:
         """On PostgreSQL, whether the database's autovacuum is off; False elsewhere."""
         with self._uow(write=False, single_statement=True) as uow:
-            return uow.dialect == "postgresql" and not statistics.autovacuum_on(uow.connection)
+            return statistics.need_keeping(uow.connection)
 
     def observe_backlog(self) -> tuple[int, float]:
         with self._uow(write=False) as uow:
