@@ -13,8 +13,7 @@ from sqlalchemy import Connection, Row, Select, Table, Update, and_, bindparam, 
 
 from db import clock
 from db.tables import order_items, orders
-from domain.errors import InvalidTransitionError
-from domain.model import Order, OrderItem, OrderStatus, can_move
+from domain.model import Order, OrderItem, OrderStatus, Settlement
 
 Row_ = dict[str, Any]
 
@@ -82,24 +81,25 @@ class OrderRepository:
         )
         return result.rowcount == 1
 
-    def settle_pending(self, order_id: str, target: OrderStatus, reason: str | None, now: datetime) -> bool:
-        """Move the order from PENDING to `target`, one version up; False if it is not PENDING.
+    def settle_pending(self, order_id: str, settlement: Settlement, now: datetime) -> bool:
+        """Move the order from PENDING as `settlement` says, one version up; False if it is not
+        PENDING.
 
         The saga settles without reading the order first: the status in the WHERE clause is the
         compare-and-set (PostgreSQL re-checks it after waiting on a concurrent writer), and the
         version still moves, so a client holding the old version sees the change."""
-        parameters = self.settle_parameters(order_id, target, reason, now)
+        parameters = self.settle_parameters(order_id, settlement, now)
         return self._c.execute(settle_pending_statement(), parameters).rowcount == 1
 
     @staticmethod
-    def settle_parameters(
-        order_id: str, target: OrderStatus, reason: str | None, now: datetime
-    ) -> dict[str, Any]:
-        """The parameters of `settle_pending_statement` (see `settle_pending`); a target PENDING
-        cannot move to is refused here, before any statement runs."""
-        if not can_move(OrderStatus.PENDING, target):
-            raise InvalidTransitionError(f"an order cannot move from PENDING to {target.value}")
-        return {"order_id": order_id, "target": target.value, "reason": reason or "", "now": now}
+    def settle_parameters(order_id: str, settlement: Settlement, now: datetime) -> dict[str, Any]:
+        """The parameters of `settle_pending_statement` (see `settle_pending`)."""
+        return {
+            "order_id": order_id,
+            "target": settlement.status.value,
+            "reason": settlement.reason,
+            "now": now,
+        }
 
     def pending_since(self, older_than: timedelta, limit: int, now: datetime) -> list[Order]:
         """PENDING orders created more than `older_than` ago by the database's clock (`db.clock`;

@@ -47,7 +47,7 @@ from db.tables import orders, outbox_events
 from domain import deadline
 from domain.errors import DeadlineExceededError, UnavailableError
 from domain.events import DomainEvent
-from domain.model import Order, OrderStatus
+from domain.model import Order, Settlement
 
 # Below this, a transaction is not worth starting.
 _MIN_BUDGET_MS = 5
@@ -254,16 +254,16 @@ class OrdersUnitOfWork(UnitOfWork):
         return [] if lease is None else OutboxStore.leased(rows, ids, lease, order.create_time)
 
     def settle_and_complete(
-        self, order_id: str, target: OrderStatus, reason: str | None, event: ClaimedEvent, now: datetime
+        self, order_id: str, settlement: Settlement, event: ClaimedEvent, now: datetime
     ) -> tuple[bool, bool]:
         """Settle a PENDING order (`OrderRepository.settle_pending`) and mark its event DONE, fenced
         on the lease (`OutboxStore.complete`): (settled, completed). The event is completed only
         if the order settled. On PostgreSQL one statement (the settle is a CTE of the completion),
         on SQLite two. The caller commits only (True, True)."""
         if not backend_of(self.dialect).one_statement_writes:
-            settled = self.orders.settle_pending(order_id, target, reason, now)
+            settled = self.orders.settle_pending(order_id, settlement, now)
             return settled, settled and self.outbox.complete(event, now)
-        parameters = OrderRepository.settle_parameters(order_id, target, reason, now)
+        parameters = OrderRepository.settle_parameters(order_id, settlement, now)
         parameters.update(event_id=event.id, token=event.lease_token)
         row = precompiled.execute(self.connection, _settle_and_complete(), parameters).one()
         return bool(row.settled), bool(row.completed)

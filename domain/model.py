@@ -39,6 +39,31 @@ def can_move(source: OrderStatus, target: OrderStatus) -> bool:
 
 
 @dataclass(frozen=True)
+class Settlement:
+    """The saga's outcome for a PENDING order, checked against the state machine when it is made:
+    the status the order moves to, and why when that is FAILED. The saga writes it without reading
+    the order; the store's compare-and-set on PENDING only guards it (`Order.settle` applies the
+    same settlement to an order in memory)."""
+
+    status: OrderStatus
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not can_move(OrderStatus.PENDING, self.status) or self.status is OrderStatus.CANCELLED:
+            raise InvalidTransitionError(f"the saga cannot settle an order as {self.status.value}")
+        if (self.status is OrderStatus.FAILED) != bool(self.reason):
+            raise ValueError("a failed settlement needs a reason, and only a failed one has one")
+
+    @classmethod
+    def validated(cls) -> Settlement:
+        return cls(OrderStatus.VALIDATED)
+
+    @classmethod
+    def failed(cls, reason: str) -> Settlement:
+        return cls(OrderStatus.FAILED, reason)
+
+
+@dataclass(frozen=True)
 class OrderItem:
     sku: str
     quantity: int
@@ -106,8 +131,10 @@ class Order:
             order_id=self.order_id
         )
 
-    def validate(self, now: datetime | None = None) -> Order:
-        return self._move(OrderStatus.VALIDATED, now)
-
-    def fail(self, reason: str, now: datetime | None = None) -> Order:
-        return self._move(OrderStatus.FAILED, now, reason=reason)
+    def settle(self, settlement: Settlement, now: datetime | None = None) -> Order:
+        """The saga's outcome: only a PENDING order settles."""
+        if self.status is not OrderStatus.PENDING:
+            raise InvalidTransitionError(
+                f"order {self.order_id} is {self.status.value} and cannot become {settlement.status.value}"
+            )
+        return self._move(settlement.status, now, reason=settlement.reason)

@@ -49,7 +49,7 @@ from domain.errors import ConflictError
 from domain.events import OrderCancelled, OrderExpired, OrderPlaced
 from domain.fencing import Fence
 from domain.inventory import ReservationOutcome, Reserved, Superseded
-from domain.model import Order, OrderItem, OrderStatus, utcnow
+from domain.model import Order, OrderItem, OrderStatus, Settlement, utcnow
 from saga.faults import FaultSwitches
 from saga.resilience import BreakerOpenError, Guard, RateLimitedError
 from saga.verdicts import Completed, Defer, Done, Handler, Retry, Verdict
@@ -221,14 +221,14 @@ class InventorySaga:
             return self._superseded(order_id, event)
         if isinstance(outcome, Reserved):
             log.info("stock reserved for order %s", order_id)
-            return self._settle(order_id, items, event, OrderStatus.VALIDATED, None)
+            return self._settle(order_id, items, event, Settlement.validated())
         log.info("order %s cannot be reserved: %s", order_id, outcome.reason)
         # Close the order in the inventory before failing it, so that no step of this saga still
         # running elsewhere (a lost lease) can reserve for an order that is already FAILED.
         closed = self._release(order_id, items, event)
         if not isinstance(closed, Done):
             return closed
-        return self._settle(order_id, items, event, OrderStatus.FAILED, outcome.reason)
+        return self._settle(order_id, items, event, Settlement.failed(outcome.reason))
 
     def on_order_cancelled(self, event: ClaimedEvent) -> Verdict:
         order_id = parse_order_id(event.payload)
@@ -246,15 +246,15 @@ class InventorySaga:
         order_id: str,
         items: tuple[OrderItem, ...],
         event: ClaimedEvent,
-        target: OrderStatus,
-        reason: str | None,
+        settlement: Settlement,
         outcome: str = "",
     ) -> Verdict:
-        """PENDING -> `target` and the event DONE, one commit; nothing at all if the lease is gone."""
+        """PENDING -> as `settlement` says, and the event DONE, one commit; nothing at all if the
+        lease is gone."""
         self._faults.maybe_stall("before_settle")
         now = self._clock()
         with self._orders_uow() as uow:
-            settled, completed = uow.settle_and_complete(order_id, target, reason, event, now)
+            settled, completed = uow.settle_and_complete(order_id, settlement, event, now)
             if settled:
                 if not completed:
                     return self._superseded(order_id, event)  # leaving the block rolls the settle back
@@ -262,8 +262,9 @@ class InventorySaga:
         if not settled:
             return self._after_settle_refused(order_id, items, event)
         self._on_order_changed(order_id)
-        self._on_outcome(outcome or target.value.lower())
-        log.info("order %s is %s%s", order_id, target.value, f": {reason}" if reason else "")
+        self._on_outcome(outcome or settlement.status.value.lower())
+        reason = settlement.reason
+        log.info("order %s is %s%s", order_id, settlement.status.value, f": {reason}" if reason else "")
         return Completed()
 
     def _after_settle_refused(
@@ -295,7 +296,7 @@ class InventorySaga:
             return self._defer(error)
         if isinstance(closed, Superseded):
             return self._superseded(order_id, event)
-        return self._settle(order_id, items, event, OrderStatus.FAILED, INVENTORY_UNAVAILABLE, "gave_up")
+        return self._settle(order_id, items, event, Settlement.failed(INVENTORY_UNAVAILABLE), "gave_up")
 
     def _release(self, order_id: str, items: tuple[OrderItem, ...], event: ClaimedEvent) -> Verdict:
         try:

@@ -24,7 +24,7 @@ from db.outbox import (
 )
 from db.tables import order_items, orders, outbox_events
 from db.unit_of_work import _settle_and_complete
-from domain.model import Order, OrderItem, OrderStatus, utcnow
+from domain.model import Order, OrderItem, Settlement, utcnow
 from tests.support import apply_schema
 
 pytestmark = pytest.mark.postgres
@@ -103,7 +103,7 @@ def test_the_reservation_goes_out_as_sqlalchemy_would_send_it(engine: Engine) ->
 
 
 def test_the_settle_and_completion_go_out_as_sqlalchemy_would_send_them(engine: Engine) -> None:
-    parameters = OrderRepository.settle_parameters("o-1", OrderStatus.VALIDATED, None, utcnow())
+    parameters = OrderRepository.settle_parameters("o-1", Settlement.validated(), utcnow())
     parameters.update(event_id=7, token="t-1")
     _same_either_way(engine, _settle_and_complete(), parameters)
 

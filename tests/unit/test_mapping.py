@@ -8,7 +8,7 @@ import pytest
 
 from domain.errors import ValidationError
 from domain.inventory import StockLevel, insufficient_stock, unknown_sku
-from domain.model import Order, OrderItem, OrderStatus
+from domain.model import Order, OrderItem, OrderStatus, Settlement
 from generated.orders.v1 import orders_pb2 as pb
 from server import mapping
 
@@ -64,7 +64,7 @@ def test_place_request_violations_use_proto_field_paths() -> None:
 
 def test_order_maps_to_a_message_field_by_field() -> None:
     placed, _ = Order.place("customer-1", (OrderItem("SKU-1", 2),), now=PLACED_AT)
-    failed = placed.fail("unknown SKU 'SKU-1'", now=PLACED_AT + timedelta(seconds=1))
+    failed = placed.settle(Settlement.failed("unknown SKU 'SKU-1'"), now=PLACED_AT + timedelta(seconds=1))
     message = mapping.order_to_pb(failed)
     assert message.order_id == failed.order_id
     assert message.customer_id == "customer-1"

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from domain.errors import InvalidTransitionError, PreconditionError
 from domain.events import OrderCancelled, OrderPlaced
-from domain.model import TRANSITIONS, Order, OrderItem, OrderStatus, can_move
+from domain.model import TRANSITIONS, Order, OrderItem, OrderStatus, Settlement, can_move
 
 PENDING, VALIDATED, FAILED, CANCELLED = (
     OrderStatus.PENDING,
@@ -38,9 +38,9 @@ def _order_in(status: OrderStatus) -> Order:
     """An order brought to `status` through the public moves only."""
     order = _placed()
     if status is VALIDATED:
-        order = order.validate(now=PLACED_AT)
+        order = order.settle(Settlement.validated(), now=PLACED_AT)
     elif status is FAILED:
-        order = order.fail("unknown SKU 'SKU-1'", now=PLACED_AT)
+        order = order.settle(Settlement.failed("unknown SKU 'SKU-1'"), now=PLACED_AT)
     elif status is CANCELLED:
         order, _ = order.cancel(now=PLACED_AT)
     assert order.status is status
@@ -50,8 +50,8 @@ def _order_in(status: OrderStatus) -> Order:
 # Every target a client or the saga can ask for, by the method that asks for it. No method moves an
 # order back to PENDING, which is the point: the table must not allow it either.
 MOVES: dict[OrderStatus, Callable[[Order], Order]] = {
-    VALIDATED: lambda order: order.validate(now=LATER),
-    FAILED: lambda order: order.fail("out of stock", now=LATER),
+    VALIDATED: lambda order: order.settle(Settlement.validated(), now=LATER),
+    FAILED: lambda order: order.settle(Settlement.failed("out of stock"), now=LATER),
     CANCELLED: lambda order: order.cancel(now=LATER)[0],
 }
 
@@ -119,7 +119,7 @@ def test_validated_order_can_be_cancelled() -> None:
 
 def test_validated_order_cannot_fail_afterwards() -> None:
     with pytest.raises(InvalidTransitionError):
-        _order_in(VALIDATED).fail("late failure")
+        _order_in(VALIDATED).settle(Settlement.failed("late failure"))
 
 
 def test_placed_order_is_pending_at_version_one() -> None:
@@ -141,7 +141,7 @@ def test_placed_order_gets_a_fresh_uuid() -> None:
 
 def test_version_grows_by_one_on_every_change() -> None:
     placed = _placed()
-    validated = placed.validate(now=LATER)
+    validated = placed.settle(Settlement.validated(), now=LATER)
     cancelled, _ = validated.cancel(now=LATER)
     assert [placed.version, validated.version, cancelled.version] == [1, 2, 3]
 
@@ -168,7 +168,7 @@ def test_cancelling_raises_order_cancelled(source: OrderStatus) -> None:
 
 
 def test_failing_records_the_reason() -> None:
-    failed = _placed().fail("unknown SKU 'X'", now=LATER)
+    failed = _placed().settle(Settlement.failed("unknown SKU 'X'"), now=LATER)
     assert failed.failure_reason == "unknown SKU 'X'"
 
 
@@ -179,7 +179,7 @@ def test_only_a_failed_order_has_a_failure_reason(target: OrderStatus) -> None:
 
 def test_move_without_an_explicit_time_uses_the_current_utc_time() -> None:
     before = datetime.now(UTC)
-    moved = _placed().validate()
+    moved = _placed().settle(Settlement.validated())
     assert before <= moved.update_time <= datetime.now(UTC)
 
 
@@ -206,3 +206,24 @@ def test_any_sequence_of_moves_follows_the_table_and_counts_versions(targets: li
             assert allowed
             changes += 1
     assert order.version == 1 + changes
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "error"),
+    [
+        (VALIDATED, "", None),
+        (FAILED, "out of stock", None),
+        (FAILED, "", ValueError),  # a failure says why
+        (VALIDATED, "why?", ValueError),  # and only a failure does
+        (CANCELLED, "", InvalidTransitionError),  # a client cancels, never the saga
+        (PENDING, "", InvalidTransitionError),
+    ],
+)
+def test_the_state_machine_decides_each_settlement_before_any_write(
+    status: OrderStatus, reason: str, error: type[Exception] | None
+) -> None:
+    if error is None:
+        assert Settlement(status, reason).status is status
+    else:
+        with pytest.raises(error):
+            Settlement(status, reason)
