@@ -2,8 +2,8 @@
 
 Without statistics the planner takes a table for a few pages. For the outbox that is the worst
 guess: the claim then gathers every PENDING row, checks each for an earlier event of its order,
-and sorts them all, so a claim costs in proportion to the backlog exactly when there is one (after
-a burst, 6,000 PENDING events drained at 160 a second; after an ANALYZE, at 375). Autovacuum
+and sorts them all, so a claim costs in proportion to the backlog exactly when there is one (a
+backlog drained less than half as fast before an ANALYZE as after; docs/performance.md). Autovacuum
 analyzes a table once 50 rows + 10 % of it changed; `stale` applies the same rule, for a caller
 (the housekeeper) to ANALYZE in its place.
 """

@@ -55,8 +55,8 @@ class _Handoff(logging.handlers.QueueHandler):
     variables and the thread name are the caller's) and queues it; one writer thread formats and
     writes. With the stream handler at the root, some thirty threads (gRPC handlers, saga workers)
     took turns on its lock for every line, a saga step two or three times, and each turn was
-    another wait for the GIL: in alternated runs of the flow benchmark the saga's commit-to-dispatch
-    lag at p95 / p99 was 46-48 / 83-88 ms that way and 22-24 / 44-47 ms this way.
+    another wait for the GIL: the saga's commit-to-dispatch lag halved this way
+    (docs/performance.md).
 
     A line is in the queue, not yet written, for as long as the writer takes to get to it; a
     process killed outright loses what is queued. `close` (`logging.shutdown`: at exit, and before

@@ -49,8 +49,7 @@ def serve(settings: Settings, link: supervisor.WorkerLink | None = None) -> int:
         return 1
     service.start()
     # Everything built so far lives as long as the process: out of the collector's sight, a full
-    # collection scans only what came after. Under load, a full collection of it all paused every
-    # thread for about 60 ms; after the freeze, about 2 ms.
+    # collection scans only what came after (its pauses under load: docs/performance.md).
     gc.freeze()
     backend = service.engines.orders.dialect.name
     # A worker's line must not read "orders-server ready on": that one is the supervisor's, once
