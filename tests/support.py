@@ -18,7 +18,9 @@ from server.config import Settings
 
 # Shared with the benchmark; imported from here by the suites.
 from tests.local_services import READY as READY
-from tests.local_services import OrdersServer, server_command, server_env
+from tests.local_services import OrdersServer
+from tests.local_services import server_command as server_command
+from tests.local_services import server_env as server_env
 from tests.local_services import wait_until as wait_until
 
 

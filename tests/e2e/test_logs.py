@@ -65,8 +65,10 @@ def exercise(stubs: Stubs) -> Activity:
     )
     order_id = response.order.order_id
     failed = stubs.place(customer, [("LOG-NO-SUCH-SKU", 1)])
-    for order in (order_id, failed.order_id):
-        wait_until(lambda o=order: stubs.get(o).status != pb.ORDER_STATUS_PENDING, what=f"{order} settled")
+    wait_until(
+        lambda: all(stubs.get(o).status != pb.ORDER_STATUS_PENDING for o in (order_id, failed.order_id)),
+        what=f"{order_id} and {failed.order_id} settled",
+    )
     assert list(stubs.orders.WatchOrder(pb.WatchOrderRequest(order_id=failed.order_id), timeout=10))
     first = stubs.orders.ListOrders(pb.ListOrdersRequest(customer_id=customer, page_size=1), timeout=10)
     stubs.orders.ListOrders(

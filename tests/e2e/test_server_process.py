@@ -14,6 +14,7 @@ import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import grpc
 import pytest
@@ -77,7 +78,14 @@ def wait_for_status(stubs: Stubs, order_id: str, status: int) -> None:
     )
 
 
-def every_page(stubs: Stubs, **filters: object) -> list[list[pb.Order]]:
+class ListFilters(TypedDict, total=False):
+    """What a ListOrdersRequest can select on."""
+
+    customer_id: str
+    status: pb.OrderStatus
+
+
+def every_page(stubs: Stubs, **filters: Unpack[ListFilters]) -> list[list[pb.Order]]:
     pages: list[list[pb.Order]] = []
     token = ""
     while True:
@@ -128,7 +136,8 @@ def test_an_order_is_validated_listed_page_by_page_and_cancelled_with_its_stock_
     assert (stock.available, stock.reserved) == (100 - 15, 15)
 
     newest_first = list(reversed(placed))
-    for filters in ({"customer_id": "e2e-alice"}, {"status": pb.ORDER_STATUS_VALIDATED}):
+    searches: list[ListFilters] = [{"customer_id": "e2e-alice"}, {"status": pb.ORDER_STATUS_VALIDATED}]
+    for filters in searches:
         pages = every_page(stubs, **filters)
         assert [len(page) for page in pages] == [2, 2, 1], filters
         listed = [order.order_id for page in pages for order in page]

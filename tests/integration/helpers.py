@@ -102,7 +102,7 @@ def rpc_error(call: Callable[..., Any], *args: Any, **kwargs: Any) -> grpc.RpcEr
 
 def field_violations(error: grpc.RpcError) -> dict[str, str]:
     """google.rpc.BadRequest field violations from the rich status details: field -> description."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None, "no rich status in the trailers"
     assert status.code == error.code().value[0]
     violations: dict[str, str] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from typing import Any
 
 from sqlalchemy import select, update
 
@@ -20,7 +21,7 @@ from tests.invariants import check_invariants, settled
 from tests.support import run_cli, wait_until
 
 
-def _admin(url: str, *args: str) -> tuple[int, list[dict], str]:
+def _admin(url: str, *args: str) -> tuple[int, list[dict[str, Any]], str]:
     done = run_cli("admin", *args, "--database-url", url, timeout=60)
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     return done.returncode, lines, done.stderr

@@ -40,7 +40,7 @@ def set_faults(path: Path, **faults: Any) -> None:
     os.replace(scratch, path)
 
 
-class BreakerWatch(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class BreakerWatch(pybreaker.CircuitBreakerListener):
     """Transitions and failures of the server's breaker, as its listeners see them."""
 
     def __init__(self) -> None:
@@ -241,7 +241,7 @@ def test_the_rate_limiter_spreads_inventory_calls_and_loses_no_order(database_ur
         acquire()  # raises when limited: only admitted calls are recorded
         admitted.append(time.time())
 
-    limiter.acquire = recording_acquire  # type: ignore[method-assign]
+    limiter.acquire = recording_acquire
 
     order_ids = place_orders(server, n)
 

@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 
 from db.engine import make_engine
-from db.outbox import OutboxStore
+from db.outbox import ClaimedEvent, OutboxStore
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import utcnow
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
@@ -81,14 +81,14 @@ def test_a_later_event_of_a_finished_order_is_claimed_within_the_next_round(engi
 
 def test_the_dispatcher_runs_the_later_event_of_a_finished_order_without_waiting_for_its_poll(engine):
     ran: list[int] = []
+
+    def record(event: ClaimedEvent) -> Done:
+        ran.append(event.id)
+        return Done()
+
     first, later = _add(engine, "a", "a")
     settings = DispatcherSettings(workers=2, poll_interval_s=60.0)  # the poll alone would take a minute
-    dispatcher = OutboxDispatcher(
-        partial(OrdersUnitOfWork, engine),
-        {"TEST": lambda event: ran.append(event.id) or Done()},
-        settings,
-        WakeUp(),
-    )
+    dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": record}, settings, WakeUp())
     dispatcher.start()
     try:
         wait_until(lambda: ran == [first, later], timeout=10, what="both events to run")

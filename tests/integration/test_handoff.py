@@ -23,7 +23,7 @@ from domain.model import Order, OrderItem, utcnow
 from generated.orders.v1 import orders_pb2 as pb
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.signals import WakeUp
-from saga.verdicts import Completed, Done
+from saga.verdicts import Completed, Done, Handler
 from tests.integration.helpers import place_request, rows_of, rpc_error
 from tests.integration.saga_support import wait_for_status
 from tests.support import wait_until
@@ -121,8 +121,13 @@ def test_a_failed_place_gives_its_worker_back(server, monkeypatch):
 
 def test_events_handed_to_a_stopping_dispatcher_go_back_to_the_queue(engine):
     ran: list[int] = []
+
+    def record(event: ClaimedEvent) -> Done:
+        ran.append(event.id)
+        return Done()
+
     settings = DispatcherSettings(workers=1, poll_interval_s=60.0, lease_s=30.0)
-    dispatcher = _started(engine, {"ORDER_CREATED": lambda event: ran.append(event.id) or Done()}, settings)
+    dispatcher = _started(engine, {"ORDER_CREATED": record}, settings)
     lease = dispatcher.take_slots(1)
     assert lease is not None
     order, placed = Order.place("ann", (OrderItem("SKU-1", 1),), None, now=utcnow())
@@ -152,15 +157,22 @@ def test_finished_events_do_not_wake_the_dispatcher_for_claims_that_find_nothing
 
     monkeypatch.setattr(OutboxStore, "complete_and_claim", counting)  # the dispatcher's claim
     ran: list[int] = []
+
+    def record(event: ClaimedEvent) -> Completed:
+        ran.append(event.id)
+        return Completed()
+
     settings = DispatcherSettings(workers=2, poll_interval_s=60.0)
-    dispatcher = _started(
-        engine, {"ORDER_CREATED": lambda event: ran.append(event.id) or Completed()}, settings
-    )
+    dispatcher = _started(engine, {"ORDER_CREATED": record}, settings)
+
+    def handled(count: int) -> bool:
+        return len(ran) == count and dispatcher.in_flight == 0
+
     try:
         wait_until(lambda: claims, what="the first claim at start")
         for n in range(1, 6):
             dispatcher.hand(*_place_leased(engine, dispatcher))
-            wait_until(lambda n=n: len(ran) == n and dispatcher.in_flight == 0, what="the handler")
+            wait_until(partial(handled, n), what="the handler")
         assert len(ran) == 5
         assert len(claims) == 1, "a handler that finished found nothing more to claim, so none ran"
     finally:
@@ -168,7 +180,8 @@ def test_finished_events_do_not_wake_the_dispatcher_for_claims_that_find_nothing
 
 
 def test_a_later_event_of_a_running_order_is_claimed_as_soon_as_the_first_finishes(engine):
-    gate, ran = threading.Event(), []
+    gate = threading.Event()
+    ran: list[str] = []
     handler = _self_completing(engine, ran, gate, "FIRST", key=lambda event: event.event_type)
 
     settings = DispatcherSettings(workers=2, poll_interval_s=60.0)  # polling alone would take a minute
@@ -193,7 +206,8 @@ def test_a_later_event_of_a_running_order_is_claimed_as_soon_as_the_first_finish
 
 
 def test_an_event_committed_while_every_worker_is_busy_runs_as_soon_as_one_is_free(engine):
-    gate, ran = threading.Event(), []
+    gate = threading.Event()
+    ran: list[str] = []
     handler = _self_completing(engine, ran, gate, "busy", key=lambda event: event.aggregate_id)
 
     settings = DispatcherSettings(workers=1, poll_interval_s=60.0)  # polling alone would take a minute
@@ -232,7 +246,8 @@ def test_a_handed_event_s_dispatch_lag_counts_from_its_commit(engine):
 
 
 def test_events_kept_waiting_for_a_claim_get_the_next_free_worker_before_new_hand_offs(engine):
-    gate, ran = threading.Event(), []
+    gate = threading.Event()
+    ran: list[str] = []
     handler = _self_completing(engine, ran, gate, "busy", key=lambda event: event.aggregate_id)
 
     # Polling alone would take a minute; waiting events go first at once.
@@ -255,7 +270,13 @@ def test_events_kept_waiting_for_a_claim_get_the_next_free_worker_before_new_han
         dispatcher.stop(1.0)
 
 
-def _started(engine, handlers, settings: DispatcherSettings, wake: WakeUp | None = None, **options: Any):
+def _started(
+    engine,
+    handlers: dict[str, Handler],
+    settings: DispatcherSettings,
+    wake: WakeUp | None = None,
+    **options: Any,
+) -> OutboxDispatcher:
     """A dispatcher on `engine`, running."""
     dispatcher = OutboxDispatcher(
         partial(OrdersUnitOfWork, engine), handlers, settings, wake or WakeUp(), **options
@@ -271,12 +292,14 @@ def _add_and_wake(engine, wake: WakeUp, aggregate_id: str) -> None:
     wake.set()
 
 
-def _self_completing(engine, ran: list[str], gate: threading.Event, blocked: str, key: Callable[[Any], str]):
+def _self_completing(
+    engine, ran: list[str], gate: threading.Event, blocked: str, key: Callable[[ClaimedEvent], str]
+) -> Handler:
     """A handler that records `key(event)`, waits for `gate` on the event keyed `blocked`, and marks
     its event DONE itself, as the saga does: nothing is left for the dispatcher to write, so only
     what the test is about can bring the dispatcher back before its (long) poll."""
 
-    def handler(event):
+    def handler(event: ClaimedEvent) -> Completed:
         ran.append(key(event))
         if key(event) == blocked:
             gate.wait(30)  # longer than the tests' waits: only what they test can run the rest

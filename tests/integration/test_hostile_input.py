@@ -36,7 +36,7 @@ INT32 = st.integers(-(2**31), 2**31 - 1)
 INT64 = st.integers(-(2**63), 2**63 - 1)
 # Any Unicode text protobuf can carry (no lone surrogates), biased towards the edges of the rules.
 TEXT = st.one_of(
-    st.text(st.characters(exclude_categories=("Cs",)), max_size=300),
+    st.text(st.characters(exclude_categories=["Cs"]), max_size=300),
     st.sampled_from(
         [
             "",

@@ -43,11 +43,12 @@ def test_done_events_past_retention_are_deleted_and_recent_ones_kept(migrated_ur
         assert keeper.purge_once() == 7
 
         with engine.connect() as connection:
-            left = dict(
-                connection.execute(
+            left = {
+                status: count
+                for status, count in connection.execute(
                     select(outbox_events.c.status, func.count()).group_by(outbox_events.c.status)
-                ).all()
-            )
+                )
+            }
         assert left == {"DONE": 2, "PENDING": 1}
         assert keeper.observe_backlog()[0] == 1
     finally:
@@ -82,7 +83,12 @@ def test_stale_outbox_statistics_are_refreshed_where_autovacuum_would(make_pg_da
         # Row counts reach the statistics views when the writer's backend reports them (within a
         # second or so): until then nothing looks stale.
         analyzed: list[str] = []
-        wait_until(lambda: analyzed.extend(keeper.refresh_statistics()) or analyzed, timeout=10)
+
+        def refreshed() -> list[str]:
+            analyzed.extend(keeper.refresh_statistics())
+            return analyzed
+
+        wait_until(refreshed, timeout=10)
         assert analyzed == ["outbox_events"]
         assert _scalar(engine, PLANNER_ROWS) == 500
         assert keeper.refresh_statistics() == []  # fresh now

@@ -57,7 +57,7 @@ def seed(server, count: int, customer: str, same_time: int = 1) -> list[str]:
 
 
 def test_a_customers_orders_come_newest_first_each_exactly_once_across_pages(quiet_server):
-    placed = {"alice": [], "bob": []}
+    placed: dict[str, list[str]] = {"alice": [], "bob": []}
     for i in range(30):
         customer = "bob" if i % 4 == 3 else "alice"
         placed[customer].append(quiet_server.stubs.place(customer).order_id)

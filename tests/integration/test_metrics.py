@@ -17,7 +17,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+# (name, sorted labels) -> value
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _scrape(port: int) -> Samples:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -26,7 +30,7 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def _value(samples, name, **labels) -> float:
+def _value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -41,10 +45,11 @@ def test_metrics_count_calls_saga_outcomes_and_dispatch_lag(start_server, databa
         what="orders settled",
     )
 
-    after = wait_until(
-        lambda: (s := _scrape(port)) and _value(s, "orders_saga_outcomes_total", outcome="failed") >= 2 and s,
-        what="saga outcomes scraped",
-    )
+    def with_both_failures() -> Samples | None:
+        samples = _scrape(port)
+        return samples if _value(samples, "orders_saga_outcomes_total", outcome="failed") >= 2 else None
+
+    after = wait_until(with_both_failures, what="saga outcomes scraped")
     place = "/orders.v1.OrderService/PlaceOrder"
     assert (
         _value(after, "orders_rpc_total", method=place, code="OK")

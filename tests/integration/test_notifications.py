@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 from sqlalchemy import Engine, create_engine
 
-from db.notifications import ORDERS_CHANNEL, Listener, Notifier, listener_name
+from db.notifications import LISTENER_APPLICATION, ORDERS_CHANNEL, Listener, Notifier, listener_name
 
 pytestmark = pytest.mark.postgres
 
@@ -27,7 +27,7 @@ def engine(make_pg_database: Callable[[], str]) -> Iterator[Engine]:
 def _listening(
     engine: Engine,
     sent_locally: Callable[[int], bool] = lambda _pid: False,
-    application_name: str | None = None,
+    application_name: str = LISTENER_APPLICATION,
 ) -> tuple[Listener, queue.Queue[str]]:
     heard: queue.Queue[str] = queue.Queue()
     ready: queue.Queue[None] = queue.Queue()
@@ -37,8 +37,13 @@ def _listening(
             heard.put(order_id)
 
     # on_outbox fires once LISTEN is in place
-    names = {} if application_name is None else {"application_name": application_name}
-    listener = Listener(engine, lambda: ready.put(None), on_orders, sent_locally=sent_locally, **names)
+    listener = Listener(
+        engine,
+        lambda: ready.put(None),
+        on_orders,
+        sent_locally=sent_locally,
+        application_name=application_name,
+    )
     listener.start()
     ready.get(timeout=10)
     return listener, heard

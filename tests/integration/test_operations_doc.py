@@ -67,9 +67,11 @@ def test_the_sqlite_settings_the_guide_states_are_the_ones_the_server_uses(tmp_p
     engines = bootstrap.make_engines(Settings(database_url=f"sqlite:///{tmp_path / 'orders.db'}"))
     try:
         with engines.orders.connect() as connection:
-            journal = str(connection.exec_driver_sql("PRAGMA journal_mode").scalar()).upper()
-            synchronous = SQLITE_SYNCHRONOUS[int(connection.exec_driver_sql("PRAGMA synchronous").scalar())]
-            checkpoint = int(connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar())
+            journal = str(connection.exec_driver_sql("PRAGMA journal_mode").scalar_one()).upper()
+            synchronous = SQLITE_SYNCHRONOUS[
+                int(connection.exec_driver_sql("PRAGMA synchronous").scalar_one())
+            ]
+            checkpoint = int(connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar_one())
     finally:
         engines.dispose()
     section = durability_section()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
 
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import utcnow
@@ -71,11 +73,13 @@ def test_poison_events_end_dead_with_their_error_while_other_orders_validate(dat
     for order in placed:
         assert wait_for_status(server.stubs, order.order_id).status == pb.ORDER_STATUS_VALIDATED
     rows = rows_of(server)
+
+    def dead_events(aggregate_id: str) -> list[Any]:
+        return [e for e in rows.events(aggregate_id) if e.status == "DEAD"]
+
     for (event_id, aggregate_id), wanted in poison:
         [event] = wait_until(
-            lambda aggregate_id=aggregate_id: [e for e in rows.events(aggregate_id) if e.status == "DEAD"],
-            timeout=10,
-            what=f"poison event {event_id} to be DEAD",
+            partial(dead_events, aggregate_id), timeout=10, what=f"poison event {event_id} to be DEAD"
         )
         assert event.id == event_id
         assert event.attempts == MAX_ATTEMPTS

@@ -23,7 +23,7 @@ MAX_ATTEMPTS = 4
 FAIL_MAX = 2
 
 
-class FailedProbes(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class FailedProbes(pybreaker.CircuitBreakerListener):
     """Counts half-open -> open transitions: probes that found the inventory still down."""
 
     def __init__(self) -> None:

@@ -91,7 +91,7 @@ def reservations(engine: Engine) -> list[tuple[str, str, int, str]]:
     r = stock_reservations.c
     with engine.connect() as connection:
         rows = connection.execute(select(r.order_id, r.sku, r.quantity, r.status).order_by(r.order_id, r.sku))
-        return [tuple(row) for row in rows]  # type: ignore[misc]
+        return [tuple(row) for row in rows]
 
 
 def first_delivery(engine: Engine, order_id: str, items: tuple[OrderItem, ...]) -> ReservationOutcome:

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import pybreaker
@@ -405,7 +405,15 @@ def test_a_redis_outage_does_not_fail_orders(
 # What each test gives its guards: small timeouts and quick retries, so an outage costs little time.
 REDIS_TIMEOUT_S = 0.5
 REDIS_RETRY_S = 0.5
-SILENT = {
+
+
+class RedisTimeouts(TypedDict):
+    redis_connect_timeout_s: float
+    redis_socket_timeout_s: float
+    redis_retry_s: float
+
+
+SILENT: RedisTimeouts = {
     "redis_connect_timeout_s": REDIS_TIMEOUT_S,
     "redis_socket_timeout_s": REDIS_TIMEOUT_S,
     "redis_retry_s": REDIS_RETRY_S,
@@ -452,7 +460,8 @@ def test_a_silent_redis_costs_a_guarded_call_one_timeout_then_the_process_counts
     guard = build_guard(
         Settings(redis_url=through_proxy, inventory_rate=WINDOW_RATE, breaker_fail_max=2, **SILENT)
     )
-    assert guard.shared_state is not None
+    shared_state = guard.shared_state
+    assert shared_state is not None
     assert guard.call(lambda: "ok") == "ok"
     assert counted_in_redis(redis_url) == 1
 
@@ -471,7 +480,7 @@ def test_a_silent_redis_costs_a_guarded_call_one_timeout_then_the_process_counts
     # One socket timeout (the connection is open: no connect), then no more waiting on Redis.
     assert REDIS_TIMEOUT_S * 0.9 <= first <= REDIS_TIMEOUT_S + 0.3, first
     assert next_twenty < REDIS_TIMEOUT_S, next_twenty
-    assert guard.shared_state.down
+    assert shared_state.down
     # The breaker counts on its own too: two failures open it here, not in Redis.
     for _ in range(2):
         with pytest.raises(ZeroDivisionError):
@@ -482,11 +491,11 @@ def test_a_silent_redis_costs_a_guarded_call_one_timeout_then_the_process_counts
         assert direct.get(BREAKER_STATE_KEY) == b"closed"
         assert counted_in_redis(redis_url) == 1, "nothing reached Redis during the outage"
         # A retry (one every REDIS_RETRY_S) fails too: still the one warning, and no traceback.
-        failures = guard.shared_state.failures
+        failures = shared_state.failures
 
         def tried_again() -> bool:
             guard.breaker.current_state  # noqa: B018 - a read of the breaker's storage, which may retry Redis
-            return guard.shared_state.failures > failures
+            return shared_state.failures > failures
 
         wait_until(tried_again, timeout=REDIS_RETRY_S + 5, what="a failed retry of Redis")
         warnings, tracebacks = guard_lines(caplog)
@@ -497,7 +506,7 @@ def test_a_silent_redis_costs_a_guarded_call_one_timeout_then_the_process_counts
 
         def answered() -> bool:
             guard.breaker.current_state  # noqa: B018 - as above
-            return not guard.shared_state.down
+            return not shared_state.down
 
         wait_until(answered, timeout=REDIS_RETRY_S + 5, what="the guards to reach Redis again")
         assert any(RECOVERY_LINE in r.getMessage() for r in caplog.records)

@@ -78,9 +78,12 @@ def test_order_maps_to_a_message_field_by_field() -> None:
 
 def test_stock_level_maps_to_set_and_get_stock_responses() -> None:
     level = StockLevel("SKU-1", available=5, reserved=2, version=7)
-    fields = {"sku": "SKU-1", "available": 5, "reserved": 2, "version": 7}
-    assert mapping.set_stock_response(level) == pb.SetStockResponse(**fields)
-    assert mapping.get_stock_response(level) == pb.GetStockResponse(**fields)
+    assert mapping.set_stock_response(level) == pb.SetStockResponse(
+        sku="SKU-1", available=5, reserved=2, version=7
+    )
+    assert mapping.get_stock_response(level) == pb.GetStockResponse(
+        sku="SKU-1", available=5, reserved=2, version=7
+    )
 
 
 def test_rejection_reasons_name_the_sku() -> None:

@@ -37,7 +37,7 @@ class Boom(Exception):
     pass
 
 
-class Transitions(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class Transitions(pybreaker.CircuitBreakerListener):
     """Records what pybreaker tells its listeners."""
 
     def __init__(self) -> None:
@@ -63,6 +63,16 @@ def make_breaker(
 
 def fail() -> None:
     raise Boom("inventory down")
+
+
+def returning_after(seconds: float, result: str) -> Callable[[], str]:
+    """A call that takes `seconds`, then returns `result`."""
+
+    def call() -> str:
+        time.sleep(seconds)
+        return result
+
+    return call
 
 
 def trip(breaker: ConcurrentCircuitBreaker) -> None:
@@ -137,7 +147,7 @@ def test_a_slow_call_counts_as_a_failure_but_its_result_is_still_returned():
 
 def test_a_fast_call_is_a_success_even_right_after_slow_ones():
     breaker = make_breaker(fail_max=3, slow_call_s=0.02)
-    assert breaker.call(lambda: time.sleep(0.05) or "slow") == "slow"
+    assert breaker.call(returning_after(0.05, "slow")) == "slow"
     assert breaker.fail_counter == 1
     assert breaker.call(lambda: "fast") == "fast"
     assert breaker.fail_counter == 0
@@ -268,7 +278,8 @@ def test_a_failed_probe_reopens_the_breaker_for_another_reset_timeout():
         breaker.call(fail)
 
     assert breaker.current_state == pybreaker.STATE_OPEN
-    assert breaker._state_storage.opened_at >= before, "the reset timeout must start again"
+    opened_at = breaker._state_storage.opened_at
+    assert opened_at is not None and opened_at >= before, "the reset timeout must start again"
     assert listener.states == [pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN, pybreaker.STATE_OPEN]
     with pytest.raises(pybreaker.CircuitBreakerError):
         breaker.call(lambda: "too soon")
@@ -279,7 +290,7 @@ def test_a_slow_probe_reopens_the_breaker_but_returns_its_result():
     trip(breaker)
     expire_reset_timeout(breaker)
 
-    assert breaker.call(lambda: time.sleep(0.05) or "late") == "late"
+    assert breaker.call(returning_after(0.05, "late")) == "late"
 
     assert breaker.current_state == pybreaker.STATE_OPEN
 

@@ -203,7 +203,7 @@ def test_request_id_with_a_c0_control_or_del_is_rejected(char: str) -> None:
 # --- the whole command, as properties ------------------------------------------------------------
 
 VALID_CUSTOMER = st.text(
-    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="".join(CONTROL_CHARS)),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="".join(CONTROL_CHARS)),
     min_size=1,
     max_size=128,
 )
@@ -212,7 +212,7 @@ VALID_ITEMS = st.lists(
     st.tuples(VALID_SKU, st.integers(1, 10_000)), min_size=1, max_size=100, unique_by=lambda item: item[0]
 )
 REQUEST_ID = st.text(
-    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="".join(CONTROL_CHARS)),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="".join(CONTROL_CHARS)),
     max_size=128,
 )
 

@@ -39,7 +39,9 @@ def test_a_failing_task_leaves_its_thread_running() -> None:
 def test_shutdown_drops_queued_tasks_and_refuses_new_ones() -> None:
     pool = WorkerPool(1, "test")
     pool.start()
-    gate, started, ran, late = threading.Event(), threading.Event(), [], []
+    gate, started = threading.Event(), threading.Event()
+    ran: list[str] = []
+    late: list[str] = []
 
     def block() -> None:
         started.set()
