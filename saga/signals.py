@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -34,10 +34,12 @@ class _Watched:
     generation: int  # changes published since the first watcher came
     watchers: int
     condition: threading.Condition
+    listeners: list[Callable[[], None]] = field(default_factory=list)
 
 
 class OrderChanges:
-    """Per-order change counters that watcher threads wait on; publishers never block on them.
+    """Per-order change counters that watcher threads wait on, or listeners it calls (`subscribe`);
+    publishers never block on them.
 
     A counter exists only while the order is watched (`watching`): a change of an order nobody
     watches leaves nothing behind. Keeping a counter for every order ever changed (up to 100,000
@@ -68,6 +70,33 @@ class OrderChanges:
                 if entry.watchers == 0:
                     del self._watched[order_id]
 
+    def subscribe(self, order_id: str, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` after each change of the order and at close, until the function returned
+        is called. Listeners run in the publisher's thread after the lock is let go: they must
+        return at once (hand the work to a thread of their own), as publishers never wait."""
+        with self._lock:
+            entry = self._watched.get(order_id)
+            if entry is None:
+                entry = self._watched[order_id] = _Watched(0, 0, threading.Condition(self._lock))
+            entry.watchers += 1
+            entry.listeners.append(listener)
+            closed = self._closed
+        subscribed = [True]
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if not subscribed:
+                    return
+                subscribed.clear()
+                entry.listeners.remove(listener)
+                entry.watchers -= 1
+                if entry.watchers == 0:
+                    del self._watched[order_id]
+
+        if closed:
+            listener()
+        return unsubscribe
+
     @property
     def watched(self) -> int:
         """How many orders are watched now."""
@@ -80,12 +109,16 @@ class OrderChanges:
             return entry.generation if entry is not None else 0
 
     def publish(self, order_ids: Iterable[str]) -> None:
+        listeners: list[Callable[[], None]] = []
         with self._lock:
             for order_id in order_ids:
                 entry = self._watched.get(order_id)
                 if entry is not None:
                     entry.generation += 1
                     entry.condition.notify_all()
+                    listeners.extend(entry.listeners)
+        for listener in listeners:
+            listener()
 
     def wait(self, order_id: str, since: int, timeout: float) -> int:
         """Inside `watching(order_id)`: block until the order's counter moves past `since`, the hub
@@ -107,11 +140,15 @@ class OrderChanges:
         return self._closed
 
     def close(self) -> None:
-        """Wake every waiter for good (server shutdown)."""
+        """Wake every waiter and listener for good (server shutdown)."""
+        listeners: list[Callable[[], None]] = []
         with self._lock:
             self._closed = True
             for entry in self._watched.values():
                 entry.condition.notify_all()
+                listeners.extend(entry.listeners)
+        for listener in listeners:
+            listener()
 
 
 class Handoff(Protocol):

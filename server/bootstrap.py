@@ -10,7 +10,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,9 +39,11 @@ from saga.resilience import (
     SharedStateFallback,
 )
 from saga.signals import CommitSignals, OrderChanges, WakeUp
+from server.admission import Admission, HandlerThreads, stream_kinds
 from server.application import OrderApplication
 from server.auth import METHOD_SCOPES, read_tokens_file
 from server.config import DEFAULT_PAGE_TOKEN_SECRET, Settings
+from server.connections import connection_options
 from server.health import HealthMonitor, HealthServicer
 from server.interceptors import BearerTokenInterceptor, CorrelationInterceptor, ErrorInterceptor
 from server.metrics import Metrics, MetricsInterceptor
@@ -114,6 +115,8 @@ class Service:
     dispatcher: OutboxDispatcher | None = None
     notifier: Notifier | None = None
     listener: Listener | None = None
+    watcher: OrderWatcher | None = None
+    admission: Admission | None = None
     stopped: bool = field(default=False)
     _stop_metrics: Callable[[], None] | None = None
 
@@ -163,12 +166,16 @@ class Service:
         if drain_delay > 0:
             time.sleep(drain_delay)
         self.changes.close()
+        if self.watcher is not None:
+            self.watcher.close()
         server_stopped = self.server.stop(grace)
         finished = True
         if self.dispatcher is not None and not self.dispatcher.stop(grace):
             log.warning("saga steps still running after %.1fs are left to their leases", grace)
             finished = False
         server_stopped.wait()
+        if self.admission is not None:
+            self.admission.close()
         self.housekeeper.stop()
         if self._stop_metrics is not None:
             self._stop_metrics()
@@ -274,11 +281,23 @@ def build(settings: Settings) -> Service:
             sent_locally=notifier.sent_by_me,
             application_name=listener_app,
         )
-    watcher = OrderWatcher(app.get_order, changes)
+    watcher = OrderWatcher(app.get_order, changes, max_lifetime_s=settings.watch_max_lifetime_s)
 
+    # Admission, not grpcio's maximum_concurrent_rpcs (which counts open streams), limits the calls
+    # on the handler threads; streams run off them, capped per kind (server/admission.py).
+    threads = HandlerThreads(max_workers=settings.max_workers, thread_name_prefix="grpc")
+    admission = Admission(
+        threads,
+        settings.max_concurrent_rpcs,
+        stream_kinds(
+            settings.max_health_watch_streams, settings.max_reflection_streams, settings.max_watch_streams
+        ),
+        metrics,
+    )
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="grpc"),
+        threads,
         interceptors=[
+            admission,  # first: it decides before the others run, and wraps their handlers
             CorrelationInterceptor(),
             MetricsInterceptor(metrics),
             ErrorInterceptor(),
@@ -293,8 +312,9 @@ def build(settings: Settings) -> Service:
             # only the processes of `--workers N` share it, on purpose (server/supervisor.py).
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+            *connection_options(settings),
         ],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=None,
     )
     orders_pb2_grpc.add_OrderServiceServicer_to_server(OrderServicer(app, watcher), server)
     orders_pb2_grpc.add_InventoryServiceServicer_to_server(InventoryServicer(app), server)
@@ -344,6 +364,8 @@ def build(settings: Settings) -> Service:
         dispatcher,
         notifier,
         listener,
+        watcher=watcher,
+        admission=admission,
     )
 
 

@@ -54,7 +54,41 @@ class Settings:
     max_workers: int = _setting(16, "gRPC handler threads")
     max_concurrent_rpcs: int = _setting(
         64,
-        "calls admitted at once, queued or running, streams and health included; more get RESOURCE_EXHAUSTED",
+        "unary calls (health checks included) admitted at once, queued or running on the handler "
+        "threads; more get RESOURCE_EXHAUSTED. Open streams do not count: they have caps of their own",
+    )
+    max_health_watch_streams: int = _setting(
+        1000, "open Health/Watch streams at once (they hold no thread); more get RESOURCE_EXHAUSTED"
+    )
+    max_reflection_streams: int = _setting(
+        32,
+        "open server reflection streams at once, each holding a thread of a pool of this size; "
+        "more get RESOURCE_EXHAUSTED",
+    )
+    max_watch_streams: int = _setting(
+        256,
+        "open WatchOrder streams at once (they hold no thread; each reads its order once a second "
+        "besides its changes); more get RESOURCE_EXHAUSTED",
+    )
+    watch_max_lifetime_s: float = _setting(
+        300.0,
+        "a WatchOrder stream whose order has not settled by then ends with UNAVAILABLE: watch again",
+    )
+    keepalive_time_s: float = _setting(
+        60.0, "seconds between the server's keepalive pings on a connection (with calls open or not)"
+    )
+    keepalive_timeout_s: float = _setting(
+        20.0, "a connection whose keepalive ping is not answered within this is closed, its calls cut"
+    )
+    max_connection_idle_s: float = _setting(
+        300.0, "a connection without a call for this long is sent GOAWAY (clients reconnect); 0 = never"
+    )
+    max_connection_age_s: float = _setting(
+        1800.0,
+        "a connection older than this is sent GOAWAY, so that clients spread to new instances; 0 = never",
+    )
+    max_connection_age_grace_s: float = _setting(
+        30.0, "after that GOAWAY, how long the connection's calls may still run; then UNAVAILABLE"
     )
     max_receive_message_bytes: int = _setting(4 * 1024 * 1024, "largest request message accepted")
     tls_cert_file: str = _setting("", "PEM server certificate (chain); with --tls-key-file turns TLS on")
@@ -225,13 +259,24 @@ def _check(settings: Settings) -> list[str]:
         "workers",
         "max_workers",
         "max_concurrent_rpcs",
+        "max_health_watch_streams",
+        "max_reflection_streams",
+        "max_watch_streams",
         "max_receive_message_bytes",
         "max_attempts",
         "breaker_fail_max",
     ):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)}: must be at least 1")
-    for name in ("db_pool_size", "db_statement_timeout_ms", "saga_workers", "shutdown_delay_s"):
+    for name in (
+        "db_pool_size",
+        "db_statement_timeout_ms",
+        "saga_workers",
+        "shutdown_delay_s",
+        "max_connection_idle_s",
+        "max_connection_age_s",
+        "max_connection_age_grace_s",
+    ):
         if getattr(settings, name) < 0:
             problems.append(f"{_flag(name)}: must not be negative")
     for name in (
@@ -242,6 +287,9 @@ def _check(settings: Settings) -> list[str]:
         "retry_base_s",
         "retry_max_s",
         "saga_timeout_s",
+        "watch_max_lifetime_s",
+        "keepalive_time_s",
+        "keepalive_timeout_s",
         "breaker_reset_s",
         "breaker_slow_call_s",
         "redis_connect_timeout_s",

@@ -26,6 +26,11 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     grpcio's serving thread, and that thread, closing another Watch stream, waits for the same lock:
     a status change while a watcher hangs up froze health checks and shutdown. Here the lock only
     guards the tables; sends happen outside it, one status change at a time.
+
+    A Watch of a service this server does not know answers SERVICE_UNKNOWN and stays open, as the
+    health protocol says (the service may become known later). Whatever the name, a stream that
+    ends leaves nothing behind: any client may send any name, and 10,000 names must not become
+    10,000 table entries.
     """
 
     def __init__(self) -> None:
@@ -57,15 +62,32 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         send = send_response_callback
 
         def forget() -> None:
+            # Called by grpcio once the call has ended (it has its status or was cancelled): there
+            # is nothing left to send, only the entry to drop.
             with self._lock:
-                self._watchers.get(service, set()).discard(send)
-            send(None)
+                watchers = self._watchers.get(service)
+                if watchers is not None:
+                    watchers.discard(send)
+                    if not watchers:
+                        del self._watchers[service]
 
+        # Under the send lock: a status change must not send on this stream while its first message
+        # is still being sent (grpcio takes one message at a time, and a second send then waits for
+        # ever: the change would never arrive).
+        with self._send_lock:
+            with self._lock:
+                status = self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                self._watchers.setdefault(service, set()).add(send)
+            if not context.add_callback(forget):
+                forget()  # the call ended already
+                return
+            send(health_pb2.HealthCheckResponse(status=status))
+
+    @property
+    def watchers(self) -> int:
+        """Watch streams registered now."""
         with self._lock:
-            status = self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-            self._watchers.setdefault(service, set()).add(send)
-        context.add_callback(forget)
-        send(health_pb2.HealthCheckResponse(status=status))
+            return sum(len(sends) for sends in self._watchers.values())
 
     # grpcio calls Watch with a send_response_callback instead of running it on a worker thread.
     Watch.experimental_non_blocking = True  # type: ignore[attr-defined]

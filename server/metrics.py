@@ -44,6 +44,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.rejected = Counter(
+            "orders_rpc_rejected_total",
+            "gRPC calls refused at admission with RESOURCE_EXHAUSTED, by method and reason "
+            "(concurrency: the handler threads' limit; stream_limit: the cap of the stream's kind)",
+            ["method", "reason"],
+            registry=r,
+        )
+        self.open_streams = Gauge("orders_open_streams", "open gRPC streams by kind", ["kind"], registry=r)
         self.backlog = Gauge("orders_outbox_backlog", "PENDING outbox events", registry=r)
         self.oldest_pending = Gauge(
             "orders_outbox_oldest_pending_seconds", "age of the oldest PENDING event", registry=r

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import grpc
 
 from domain import validation
+from domain.model import Order
 from generated.orders.v1 import orders_pb2 as pb
 from generated.orders.v1 import orders_pb2_grpc as pb_grpc
 from server import mapping
 from server.application import OrderApplication
+from server.errors import to_status
 from server.watch import OrderWatcher
+
+SendResponse = Callable[[pb.WatchOrderResponse | None], None]
 
 
 class OrderServicer(pb_grpc.OrderServiceServicer):  # type: ignore[misc]
@@ -51,11 +55,44 @@ class OrderServicer(pb_grpc.OrderServiceServicer):  # type: ignore[misc]
         return pb.CancelOrderResponse(order=mapping.order_to_pb(order))
 
     def WatchOrder(
-        self, request: pb.WatchOrderRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.WatchOrderResponse]:
+        self,
+        request: pb.WatchOrderRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: SendResponse | None = None,
+    ) -> None:
+        if send_response_callback is None:
+            raise RuntimeError("WatchOrder needs grpcio's non-blocking streaming support")
         order_id = validation.order_id(request.order_id)
-        for order in self._watcher.watch(order_id, is_active=context.is_active):
-            yield pb.WatchOrderResponse(order=mapping.order_to_pb(order))
+        self._watcher.open(order_id, _WatchCall(context, send_response_callback))
+
+    # grpcio hands WatchOrder a send callback instead of keeping a handler thread for the stream's
+    # whole life; server.watch sends from its own few threads.
+    WatchOrder.experimental_non_blocking = True  # type: ignore[attr-defined]
+    WatchOrder.experimental_thread_pool = None  # type: ignore[attr-defined]
+
+
+class _WatchCall:
+    """A WatchOrder call as server.watch sees it: orders go out as messages, the end as a status."""
+
+    def __init__(self, context: grpc.ServicerContext, send: SendResponse) -> None:
+        self._context = context
+        self._send = send
+
+    def send(self, order: Order) -> bool:
+        self._send(pb.WatchOrderResponse(order=mapping.order_to_pb(order)))
+        return bool(self._context.is_active())
+
+    def end(self, error: Exception | None) -> None:
+        if error is not None:
+            status = to_status(error)
+            self._context.set_trailing_metadata(status.trailing_metadata)
+            self._context.set_code(status.code)
+            self._context.set_details(status.details)
+        self._send(None)
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        if not self._context.add_callback(callback):
+            callback()
 
 
 class InventoryServicer(pb_grpc.InventoryServiceServicer):  # type: ignore[misc]

@@ -11,6 +11,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import grpc
@@ -178,37 +179,61 @@ def test_a_message_over_the_receive_limit_is_resource_exhausted(database_url, st
     assert server.stubs.place("c1").status == pb.ORDER_STATUS_PENDING
 
 
-def test_calls_past_the_concurrency_limit_are_resource_exhausted_until_streams_end(
-    database_url, start_server
+def test_unary_calls_past_the_concurrency_limit_are_refused_counted_and_logged_but_streams_do_not_count(
+    backend, database_url, start_server, caplog
 ):
     server = start_server(database_url=database_url, max_concurrent_rpcs=2, saga_workers=0)
     first, second = server.stubs.place("a"), server.stubs.place("b")
+    admission = server.service.admission
+    # Open streams, more than the limit, hold none of its places.
     streams = [
         server.stubs.orders.WatchOrder(pb.WatchOrderRequest(order_id=o.order_id), timeout=30)
-        for o in (first, second)
+        for o in (first, second, first, second)
     ]
+    refused_log = "orders.admission"
     try:
-        assert [next(stream).order.order_id for stream in streams] == [first.order_id, second.order_id]
+        assert [next(stream).order.order_id for stream in streams] == [first.order_id, second.order_id] * 2
+        assert server.stubs.get(first.order_id) == first
 
-        refused = rpc_error(
-            server.stubs.orders.GetOrder, pb.GetOrderRequest(order_id=first.order_id), timeout=5
-        )
-        refused_probe = rpc_error(health_status, server)
+        with ThreadPoolExecutor(2) as clients, row_locked(backend, database_url, first.order_id):
+            cancel = pb.CancelOrderRequest(order_id=first.order_id)
+            held = [clients.submit(server.stubs.orders.CancelOrder, cancel, timeout=20) for _ in range(2)]
+            wait_until(lambda: admission.calls_in_flight == 2, what="two calls holding the limit's places")
+            caplog.set_level(logging.WARNING, logger=refused_log)
 
-        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert refused_probe.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            refused = [
+                rpc_error(
+                    server.stubs.orders.GetOrder, pb.GetOrderRequest(order_id=second.order_id), timeout=5
+                )
+                for _ in range(5)
+            ]
+            refused_probe = rpc_error(health_status, server)
+
+            assert [error.code() for error in refused] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
+            assert refused_probe.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # probes are calls too
+        assert {call.result().order.status for call in held if call.exception() is None} == {
+            pb.ORDER_STATUS_CANCELLED
+        }
     finally:
         for stream in streams:
             stream.cancel()
 
-    def get_works() -> bool:
-        try:
-            return server.stubs.get(first.order_id) == first
-        except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            return False
-
-    wait_until(get_works, what="the cancelled streams to free their slots")
+    metrics = server.service.metrics.registry
+    refusals = {
+        method: metrics.get_sample_value(
+            "orders_rpc_rejected_total", {"method": method, "reason": "concurrency"}
+        )
+        for method in ("/orders.v1.OrderService/GetOrder", "/grpc.health.v1.Health/Check")
+    }
+    assert refusals == {"/orders.v1.OrderService/GetOrder": 5, "/grpc.health.v1.Health/Check": 1}
+    # One line at the first refusal, the other five are told together once the interval is over.
+    lines = [r.getMessage() for r in caplog.records if r.name == refused_log]
+    assert len(lines) == 1 and lines[0].startswith("refused 1 call at admission"), lines
+    admission.refusals.flush()
+    lines = [r.getMessage() for r in caplog.records if r.name == refused_log]
+    assert len(lines) == 2 and lines[1].startswith("refused 5 calls at admission in the last"), lines
+    assert "concurrency: 5" in lines[1]
+    wait_until(lambda: server.stubs.get(second.order_id) == second, what="calls served again")
     assert health_status(server) == "SERVING"
 
 

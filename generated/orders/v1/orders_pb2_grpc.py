@@ -98,7 +98,11 @@ class OrderServiceServicer:
 
     def WatchOrder(self, request, context):
         """WatchOrder sends the current order at once, then every status change, and ends once
-        the order has settled (VALIDATED, FAILED or CANCELLED).
+        the order has settled (VALIDATED, FAILED or CANCELLED). A stream whose order has not
+        settled within the server's watch lifetime (300 s unless configured), or that is open when
+        the server shuts down, ends with UNAVAILABLE: call WatchOrder again, and the new stream
+        starts with the order's current state. Past the server's cap on open watches a new one
+        gets RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
