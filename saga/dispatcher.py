@@ -30,7 +30,6 @@ from db.unit_of_work import OrdersUowFactory
 from domain import correlation
 from domain.model import utcnow
 from saga import rounds
-from saga.faults import FaultSwitches
 from saga.leases import LeaseKeeper
 from saga.signals import WakeUp
 from saga.verdicts import Completed, Defer, Done, Handler, Retry, Verdict, backoff_s, describe
@@ -79,7 +78,7 @@ class OutboxDispatcher:
         wake: WakeUp | None = None,
         clock: Callable[[], datetime] = utcnow,
         listener: Listener | None = None,
-        faults: FaultSwitches | None = None,
+        renewal_paused: Callable[[], bool] = lambda: False,
         on_claimed: Callable[[ClaimedEvent, float], None] | None = None,
     ) -> None:
         self._uow = uow
@@ -88,7 +87,6 @@ class OutboxDispatcher:
         self._wake = wake or WakeUp()
         self._clock = clock
         self._listener = listener
-        self._faults = faults or FaultSwitches()
         self._on_claimed = on_claimed
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified whenever a handler finishes
@@ -98,7 +96,7 @@ class OutboxDispatcher:
         # found no worker free, so more events may be due than were claimed; None when not.
         self._owed_since: float | None = None
         self._running: dict[str, int] = {}  # aggregates of the events in flight, with counts
-        self._leases = LeaseKeeper(uow, settings.lease_s, clock, self._renewal_paused)
+        self._leases = LeaseKeeper(uow, settings.lease_s, clock, renewal_paused)
         self._followed: set[str] = set()  # running aggregates with a later event committed here
         self._started = False
         # Handled events waiting to be marked DONE, with their handler seconds (under the lock).
@@ -279,9 +277,6 @@ class OutboxDispatcher:
         self._claiming += sum(plan.sizes)
         return list(plan.sizes)
 
-    def _renewal_paused(self) -> bool:
-        return bool(self._faults.get("lease_renewal_off"))
-
     def _round(self, size: int) -> None:
         """On a round thread: the DONE marks and a claim of up to `size`; then whether more rounds
         are wanted at once (a full batch: more may be due; completed events: their orders' later
@@ -456,8 +451,6 @@ class OutboxDispatcher:
                 self._count(self._bury_unrun(event), event, 0.0)
                 return
             verdict = self._verdict(event)
-            self._faults.maybe_delay("handler_delay_s")
-            self._faults.maybe_crash("crash_before_complete")
             seconds = time.perf_counter() - started
             if isinstance(verdict, Done):
                 with self._lock:  # the dispatcher thread marks it DONE with its next claim

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import pybreaker
 
@@ -50,7 +50,6 @@ from domain.events import OrderCancelled, OrderExpired, OrderPlaced
 from domain.fencing import Fence
 from domain.inventory import ReservationOutcome, Reserved, Superseded
 from domain.model import Order, OrderItem, OrderStatus, Settlement, utcnow
-from saga.faults import FaultSwitches
 from saga.resilience import BreakerOpenError, Guard, RateLimitedError
 from saga.verdicts import Completed, Defer, Done, Handler, Retry, Verdict
 
@@ -100,6 +99,18 @@ class SagaSettings:
     conflict_attempts: int = 5
 
 
+class Participant(Protocol):
+    """What the saga needs of the inventory (`InventoryParticipant`, or a wrapper of it)."""
+
+    def reserve(
+        self, order_id: str, items: tuple[OrderItem, ...], fence: Fence | None = None
+    ) -> ReservationOutcome: ...
+
+    def release(
+        self, order_id: str, items: tuple[OrderItem, ...] = (), fence: Fence | None = None
+    ) -> list[OrderItem] | Superseded: ...
+
+
 class InventoryParticipant:
     """The inventory side: every call is one transaction on the inventory engine, retried a few
     times with jitter when it loses a race (deadlock, serialization failure, duplicate key)."""
@@ -107,25 +118,18 @@ class InventoryParticipant:
     def __init__(
         self,
         uow: Callable[[], InventoryUnitOfWork],
-        faults: FaultSwitches | None = None,
         conflict_attempts: int = 5,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._uow = uow
-        self._faults = faults or FaultSwitches()
         self._conflict_attempts = conflict_attempts
         self._clock = clock
         self.conflict_retries = 0
-
-    def _inject(self) -> None:
-        self._faults.maybe_delay("inventory_delay_s")
-        self._faults.maybe_fail("inventory_error")
 
     def reserve(
         self, order_id: str, items: tuple[OrderItem, ...], fence: Fence | None = None
     ) -> ReservationOutcome:
         """Reserve all items or none; with a `fence`, Superseded if a newer step of the order wrote."""
-        self._inject()
         tries = itertools.count()
 
         def attempt() -> ReservationOutcome:
@@ -145,7 +149,6 @@ class InventoryParticipant:
     ) -> list[OrderItem] | Superseded:
         """Release what the order holds and close it to later reservations (see StockRepository);
         with a `fence`, Superseded if a newer step of the order wrote."""
-        self._inject()
 
         def attempt() -> list[OrderItem] | Superseded:
             with self._uow() as uow:
@@ -174,11 +177,10 @@ class InventorySaga:
     def __init__(
         self,
         orders_uow: Callable[..., OrdersUnitOfWork],
-        participant: InventoryParticipant,
+        participant: Participant,
         guard: Guard,
         settings: SagaSettings,
         on_order_changed: Callable[[str], None] = lambda _order_id: None,
-        faults: FaultSwitches | None = None,
         clock: Callable[[], datetime] = utcnow,
         on_outcome: Callable[[str], None] = lambda _outcome: None,
     ) -> None:
@@ -188,7 +190,6 @@ class InventorySaga:
         self._guard = guard
         self._settings = settings
         self._on_order_changed = on_order_changed
-        self._faults = faults or FaultSwitches()
         self._clock = clock
 
     def handlers(self) -> dict[str, Handler]:
@@ -200,10 +201,8 @@ class InventorySaga:
 
     def on_order_created(self, event: ClaimedEvent) -> Verdict:
         order_id, items = parse_placed(event.payload)
-        self._faults.maybe_crash_on(items)
         if event.age_s > self._settings.saga_timeout_s:
             return self._give_up(order_id, items, event, "saga timed out")
-        self._faults.maybe_stall("before_reserve")
         try:
             outcome = self._guard.call(self._participant.reserve, order_id, items, event.fence)
         except (BreakerOpenError, RateLimitedError) as error:
@@ -214,9 +213,6 @@ class InventorySaga:
             if event.attempts >= self._settings.max_attempts:
                 return self._give_up(order_id, items, event, str(error))
             return Retry(f"reserve failed: {type(error).__name__}: {error}")
-        self._faults.maybe_crash("crash_after_reserve")
-        self._faults.maybe_delay("settle_delay_s")
-        self._faults.maybe_stall("after_reserve")
         if isinstance(outcome, Superseded):
             return self._superseded(order_id, event)
         if isinstance(outcome, Reserved):
@@ -251,7 +247,6 @@ class InventorySaga:
     ) -> Verdict:
         """PENDING -> as `settlement` says, and the event DONE, one commit; nothing at all if the
         lease is gone."""
-        self._faults.maybe_stall("before_settle")
         now = self._clock()
         with self._orders_uow() as uow:
             settled, completed = uow.settle_and_complete(order_id, settlement, event, now)
@@ -289,7 +284,6 @@ class InventorySaga:
         reserve for it any more, and if the inventory is still down the event comes back (a
         deferral, not an attempt) rather than failing an order whose stock may be held."""
         log.warning("giving up on order %s after %d attempts: %s", order_id, event.attempts, why)
-        self._faults.maybe_stall("before_give_up")
         try:
             closed = self._participant.release(order_id, items, event.fence)
         except Exception as error:

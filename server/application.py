@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from db.orders import PageCursor
 from db.inventory import InventoryUnitOfWork
+from db.orders import PageCursor
 from db.unit_of_work import OrdersUnitOfWork
 from domain import correlation
 from domain.errors import ConflictError, IdempotencyKeyReusedError, NotFoundError

@@ -23,12 +23,11 @@ from sqlalchemy import Engine
 
 from db import migrate
 from db.engine import EngineSettings, is_sqlite, make_engine, normalise_url
-from db.notifications import Listener, Notifier, listener_name
 from db.inventory import InventoryUnitOfWork
+from db.notifications import Listener, Notifier, listener_name
 from db.unit_of_work import OrdersUnitOfWork
 from generated.orders.v1 import orders_pb2, orders_pb2_grpc
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
-from saga.faults import FaultSwitches
 from saga.housekeeping import Housekeeper
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
 from saga.resilience import (
@@ -44,6 +43,7 @@ from server.application import OrderApplication
 from server.auth import METHOD_SCOPES, read_tokens_file
 from server.config import DEFAULT_PAGE_TOKEN_SECRET, Settings
 from server.connections import connection_options
+from server.faults import FaultSwitches, FaultyParticipant, faulty_handlers
 from server.health import HealthMonitor, HealthServicer
 from server.interceptors import BearerTokenInterceptor, CorrelationInterceptor, ErrorInterceptor
 from server.metrics import Metrics, MetricsInterceptor
@@ -228,7 +228,7 @@ def build(settings: Settings) -> Service:
         page_tokens=PageTokenCodec(settings.page_token_secret.encode()),
         signals=signals,
     )
-    faults = FaultSwitches(settings.fault_file)
+    faults = FaultSwitches(settings.fault_file) if settings.fault_file else None
     guard = build_guard(settings)
     metrics = Metrics()
     metrics.watch_breaker(guard.breaker)
@@ -240,7 +240,7 @@ def build(settings: Settings) -> Service:
         metrics.watch_pool("inventory", engines.inventory.pool.checkedout)  # type: ignore[attr-defined]
     dispatcher = None
     if settings.saga_workers > 0:
-        participant = InventoryParticipant(inventory_uow, faults)
+        participant = InventoryParticipant(inventory_uow)
         metrics.count_from(
             "orders_stock_conflict_retries",
             "inventory transactions retried after a conflict",
@@ -248,16 +248,15 @@ def build(settings: Settings) -> Service:
         )
         saga = InventorySaga(
             orders_uow,
-            participant,
+            participant if faults is None else FaultyParticipant(participant, faults),
             guard,
             SagaSettings(max_attempts=settings.max_attempts, saga_timeout_s=settings.saga_timeout_s),
             on_order_changed=signals.order_changed,
-            faults=faults,
             on_outcome=metrics.on_saga_outcome,
         )
         dispatcher = OutboxDispatcher(
             orders_uow,
-            saga.handlers(),
+            saga.handlers() if faults is None else faulty_handlers(saga.handlers(), faults),
             DispatcherSettings(
                 workers=settings.saga_workers,
                 poll_interval_s=settings.poll_interval_s,
@@ -267,7 +266,7 @@ def build(settings: Settings) -> Service:
                 retry_max_s=settings.retry_max_s,
             ),
             wake,
-            faults=faults,
+            renewal_paused=(lambda: False) if faults is None else faults.renewal_paused,
             listener=metrics.on_handled,
             on_claimed=metrics.on_claimed,
         )

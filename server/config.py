@@ -23,6 +23,9 @@ from db.engine import UnsupportedDatabaseError, normalise_url
 from server.auth import TokenFileError, parse_tokens
 
 DEFAULT_DATABASE_URL = "sqlite:///var/orders.db"
+# Fault injection (server.faults) is for tests: `--fault-file` is refused, and left out of --help,
+# unless the process runs with this variable set to 1.
+TESTING_FAULTS_ENV = "ORDERS_TESTING_FAULTS"
 # Public (it is in this file): fine for a demo, never for a deployment (a warning says so on PostgreSQL).
 DEFAULT_PAGE_TOKEN_SECRET = "orders-page-tokens"
 
@@ -141,7 +144,9 @@ class Settings:
     )
     outbox_retention_s: float = _setting(3600.0, "DONE outbox rows older than this are deleted")
     housekeeping_interval_s: float = _setting(5.0, "seconds between outbox clean-ups and backlog readings")
-    fault_file: str = _setting("", "testing only: a JSON file of fault switches read at run time")
+    fault_file: str = _setting(
+        "", f"tests only, with {TESTING_FAULTS_ENV}=1: a JSON file of fault switches read at run time"
+    )
 
     @property
     def security(self) -> str:
@@ -239,13 +244,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             choices = f.metadata["choices"]
             if choices is not None and default not in choices:
                 parser.error(f"{_env(f.name)}: {default!r} is not one of {', '.join(choices)}")
+        hidden = f.name == "fault_file" and env.get(TESTING_FAULTS_ENV) != "1"
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
             type=kind,
             default=default,
             choices=f.metadata["choices"],
-            help=f"{f.metadata['help']} [env {_env(f.name)}]",
+            help=argparse.SUPPRESS if hidden else f"{f.metadata['help']} [env {_env(f.name)}]",
         )
     return parser
 
@@ -360,6 +366,8 @@ def parse(
     values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(Settings)}
     settings = Settings(**values)
     problems = _check(settings)
+    if settings.fault_file and environment.get(TESTING_FAULTS_ENV) != "1":
+        problems.append(f"--fault-file: fault injection is for tests only (it needs {TESTING_FAULTS_ENV}=1)")
     if problems:
         parser.error("; ".join(problems))
     return namespace.command, list(namespace.args), settings

@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
-from domain.deadline import deadline_bound
 from domain import correlation
+from domain.deadline import deadline_bound
 from domain.errors import DomainError, PermissionDeniedError, UnauthenticatedError
 from server.errors import code_for, to_status
 

@@ -61,6 +61,7 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
     # Without the installed console script the server runs as `python -m server.main` from the repo.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["ORDERS_TESTING_FAULTS"] = "1"  # test servers may take --fault-file (server.faults)
     env.update(extra or {})
     return env
 

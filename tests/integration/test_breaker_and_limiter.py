@@ -25,8 +25,8 @@ import pybreaker
 from sqlalchemy import select
 
 from db.tables import orders, outbox_events, stock, stock_reservations
-from saga.faults import InjectedFaultError
 from saga.resilience import SlowCallError
+from server.faults import InjectedFaultError
 from tests.support import wait_until
 
 SKU = "SKU-1"

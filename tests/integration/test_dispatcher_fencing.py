@@ -30,10 +30,10 @@ from db.outbox import ClaimedEvent
 from db.tables import order_items, orders, outbox_events, stock, stock_reservations
 from db.unit_of_work import OrdersUnitOfWork
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
-from saga.faults import FaultSwitches
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
 from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
 from saga.verdicts import Handler, Verdict
+from server.faults import FaultSwitches, FaultyParticipant, faulty_handlers
 from tests.support import Stubs, apply_schema, wait_until
 
 pytestmark = pytest.mark.postgres
@@ -101,14 +101,17 @@ class DispatcherProcess:
         )
         saga = InventorySaga(
             orders_uow,
-            InventoryParticipant(partial(InventoryUnitOfWork, self.engine), faults),
+            FaultyParticipant(InventoryParticipant(partial(InventoryUnitOfWork, self.engine)), faults),
             guard,
             SagaSettings(max_attempts=settings.max_attempts),
-            faults=faults,
         )
         handlers = {event_type: runs.wrap(name, h) for event_type, h in saga.handlers().items()}
         self.dispatcher = OutboxDispatcher(
-            orders_uow, handlers, settings, listener=runs.listener(name), faults=faults
+            orders_uow,
+            faulty_handlers(handlers, faults),
+            settings,
+            listener=runs.listener(name),
+            renewal_paused=faults.renewal_paused,
         )
         self.started = False
 

@@ -37,10 +37,10 @@ from db.tables import outbox_events, stock, stock_reservations
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import Order, OrderItem, utcnow
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
-from saga.faults import FaultSwitches
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
 from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
 from saga.verdicts import Verdict
+from server.faults import FaultSwitches, FaultyParticipant
 from tests.invariants import check_invariants
 from tests.support import apply_schema, wait_until
 
@@ -89,10 +89,9 @@ class Instance:
         breaker = ConcurrentCircuitBreaker(slow_call_s=60.0, fail_max=100, reset_timeout=1.0, name="stale")
         saga = InventorySaga(
             orders_uow,
-            InventoryParticipant(partial(InventoryUnitOfWork, self.engine), hooks),
+            FaultyParticipant(InventoryParticipant(partial(InventoryUnitOfWork, self.engine)), hooks),
             Guard(breaker, RateLimiter("100000/second")),
             SagaSettings(max_attempts=settings.max_attempts),
-            faults=hooks,
         )
         handlers = {kind: self._recorded(handler) for kind, handler in saga.handlers().items()}
         self.dispatcher = OutboxDispatcher(
@@ -101,7 +100,7 @@ class Instance:
             settings,
             clock=clock,
             listener=lambda outcome, event, _s: self.outcomes.append((outcome, event.id)),
-            faults=hooks,
+            renewal_paused=hooks.renewal_paused,
         )
 
     def _recorded(self, handler: Callable[[ClaimedEvent], Verdict]) -> Callable[[ClaimedEvent], Verdict]:
@@ -221,7 +220,7 @@ def test_a_stale_step_that_gives_up_releases_nothing_of_the_order_another_step_v
 ) -> None:
     set_stock(migrated_url, 10)
     # A's only attempt fails at the inventory, so it gives up; it pauses just before doing so.
-    stale = Hooks(pause_at="before_give_up", inventory_error=True)
+    stale = Hooks(pause_at="before_release", inventory_error=True)
 
     order_id, a, b = run_stale_step_against_a_live_one(migrated_url, instances, stale, None)
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from server.config import DEFAULT_DATABASE_URL, Settings, load
+from server.config import DEFAULT_DATABASE_URL, TESTING_FAULTS_ENV, Settings, load
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(Settings)]
 
@@ -133,10 +133,22 @@ def help_text(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatc
     return " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.parametrize("name", FIELD_NAMES)
+@pytest.mark.parametrize("name", [name for name in FIELD_NAMES if name != "fault_file"])
 def test_help_lists_every_setting_with_its_flag_and_environment_variable(help_text: str, name: str) -> None:
     assert f"{_flag(name)} " in help_text
     assert f"[env {_env(name)}]" in help_text
+
+
+def test_the_fault_switch_is_not_offered_to_production_users(
+    help_text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "--fault-file" not in help_text
+    with pytest.raises(SystemExit) as refused:
+        load(["--fault-file", "faults.json"], env={})
+    assert refused.value.code == 2
+    assert "--fault-file: fault injection is for tests only" in capsys.readouterr().err
+    _, settings = load(["--fault-file", "faults.json"], env={TESTING_FAULTS_ENV: "1"})
+    assert settings.fault_file == "faults.json"
 
 
 def test_help_lists_the_migrate_command(help_text: str) -> None:

@@ -88,7 +88,7 @@ def test_an_exception_keeps_its_traceback(captured: io.StringIO, fmt: str) -> No
 
 
 def test_logging_shutdown_writes_what_was_queued(captured: io.StringIO) -> None:
-    """What `os._exit` paths rely on (saga.faults.maybe_crash, server.main): shut logging down and
+    """What `os._exit` paths rely on (server.faults.maybe_crash, server.main): shut logging down and
     every line logged before is out."""
     logs.configure("INFO", "text", captured)
     log = logging.getLogger("orders.test")
