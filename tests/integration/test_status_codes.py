@@ -312,7 +312,9 @@ def row_locked(backend: str, url: str, order_id: str) -> Iterator[int | None]:
             holder.rollback()
             holder.close()
     else:
-        holder = sqlite3.connect(make_url(url).database, isolation_level=None)
+        path = make_url(url).database
+        assert path is not None
+        holder = sqlite3.connect(path, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
         try:
             yield None
