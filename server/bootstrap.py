@@ -21,6 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
+from application.orders import OrderApplication
+from application.paging import PageTokenCodec
+from application.watching import OrderWatcher
 from db import migrate
 from db.engine import EngineSettings, is_sqlite, make_engine, normalise_url
 from db.inventory import InventoryUnitOfWork
@@ -39,7 +42,6 @@ from saga.resilience import (
 )
 from saga.signals import CommitSignals, OrderChanges, WakeUp
 from server.admission import Admission, HandlerThreads, stream_kinds
-from server.application import OrderApplication
 from server.auth import METHOD_SCOPES, read_tokens_file
 from server.config import DEFAULT_PAGE_TOKEN_SECRET, Settings
 from server.connections import connection_options
@@ -47,9 +49,7 @@ from server.faults import FaultSwitches, FaultyParticipant, faulty_handlers
 from server.health import HealthMonitor, HealthServicer
 from server.interceptors import BearerTokenInterceptor, CorrelationInterceptor, ErrorInterceptor
 from server.metrics import Metrics, MetricsInterceptor
-from server.paging import PageTokenCodec
 from server.servicers import InventoryServicer, OrderServicer
-from server.watch import OrderWatcher
 
 log = logging.getLogger(__name__)
 

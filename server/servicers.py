@@ -6,14 +6,14 @@ from collections.abc import Callable
 
 import grpc
 
+from application.orders import OrderApplication
+from application.watching import OrderWatcher
 from domain import validation
 from domain.model import Order
 from generated.orders.v1 import orders_pb2 as pb
 from generated.orders.v1 import orders_pb2_grpc as pb_grpc
 from server import mapping
-from server.application import OrderApplication
 from server.errors import to_status
-from server.watch import OrderWatcher
 
 SendResponse = Callable[[pb.WatchOrderResponse | None], None]
 
@@ -66,13 +66,13 @@ class OrderServicer(pb_grpc.OrderServiceServicer):  # type: ignore[misc]
         self._watcher.open(order_id, _WatchCall(context, send_response_callback))
 
     # grpcio hands WatchOrder a send callback instead of keeping a handler thread for the stream's
-    # whole life; server.watch sends from its own few threads.
+    # whole life; application.watching sends from its own few threads.
     WatchOrder.experimental_non_blocking = True  # type: ignore[attr-defined]
     WatchOrder.experimental_thread_pool = None  # type: ignore[attr-defined]
 
 
 class _WatchCall:
-    """A WatchOrder call as server.watch sees it: orders go out as messages, the end as a status."""
+    """A WatchOrder call as application.watching sees it: orders go out as messages, the end as a status."""
 
     def __init__(self, context: grpc.ServicerContext, send: SendResponse) -> None:
         self._context = context

@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 
+from application.paging import PageTokenCodec
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import Order, OrderItem
 from generated.orders.v1 import orders_pb2 as pb
 from server.config import Settings
-from server.paging import PageTokenCodec
 from tests.integration.helpers import field_violations, rpc_error
 
 

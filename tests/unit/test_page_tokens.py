@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from application.paging import PageTokenCodec
 from db.orders import PageCursor
 from domain.errors import ValidationError
-from server.paging import PageTokenCodec
 
 SECRET = b"test-page-token-secret"
 CURSOR = PageCursor(datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), "3f2b8c1e-9a4d-4e7b-8c2f-1a2b3c4d5e6f")

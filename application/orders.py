@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from application.paging import PageTokenCodec
 from db.inventory import InventoryUnitOfWork
 from db.orders import PageCursor
 from db.unit_of_work import OrdersUnitOfWork
@@ -21,7 +22,6 @@ from domain.inventory import StockLevel
 from domain.model import Order, OrderStatus, utcnow
 from domain.validation import PlaceOrderCommand
 from saga.signals import CommitSignals, OrderChanges, WakeUp
-from server.paging import PageTokenCodec
 
 # How often a cancel without `expected_version` re-reads and retries after losing a race.
 CANCEL_ATTEMPTS = 5
