@@ -185,12 +185,12 @@ class CommitSignals:
         self._wake = wake
         self._changes = changes
         self._remote = remote
-        self.handoff = handoff
+        self._handoff = handoff
 
     def lease_new_events(self, count: int) -> Lease | None:
         """A lease for `count` events about to be committed, if the local dispatcher can run them
         at once (see `events_committed`); None otherwise."""
-        return self.handoff.take_slots(count) if self.handoff is not None else None
+        return self._handoff.take_slots(count) if self._handoff is not None else None
 
     def events_committed(
         self, lease: Lease | None, events: Sequence[ClaimedEvent], committed_at: datetime | None = None
@@ -198,20 +198,20 @@ class CommitSignals:
         """Outbox events committed (at `committed_at`): under a lease, straight to the local
         dispatcher (no other process may take them, so nobody else is told); else the usual
         wake-up and notification."""
-        if lease is not None and self.handoff is not None:
-            self.handoff.hand(lease, events, committed_at)
+        if lease is not None and self._handoff is not None:
+            self._handoff.hand(lease, events, committed_at)
         else:
             self.outbox_committed()
 
     def lease_unused(self, lease: Lease | None) -> None:
         """The events of `lease` were not committed."""
-        if lease is not None and self.handoff is not None:
-            self.handoff.return_slots(lease)
+        if lease is not None and self._handoff is not None:
+            self._handoff.return_slots(lease)
 
     def outbox_committed(self, aggregate_id: str | None = None) -> None:
         """Events were committed (of `aggregate_id`, when one order's): claim them."""
-        if aggregate_id is not None and self.handoff is not None:
-            self.handoff.note_committed(aggregate_id)
+        if aggregate_id is not None and self._handoff is not None:
+            self._handoff.note_committed(aggregate_id)
         self._wake.set()
         if self._remote is not None:
             self._remote.outbox_committed()

@@ -25,10 +25,11 @@ from application.orders import OrderApplication
 from application.paging import PageTokenCodec
 from application.watching import OrderWatcher
 from db import migrate
-from db.engine import EngineSettings, is_sqlite, make_engine, normalise_url
-from db.inventory import InventoryUnitOfWork
+from db.backend import backend_of
+from db.engine import EngineSettings, make_engine, normalise_url
+from db.inventory import InventoryUnitOfWork, InventoryUowFactory
 from db.notifications import Listener, Notifier, listener_name
-from db.unit_of_work import OrdersUnitOfWork
+from db.unit_of_work import OrdersUnitOfWork, OrdersUowFactory
 from generated.orders.v1 import orders_pb2, orders_pb2_grpc
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.housekeeping import Housekeeper
@@ -141,7 +142,7 @@ class Service:
         size. A database that is down fails nothing here: health reports it."""
         want = min(self.settings.pool_size(), self.settings.saga_workers + 8)
         for engine in self.engines.distinct:
-            if is_sqlite(engine):
+            if backend_of(engine).embedded:  # no server connections to open ahead
                 continue
             opened = []
             try:
@@ -197,7 +198,7 @@ def migrate_if_configured(settings: Settings, engines: Engines) -> bool:
     """Apply migrations when `migrate_on_start` says so: `always`, or `auto` on SQLite only (the
     embedded default migrates itself; PostgreSQL waits for `orders-server migrate`)."""
     wanted = settings.migrate_on_start == "always" or (
-        settings.migrate_on_start == "auto" and all(is_sqlite(e) for e in engines.distinct)
+        settings.migrate_on_start == "auto" and all(backend_of(e).embedded for e in engines.distinct)
     )
     if wanted:
         apply_migrations(engines)
@@ -205,31 +206,87 @@ def migrate_if_configured(settings: Settings, engines: Engines) -> bool:
 
 
 def build(settings: Settings) -> Service:
+    """The whole service from its settings: each part from a builder below, wired through
+    constructors (nothing is patched in after it is made)."""
     engines = make_engines(settings)
     migrate_if_configured(settings, engines)
-
-    changes = OrderChanges()
-    wake = WakeUp()
-    on_postgres = engines.orders.dialect.name == "postgresql"
-    if on_postgres and settings.page_token_secret == DEFAULT_PAGE_TOKEN_SECRET:
-        log.warning(
-            "--page-token-secret is the built-in default, which anyone can read in the source: "
-            "set a secret of your own, the same on every instance"
-        )
-    # This process's listener is no peer of its notifier (db/notifications.py).
-    listener_app = listener_name()
-    notifier = Notifier(engines.orders, own_listener=listener_app) if on_postgres else None
-    signals = CommitSignals(wake, changes, notifier)
+    _warn_about_defaults(settings, engines)
+    wake, changes = WakeUp(), OrderChanges()
+    notifier, listener = _notifications(engines, wake, changes)
+    # What the saga and the housekeeper announce after their commits; PlaceOrder's signals also
+    # hand events to the local dispatcher (built with it below).
+    announce = CommitSignals(wake, changes, notifier)
     orders_uow = partial(OrdersUnitOfWork, engines.orders)
     inventory_uow = partial(InventoryUnitOfWork, engines.inventory)
+    guard = build_guard(settings)
+    metrics = _metrics(engines, guard)
+    dispatcher = _dispatcher(settings, orders_uow, inventory_uow, guard, metrics, announce, wake)
     app = OrderApplication(
         orders_uow=orders_uow,
         inventory_uow=inventory_uow,
         page_tokens=PageTokenCodec(settings.page_token_secret.encode()),
-        signals=signals,
+        signals=CommitSignals(wake, changes, notifier, handoff=dispatcher),
     )
-    faults = FaultSwitches(settings.fault_file) if settings.fault_file else None
-    guard = build_guard(settings)
+    watcher = OrderWatcher(app.get_order, changes, max_lifetime_s=settings.watch_max_lifetime_s)
+    server, port, health_servicer, admission = _grpc_server(settings, app, watcher, metrics)
+    monitor = _health_monitor(settings, engines, health_servicer)
+    housekeeper = Housekeeper(
+        orders_uow,
+        settings.outbox_retention_s,
+        interval_s=settings.housekeeping_interval_s,
+        on_backlog=metrics.on_backlog,
+        saga_timeout_s=settings.saga_timeout_s,
+        on_commit=announce.outbox_committed,
+    )
+    return Service(
+        settings,
+        server,
+        port,
+        engines,
+        monitor,
+        changes,
+        wake,
+        guard,
+        metrics,
+        housekeeper,
+        dispatcher,
+        notifier,
+        listener,
+        watcher=watcher,
+        admission=admission,
+    )
+
+
+def _warn_about_defaults(settings: Settings, engines: Engines) -> None:
+    """Defaults that are fine for a first try on the embedded database and not beyond it."""
+    shared = not backend_of(engines.orders).embedded
+    if shared and settings.page_token_secret == DEFAULT_PAGE_TOKEN_SECRET:
+        log.warning(
+            "--page-token-secret is the built-in default, which anyone can read in the source: "
+            "set a secret of your own, the same on every instance"
+        )
+
+
+def _notifications(
+    engines: Engines, wake: WakeUp, changes: OrderChanges
+) -> tuple[Notifier | None, Listener | None]:
+    """NOTIFY after commits and LISTEN for other processes', where the database has them."""
+    if not backend_of(engines.orders).notifies:
+        return None, None
+    # This process's listener is no peer of its notifier (db/notifications.py).
+    listener_app = listener_name()
+    notifier = Notifier(engines.orders, own_listener=listener_app)
+    listener = Listener(
+        engines.orders,
+        wake.set,
+        changes.publish,
+        sent_locally=notifier.sent_by_me,
+        application_name=listener_app,
+    )
+    return notifier, listener
+
+
+def _metrics(engines: Engines, guard: Guard) -> Metrics:
     metrics = Metrics()
     metrics.watch_breaker(guard.breaker)
     metrics.count_from(
@@ -238,50 +295,59 @@ def build(settings: Settings) -> Service:
     metrics.watch_pool("orders", engines.orders.pool.checkedout)  # type: ignore[attr-defined]
     if engines.inventory is not engines.orders:
         metrics.watch_pool("inventory", engines.inventory.pool.checkedout)  # type: ignore[attr-defined]
-    dispatcher = None
-    if settings.saga_workers > 0:
-        participant = InventoryParticipant(inventory_uow)
-        metrics.count_from(
-            "orders_stock_conflict_retries",
-            "inventory transactions retried after a conflict",
-            lambda: participant.conflict_retries,
-        )
-        saga = InventorySaga(
-            orders_uow,
-            participant if faults is None else FaultyParticipant(participant, faults),
-            guard,
-            SagaSettings(max_attempts=settings.max_attempts, saga_timeout_s=settings.saga_timeout_s),
-            on_order_changed=signals.order_changed,
-            on_outcome=metrics.on_saga_outcome,
-        )
-        dispatcher = OutboxDispatcher(
-            orders_uow,
-            saga.handlers() if faults is None else faulty_handlers(saga.handlers(), faults),
-            DispatcherSettings(
-                workers=settings.saga_workers,
-                poll_interval_s=settings.poll_interval_s,
-                lease_s=settings.lease_s,
-                max_attempts=settings.max_attempts,
-                retry_base_s=settings.retry_base_s,
-                retry_max_s=settings.retry_max_s,
-            ),
-            wake,
-            renewal_paused=(lambda: False) if faults is None else faults.renewal_paused,
-            listener=metrics.on_handled,
-            on_claimed=metrics.on_claimed,
-        )
-        signals.handoff = dispatcher
-    listener = None
-    if notifier is not None:
-        listener = Listener(
-            engines.orders,
-            wake.set,
-            changes.publish,
-            sent_locally=notifier.sent_by_me,
-            application_name=listener_app,
-        )
-    watcher = OrderWatcher(app.get_order, changes, max_lifetime_s=settings.watch_max_lifetime_s)
+    return metrics
 
+
+def _dispatcher(
+    settings: Settings,
+    orders_uow: OrdersUowFactory,
+    inventory_uow: InventoryUowFactory,
+    guard: Guard,
+    metrics: Metrics,
+    announce: CommitSignals,
+    wake: WakeUp,
+) -> OutboxDispatcher | None:
+    """The inventory saga on its outbox dispatcher (None with `--saga-workers 0`); with a fault
+    file, the fault wrappers around the participant and the handlers (server.faults)."""
+    if settings.saga_workers <= 0:
+        return None
+    faults = FaultSwitches(settings.fault_file) if settings.fault_file else None
+    participant = InventoryParticipant(inventory_uow)
+    metrics.count_from(
+        "orders_stock_conflict_retries",
+        "inventory transactions retried after a conflict",
+        lambda: participant.conflict_retries,
+    )
+    saga = InventorySaga(
+        orders_uow,
+        participant if faults is None else FaultyParticipant(participant, faults),
+        guard,
+        SagaSettings(max_attempts=settings.max_attempts, saga_timeout_s=settings.saga_timeout_s),
+        on_order_changed=announce.order_changed,
+        on_outcome=metrics.on_saga_outcome,
+    )
+    return OutboxDispatcher(
+        orders_uow,
+        saga.handlers() if faults is None else faulty_handlers(saga.handlers(), faults),
+        DispatcherSettings(
+            workers=settings.saga_workers,
+            poll_interval_s=settings.poll_interval_s,
+            lease_s=settings.lease_s,
+            max_attempts=settings.max_attempts,
+            retry_base_s=settings.retry_base_s,
+            retry_max_s=settings.retry_max_s,
+        ),
+        wake,
+        renewal_paused=(lambda: False) if faults is None else faults.renewal_paused,
+        listener=metrics.on_handled,
+        on_claimed=metrics.on_claimed,
+    )
+
+
+def _grpc_server(
+    settings: Settings, app: OrderApplication, watcher: OrderWatcher, metrics: Metrics
+) -> tuple[grpc.Server, int, HealthServicer, Admission]:
+    """The gRPC server with its interceptors, services, health and reflection, bound to its port."""
     # Admission, not grpcio's maximum_concurrent_rpcs (which counts open streams), limits the calls
     # on the handler threads; streams run off them, capped per kind (server/admission.py).
     threads = HandlerThreads(max_workers=settings.max_workers, thread_name_prefix="grpc")
@@ -333,38 +399,17 @@ def build(settings: Settings) -> Service:
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise BindError(f"could not bind {address}")
+    return server, port, health_servicer, admission
 
+
+def _health_monitor(settings: Settings, engines: Engines, health_servicer: HealthServicer) -> HealthMonitor:
+    """SERVING while every database answers with the expected schema."""
     checks = [
         partial(_schema_check, engines.orders, migrate.ORDERS),
         partial(_schema_check, engines.inventory, migrate.INVENTORY),
     ]
-    monitor = HealthMonitor(
+    return HealthMonitor(
         health_servicer, (ORDER_SERVICE, INVENTORY_SERVICE), checks, settings.health_interval_s
-    )
-    housekeeper = Housekeeper(
-        orders_uow,
-        settings.outbox_retention_s,
-        interval_s=settings.housekeeping_interval_s,
-        on_backlog=metrics.on_backlog,
-        saga_timeout_s=settings.saga_timeout_s,
-        on_commit=signals.outbox_committed,
-    )
-    return Service(
-        settings,
-        server,
-        port,
-        engines,
-        monitor,
-        changes,
-        wake,
-        guard,
-        metrics,
-        housekeeper,
-        dispatcher,
-        notifier,
-        listener,
-        watcher=watcher,
-        admission=admission,
     )
 
 

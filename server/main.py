@@ -13,6 +13,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from db.backend import backend_of
 from server import admin, bootstrap, supervisor
 from server.config import Settings, parse
 from server.logs import configure
@@ -51,7 +52,7 @@ def serve(settings: Settings, link: supervisor.WorkerLink | None = None) -> int:
     # Everything built so far lives as long as the process: out of the collector's sight, a full
     # collection scans only what came after (its pauses under load: docs/performance.md).
     gc.freeze()
-    backend = service.engines.orders.dialect.name
+    backend = backend_of(service.engines.orders).name
     # A worker's line must not read "orders-server ready on": that one is the supervisor's, once
     # every worker serves.
     who = "orders-server" if link is None else f"orders-server worker {link.index} (pid {os.getpid()})"
