@@ -6,6 +6,9 @@ the newest row after a lock wait); a row not decremented means "not enough". Row
 SKU order (Python's `sorted`, which is PostgreSQL's `COLLATE "C"`) so that two orders never wait
 on each other in a cycle. Reservations are keyed by (order_id, sku): a redelivered event finds
 them and reserves nothing.
+
+Why one module of this size: the reservation statements and the repository that runs them share
+the lock order (fence, reservations, stock rows by SKU) that keeps concurrent steps deadlock-free.
 """
 
 from __future__ import annotations

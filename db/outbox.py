@@ -12,6 +12,9 @@ A claim counts an attempt and a claim number (`claims`, never reset): a process 
 running an event has used an attempt, so an event that kills its process every time still ends
 DEAD; a deferral gives its attempt back. (id, claims) is the step's fence in the inventory
 (`domain.inventory.Fence`). Times that decide who may run an event are the database's (`db.clock`).
+
+Why one module of this size: the statements and the store that runs them share the claimed
+columns and the fencing (lease token) of every write; apart, each half would reach into the other.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ never finished (`ClaimedEvent.suspect`: it may have killed its process) runs alo
 else runs, with no claim or hand-off meanwhile: a crash loop then costs attempts of that event
 only, not of the events that happened to run beside it. docs/architecture.md, "The dispatcher",
 tells the whole design and why.
+
+Why one module of this size: one class whose state (events in flight, promised workers, rounds,
+suspects) lives under one lock; the rules it applies are in the modules named above.
 """
 
 from __future__ import annotations

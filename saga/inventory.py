@@ -26,6 +26,9 @@ a few hundred microseconds of CPU in SQLAlchemy and the driver.
 An open breaker or a denied rate limit defers the event without using an attempt; transient
 errors retry; past `max_attempts` or `saga_timeout_s` the order is FAILED ("inventory
 unavailable") and anything reserved is released. A malformed event raises and ends DEAD.
+
+Why one module of this size: the saga steps, their compensation and fencing read as one story;
+the participant beside them is the inventory side of the same steps.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ fails (refused, or silent past its socket timeout), `SharedStateFallback` sends 
 process's own memory state: one warning per outage, Redis tried again now and then by one caller,
 and shared counting resumes when it answers. pybreaker's Redis storage would otherwise log a
 traceback per call and read "closed" whatever happened, so no breaker could open during an outage.
+
+Why one module of this size: the breaker, the limiter and the Redis fallback they share are one
+guard, and their Redis failure handling has to agree.
 """
 
 from __future__ import annotations

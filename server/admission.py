@@ -17,6 +17,9 @@ handler thread. Here instead:
 
 Refusals are counted (`orders_rpc_rejected_total{method,reason}`) and logged at most once per
 `RefusalLog.interval_s`, with the count.
+
+Why one module of this size: unary admission and stream caps share the counting, the refusal
+answer and its metric and log line.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Nothing is built at import time; `build()` wires everything for one process and `Service.stop()`
 takes it apart in the order that loses nothing.
+
+Why one module of this size: the composition root is the one place that knows every part; each
+builder below is short, and splitting them would only spread the wiring.
 """
 
 from __future__ import annotations

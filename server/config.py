@@ -3,6 +3,9 @@
 Every field below is both a flag (`--database-url`) and a variable (`ORDERS_DATABASE_URL`); a flag
 wins over the variable, the variable over the default. `orders-server --help` lists them all. A bad
 value ends the process with exit status 2 and one line that names the setting.
+
+Why one module of this size: one field per setting, with its help text and its checks, so that
+`--help` and the checks cannot disagree with the fields.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ while a worker restarts. Each worker gets one end of a socket pair (`ORDERS_WORK
 writes a line once it serves, its end closing tells the supervisor at once that it died, and the
 supervisor's end closing (the supervisor was killed) tells the worker to shut down rather than
 serve on as an orphan.
+
+Why one module of this size: the supervisor and the worker side of one protocol (start, ready,
+stop, restart) between processes.
 """
 
 from __future__ import annotations
