@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pybreaker
 
@@ -206,16 +206,13 @@ class InventorySaga:
         order_id, items = parse_placed(event.payload)
         if event.age_s > self._settings.saga_timeout_s:
             return self._give_up(order_id, items, event, "saga timed out")
-        try:
-            outcome = self._guard.call(self._participant.reserve, order_id, items, event.fence)
-        except (BreakerOpenError, RateLimitedError) as error:
-            return self._defer(error)
-        except Exception as error:
-            if self._breaker_open():
-                return self._defer(error)  # an outage (this call tripped it, or a probe failed)
+        outcome = self._guarded(self._participant.reserve, order_id, items, event.fence)
+        if isinstance(outcome, Defer):
+            return outcome
+        if isinstance(outcome, Exception):
             if event.attempts >= self._settings.max_attempts:
-                return self._give_up(order_id, items, event, str(error))
-            return Retry(f"reserve failed: {type(error).__name__}: {error}")
+                return self._give_up(order_id, items, event, str(outcome))
+            return Retry(f"reserve failed: {type(outcome).__name__}: {outcome}")
         if isinstance(outcome, Superseded):
             return self._superseded(order_id, event)
         if isinstance(outcome, Reserved):
@@ -295,15 +292,23 @@ class InventorySaga:
             return self._superseded(order_id, event)
         return self._settle(order_id, items, event, Settlement.failed(INVENTORY_UNAVAILABLE), "gave_up")
 
-    def _release(self, order_id: str, items: tuple[OrderItem, ...], event: ClaimedEvent) -> Verdict:
+    def _guarded(self, call: Callable[..., T], *args: Any) -> T | Defer | Exception:
+        """`call(*args)` through the limiter and the breaker: its result; a deferral when the guard
+        refuses or the failure found the breaker open (an outage: this call tripped it, or a probe
+        failed), which costs no attempt; else the error, for the step to decide."""
         try:
-            released = self._guard.call(self._participant.release, order_id, items, event.fence)
+            return self._guard.call(call, *args)
         except (BreakerOpenError, RateLimitedError) as error:
             return self._defer(error)
         except Exception as error:
-            if self._breaker_open():
-                return self._defer(error)
-            return Retry(f"release failed: {type(error).__name__}: {error}")
+            return self._defer(error) if self._breaker_open() else error
+
+    def _release(self, order_id: str, items: tuple[OrderItem, ...], event: ClaimedEvent) -> Verdict:
+        released = self._guarded(self._participant.release, order_id, items, event.fence)
+        if isinstance(released, Defer):
+            return released
+        if isinstance(released, Exception):
+            return Retry(f"release failed: {type(released).__name__}: {released}")
         if isinstance(released, Superseded):
             return self._superseded(order_id, event)
         if released:
