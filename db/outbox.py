@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -546,21 +546,8 @@ class OutboxStore:
         if aggregate_id is not None:
             query = query.where(outbox.c.aggregate_id == aggregate_id)
         result = self._c.execute(query.order_by(outbox.c.id).limit(limit)).all()
-        return [
-            OutboxRow(
-                id=r.id,
-                aggregate_id=r.aggregate_id,
-                event_type=r.event_type,
-                status=r.status,
-                attempts=r.attempts,
-                available_at=r.available_at,
-                last_error=r.last_error,
-                created_at=r.created_at,
-                updated_at=r.updated_at,
-                payload=r.payload,
-            )
-            for r in result
-        ]
+        shown = [f.name for f in fields(OutboxRow)]
+        return [OutboxRow(**{name: r._mapping[name] for name in shown}) for r in result]
 
     def replay(self, event_id: int, now: datetime) -> bool:
         """Put a DEAD event back to PENDING with its attempts reset."""

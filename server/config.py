@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -259,56 +259,69 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
+# Numeric settings and the values they allow: (names, test, what the error says).
+_BOUNDS: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
+    (
+        (
+            "workers",
+            "max_workers",
+            "max_concurrent_rpcs",
+            "max_health_watch_streams",
+            "max_reflection_streams",
+            "max_watch_streams",
+            "max_receive_message_bytes",
+            "max_attempts",
+            "breaker_fail_max",
+        ),
+        lambda value: value >= 1,
+        "must be at least 1",
+    ),
+    (
+        (
+            "db_pool_size",
+            "db_statement_timeout_ms",
+            "saga_workers",
+            "shutdown_delay_s",
+            "max_connection_idle_s",
+            "max_connection_age_s",
+            "max_connection_age_grace_s",
+        ),
+        lambda value: value >= 0,
+        "must not be negative",
+    ),
+    (
+        (
+            "grace_period_s",
+            "health_interval_s",
+            "poll_interval_s",
+            "lease_s",
+            "retry_base_s",
+            "retry_max_s",
+            "saga_timeout_s",
+            "watch_max_lifetime_s",
+            "keepalive_time_s",
+            "keepalive_timeout_s",
+            "breaker_reset_s",
+            "breaker_slow_call_s",
+            "redis_connect_timeout_s",
+            "redis_socket_timeout_s",
+            "redis_retry_s",
+            "housekeeping_interval_s",
+            "outbox_retention_s",
+        ),
+        lambda value: value > 0,
+        "must be greater than 0",
+    ),
+)
+
+
 def _check(settings: Settings) -> list[str]:
     problems: list[str] = []
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(settings, name) <= 65535:
             problems.append(f"{_flag(name)}: must be a port number 0-65535")
-    for name in (
-        "workers",
-        "max_workers",
-        "max_concurrent_rpcs",
-        "max_health_watch_streams",
-        "max_reflection_streams",
-        "max_watch_streams",
-        "max_receive_message_bytes",
-        "max_attempts",
-        "breaker_fail_max",
-    ):
-        if getattr(settings, name) < 1:
-            problems.append(f"{_flag(name)}: must be at least 1")
-    for name in (
-        "db_pool_size",
-        "db_statement_timeout_ms",
-        "saga_workers",
-        "shutdown_delay_s",
-        "max_connection_idle_s",
-        "max_connection_age_s",
-        "max_connection_age_grace_s",
-    ):
-        if getattr(settings, name) < 0:
-            problems.append(f"{_flag(name)}: must not be negative")
-    for name in (
-        "grace_period_s",
-        "health_interval_s",
-        "poll_interval_s",
-        "lease_s",
-        "retry_base_s",
-        "retry_max_s",
-        "saga_timeout_s",
-        "watch_max_lifetime_s",
-        "keepalive_time_s",
-        "keepalive_timeout_s",
-        "breaker_reset_s",
-        "breaker_slow_call_s",
-        "redis_connect_timeout_s",
-        "redis_socket_timeout_s",
-        "redis_retry_s",
-        "housekeeping_interval_s",
-        "outbox_retention_s",
-    ):
-        if not getattr(settings, name) > 0:
-            problems.append(f"{_flag(name)}: must be greater than 0")
+    for names, allowed, rule in _BOUNDS:
+        problems.extend(f"{_flag(name)}: {rule}" for name in names if not allowed(getattr(settings, name)))
     problems.extend(_check_workers(settings))
     for name in ("database_url", "inventory_database_url"):
         if getattr(settings, name):
