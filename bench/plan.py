@@ -28,7 +28,7 @@ QUICK: dict[str, Any] = {
     "script (full: 12 s), 2 s watching the saga backlog (full: 3 s), a drain of 4,000 events (full: "
     "50,000), pickup for 5 s and 2 s for the stragglers (full: 10 s and 10 s), and a 6 s soak (full: "
     "10 minutes), and `--workers` 1 and 2 for 3 s each with baseline and place only (full: 1, 2 and 3, "
-    "30 s each, with flow).",
+    "30 s each, with flow), each beside the bare stack with as many processes.",
 }
 FULL: dict[str, Any] = {
     "duration_s": 30.0,

@@ -2,17 +2,20 @@
 
 Creates a throwaway PostgreSQL database, migrates it, starts one real `orders-server` on it, loads
 stock, drives closed-loop load from client processes, runs pgbench on the same SQL work (place;
-place plus saga; hot place plus saga), then does baseline and place again on SQLite. Then the relay
-figures next to the peer, pgqueuer: drain of queued events with a no-op handler, and pickup latency
-at a steady rate; and a soak of closed-loop place that samples the server's RSS. Writes
-bench/results/<time>.json and prints a markdown table that it also writes to docs/benchmarks.md.
-Every figure is meant to be read as a ratio to the health-check baseline of the same run, or to the
-peer's figure of the same run: the machine is shared and noisy. What the figures show:
-docs/performance.md.
+place plus saga; hot place plus saga), then the bare stack (bench/bare_stack.py: the same gRPC
+server and one psycopg2 write per call, nothing of ours) at its peak and at PlaceOrder's half-peak
+rate, then does baseline and place again on SQLite. Then the relay figures next to the peer,
+pgqueuer: drain of queued events with a no-op handler, and pickup latency at a steady rate; a soak
+of closed-loop place that samples the server's RSS; and `--workers N` beside the bare stack with N
+processes. Writes bench/results/<time>.json and prints a markdown table that it also writes to
+docs/benchmarks.md. Every figure is meant to be read as a ratio to a baseline of the same run (the
+health check, the bare stack) or to the peer's figure of the same run: the machine is shared and
+noisy. What the figures show: docs/performance.md.
 
 Layout. This module is the entry point: the plan (bench/plan.py), the order of the runs, the
 result file. The runner: bench/runner.py (one scenario from the client processes of bench/load.py,
-its CPU from bench/cpu.py) and bench/server.py (the server under test, its metrics, its database).
+its CPU from bench/cpu.py) and bench/server.py (the server under test, its metrics, its database;
+the bare stack's processes, whose server is bench/bare_stack.py).
 The scenarios: bench/scenarios/ (one module per kind of run), driving the operations of
 bench/operations.py, pgbench (bench/pgbench.py) and the relay's processes (bench/relay.py). The
 report: bench/report/ (the page, its notes, the figures against their targets). What the tests use
@@ -36,7 +39,7 @@ from bench.plan import FULL, MACHINE_NOTE, QUICK
 from bench.report.figures import figures
 from bench.report.page import markdown
 from bench.runner import Runner
-from bench.scenarios import drain_and_pickup, postgres, soak, sqlite, workers
+from bench.scenarios import bare_stack, drain_and_pickup, postgres, soak, sqlite, workers
 from tests.local_services import ROOT
 
 RESULTS = ROOT / "bench" / "results"
@@ -86,6 +89,9 @@ def main() -> int:
         runner = Runner(pool, args.processes, args.threads, duration, warmup)
         section("PostgreSQL", began)
         result["postgresql"] = postgres.run_postgres(runner, workdir, server_args)
+        section("The bare stack", began)
+        half_rate = result["postgresql"]["place_half"]["offered_per_s"]
+        result["bare_stack"] = bare_stack.run_bare_stack(runner, workdir, half_rate)
         if not args.no_sqlite:
             section("SQLite", began)
             result["sqlite"] = sqlite.run_sqlite(runner, workdir, server_args)

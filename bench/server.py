@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import operations
+from bench.bare_stack import READY_LINE, TABLE
 from bench.plan import PG_ADMIN_URL, SKUS
 from tests.local_services import (
     ROOT,
@@ -22,6 +24,7 @@ from tests.local_services import (
     pg_connect,
     server_command,
     server_env,
+    wait_until,
     with_database,
 )
 
@@ -158,3 +161,81 @@ def count_rows(dbname: str, table: str, where: str = "") -> int:
 def pending_events(dbname: str) -> int:
     """Outbox events the saga has not handled yet."""
     return count_rows(dbname, "outbox_events", "WHERE status = 'PENDING'")
+
+
+class BareStackServer:
+    """`processes` processes of `python -m bench.bare_stack` on one port (SO_REUSEPORT when more
+    than one, as `orders-server --workers N`), each waited for until its ready line; one log each."""
+
+    def __init__(self, database_url: str, log_dir: Path, label: str, processes: int = 1) -> None:
+        self.port = free_port() if processes > 1 else 0
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.log_paths: list[Path] = []
+        try:
+            # One at a time: the first creates the table; the others then find it.
+            for n in range(processes):
+                self._start(database_url, log_dir / f"bare-stack-{label}-{n}.log", processes > 1)
+        except BaseException:
+            self.stop()
+            raise
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _start(self, database_url: str, log_path: Path, reuseport: bool) -> None:
+        command = [sys.executable, "-m", "bench.bare_stack", "--database-url", database_url]
+        command += ["--port", str(self.port), *(["--reuseport"] if reuseport else [])]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(command, env=server_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        self.log_paths.append(log_path)
+        pattern = re.compile(re.escape(READY_LINE) + r" \S+:(\d+)")
+
+        def ready() -> re.Match[str] | None:
+            if proc.poll() is not None:
+                raise AssertionError(f"bare stack exited with {proc.returncode}:\n{self.log()}")
+            return pattern.search(log_path.read_text(errors="replace"))
+
+        self.port = int(wait_until(ready, timeout=30, what="the bare stack's ready line").group(1))
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
+
+    def log(self) -> str:
+        return "".join(path.read_text(errors="replace") for path in self.log_paths)
+
+    def log_errors(self) -> list[str]:
+        """The first lines of the logs that report an error."""
+        return [line for line in self.log().splitlines() if "Error" in line or "Traceback" in line][:20]
+
+    def stop(self, timeout: float = 30) -> list[int]:
+        """SIGTERM to every process, SIGKILL to any still running after `timeout`; their exit codes."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return [proc.returncode for proc in self.procs]
+
+
+@contextlib.contextmanager
+def bare_stack_server(workdir: Path, label: str, processes: int = 1) -> Iterator[tuple[BareStackServer, str]]:
+    """A fresh database with the bare stack on it (`processes` processes); all gone at the end.
+    Yields the server and the database's name."""
+    dbname = create_bench_database()
+    try:
+        server = BareStackServer(database_url(dbname), workdir, label, processes)
+        try:
+            yield server, dbname
+        finally:
+            server.stop()
+    finally:
+        drop_bench_database(dbname)
+
+
+def bare_stack_rows(dbname: str) -> int:
+    """Rows the bare stack inserted."""
+    return count_rows(dbname, TABLE)

@@ -40,7 +40,7 @@ def figures(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"{lag.get('p50_ms')} / {lag.get('p99_ms')} ms",
             "-",
         ),
-        ("place p99 at half the peak rate", f"{half.get('p99_ms')} ms", "<= 25 ms"),
+        *bare_stack_figures(result),
         (
             "the same rate: place p99 with the saga off; Health/Check p99",
             f"{(pg.get('place_half_saga_off') or {}).get('p99_ms')} ms; "
@@ -58,6 +58,52 @@ def figures(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         *relay_figures(result.get("relay") or {}),
         *soak_figures(result.get("soak") or {}),
     ]
+
+
+def bare_stack_figures(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """PlaceOrder against the bare stack (bench/bare_stack.py) of the same run: throughput at the peak,
+    p99 and server CPU per call at the rate of PlaceOrder's half-peak row, and `--workers N`."""
+    pg, bare = result["postgresql"], result.get("bare_stack") or {}
+    peak, half = bare.get("peak") or {}, bare.get("half") or {}
+    place, place_half = pg.get("place") or {}, pg.get("place_half") or {}
+    saga_off = pg.get("place_half_saga_off") or {}
+    bare_p99 = half.get("p99_ms")
+    rows = [
+        ("place / bare-stack write throughput", str(ratio(place.get("per_s"), peak.get("per_s"))), ">= 0.50"),
+        (
+            f"place p99 at half the peak rate ({place_half.get('offered_per_s')}/s), saga on, vs the bare "
+            "stack's p99 at the same rate",
+            f"{place_half.get('p99_ms')} ms vs {bare_p99} ms = {ratio(place_half.get('p99_ms'), bare_p99)} x",
+            "<= 25 ms and <= 3 x",
+        ),
+        (
+            "the same rate, saga off: place p99 vs the bare stack's",
+            f"{saga_off.get('p99_ms')} ms vs {bare_p99} ms = {ratio(saga_off.get('p99_ms'), bare_p99)} x",
+            "-",
+        ),
+        (
+            "server CPU per call at the same rate: place (saga on; off) vs the bare stack",
+            f"{cpu_per_call(place_half)}; {cpu_per_call(saga_off)} vs {cpu_per_call(half)} ms",
+            "-",
+        ),
+    ]
+    for count, row in (result.get("workers") or {}).items():
+        place_n, bare_n = (row.get("place") or {}).get("per_s"), (row.get("bare_stack") or {}).get("per_s")
+        rows.append(
+            (
+                f"place / bare-stack write throughput, --workers {count} vs the bare stack in {count} "
+                "process(es)",
+                f"{place_n} / {bare_n} = {ratio(place_n, bare_n)}",
+                "-",
+            )
+        )
+    return rows
+
+
+def cpu_per_call(row: dict[str, Any]) -> str:
+    """Milliseconds of the server process's CPU per completed call (its cores over its rate)."""
+    cores, rate = (row.get("cpu") or {}).get("server_cores"), row.get("per_s")
+    return f"{cores / rate * 1000:.2f}" if cores is not None and rate else "-"
 
 
 def relay_figures(relay_result: dict[str, Any]) -> list[tuple[str, str, str]]:

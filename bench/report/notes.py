@@ -55,6 +55,28 @@ def half_peak_notes(pg: dict[str, Any]) -> list[str]:
     return notes
 
 
+def bare_stack_notes(bare: dict[str, Any]) -> list[str]:
+    """What the bare stack is, the rows it inserted, its CPU at its peak and at PlaceOrder's half-peak
+    rate."""
+    if not bare:
+        return []
+    text = (
+        "Bare stack: `python -m bench.bare_stack` (bench/bare_stack.py), one process of the same grpcio and "
+        "channel options as `orders-server`, 16 handler threads, no interceptors; PlaceOrder runs one "
+        "psycopg2 `INSERT ... RETURNING` and `COMMIT` on its thread's connection, driven by the same "
+        f"client processes and operation as place; {bare.get('rows')} rows inserted"
+    )
+    for key, what in (("peak", "at its peak"), ("half", "at place's half-peak rate")):
+        row = bare.get(key) or {}
+        used, rate = row.get("cpu") or {}, row.get("per_s")
+        if used and rate:
+            text += (
+                f"; CPU {what}: {cpu_text(used)}, {used['server_cores'] / rate * 1000:.2f} ms of server "
+                "CPU per call"
+            )
+    return [text + "."]
+
+
 def relay_notes(result: dict[str, Any]) -> list[str]:
     """What the relay and soak runs did, and what quick shortened."""
     plan, relay_result, soak = result["plan"], result.get("relay") or {}, result.get("soak") or {}

@@ -6,7 +6,7 @@ from typing import Any
 
 from bench.plan import MACHINE_NOTE
 from bench.report.figures import ratio
-from bench.report.notes import flow_cpu_notes, half_peak_notes, relay_notes
+from bench.report.notes import bare_stack_notes, flow_cpu_notes, half_peak_notes, relay_notes
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -43,6 +43,9 @@ def markdown(result: dict[str, Any]) -> str:
     row("baseline (Health/Check), paced at the same rate", "PostgreSQL", pg.get("health_half"))
     saga_off = pg.get("place_half_saga_off")
     row("place, paced at the same rate, saga off (`--saga-workers 0`)", "PostgreSQL", saga_off)
+    bare = result.get("bare_stack") or {}
+    row("bare stack: PlaceOrder as one INSERT + COMMIT, no interceptors", "PostgreSQL", bare.get("peak"))
+    row("bare stack, paced at place's half-peak rate", "PostgreSQL", bare.get("half"))
     row("baseline (Health/Check)", "SQLite", lite.get("baseline"))
     row("place", "SQLite", lite.get("place"))
     titles = {
@@ -72,7 +75,7 @@ def markdown(result: dict[str, Any]) -> str:
     half = pg.get("place_half") or {}
     lag = (pg.get("flow") or {}).get("dispatch_lag") or {}
     handler = (pg.get("flow") or {}).get("saga_handler") or {}
-    lines += ["", "| figure | value | target (issue 7) |", "| --- | --- | --- |"]
+    lines += ["", "| figure | value | target (issues 7 and 17) |", "| --- | --- | --- |"]
     for name, value, target in result["figures"]:
         lines.append(f"| {name} | {value} | {target} |")
     lines += [
@@ -94,6 +97,7 @@ def markdown(result: dict[str, Any]) -> str:
         "were still PENDING when it ended (the saga did not keep up if that is large).",
         *flow_cpu_notes(pg),
         *half_peak_notes(pg),
+        *bare_stack_notes(result.get("bare_stack") or {}),
         *relay_notes(result),
         "",
         *workers_table(result),
@@ -110,24 +114,26 @@ def workers_table(result: dict[str, Any]) -> list[str]:
     if not runs:
         return []
     lines = [
-        "Scaling with `--workers N` (each client thread on its own connection; fresh database per N):",
+        "Scaling with `--workers N` (each client thread on its own connection; fresh database per N), "
+        "beside the bare stack with N processes on one port:",
         "",
-        "| workers | baseline per s | place per s | flow per s | place / baseline | "
-        "baseline vs 1 | place vs 1 | flow vs 1 |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workers | baseline per s | place per s | flow per s | bare stack per s | place / baseline | "
+        "place / bare stack | baseline vs 1 | place vs 1 | flow vs 1 | bare stack vs 1 |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     one = runs.get("1") or {}
 
     def per_s(row: dict[str, Any], name: str) -> float | None:
         return (row.get(name) or {}).get("per_s")
 
+    names = ("baseline", "place", "flow", "bare_stack")
     for count, row in runs.items():
-        cells = [per_s(row, n) for n in ("baseline", "place", "flow")]
-        versus = [ratio(per_s(row, n), per_s(one, n)) for n in ("baseline", "place", "flow")]
+        cells = [per_s(row, n) for n in names]
+        versus = [ratio(per_s(row, n), per_s(one, n)) for n in names]
         lines.append(
             f"| {count} | "
             + " | ".join(f"{c:.0f}" if c is not None else "-" for c in cells)
-            + f" | {ratio(cells[1], cells[0])} | "
+            + f" | {ratio(cells[1], cells[0])} | {ratio(cells[1], cells[3])} | "
             + " | ".join(str(v) if v is not None else "-" for v in versus)
             + " |"
         )

@@ -1,4 +1,5 @@
-"""Scaling with `--workers N`: baseline, place and (full run) flow against N server processes."""
+"""Scaling with `--workers N`: baseline, place and (full run) flow against N server processes, each N
+followed by the bare stack with N processes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from bench import operations
 from bench.load import OpFactory
 from bench.plan import SKUS
 from bench.runner import Runner
+from bench.scenarios import bare_stack
 from bench.server import postgres_server
 
 
@@ -32,5 +34,6 @@ def run_workers(runner: Runner, workdir: Path, args: list[str], plan: dict[str, 
                 row[name] = runner.scenario(label, server.address, factory, op_params, channels=threads)
             row["server_log_errors"] = server.log_errors()
             row["server_exit"] = server.stop()
+        row["bare_stack"] = bare_stack.run_processes(runner, workdir, count)
         out[str(count)] = row
     return out
