@@ -310,7 +310,10 @@ class StockRepository:
         if status == ACTIVE:
             return Reserved(fresh=False)
         if status == RELEASED:
-            return Rejected("reservation was already released")
+            closed = self._c.execute(
+                select(reservation_fences.c.closed_reason).where(reservation_fences.c.order_id == order_id)
+            ).scalar()
+            return Rejected(closed or "reservation was already released")
         return None
 
     def _why_not(self, item: OrderItem) -> Rejected:
@@ -320,11 +323,17 @@ class StockRepository:
         return insufficient_stock(item.sku, item.quantity, level.available)
 
     def release(
-        self, order_id: str, now: datetime, items: Sequence[OrderItem] = (), fence: Fence | None = None
+        self,
+        order_id: str,
+        now: datetime,
+        items: Sequence[OrderItem] = (),
+        fence: Fence | None = None,
+        reason: str = "",
     ) -> list[OrderItem] | Superseded:
         """Release the order's active reservations (none left is fine: release is idempotent) and
         close the order to later reservations; the items released. With a `fence`, Superseded
-        (nothing written) if a newer step of the order wrote before.
+        (nothing written) if a newer step of the order wrote before; with a `reason` too, why the
+        saga closed it, which a later `reserve` of the order answers with.
 
         Each of `items` without a reservation row gets a RELEASED one first: a saga step that lost
         its lease and still runs elsewhere then finds the order released instead of reserving for
@@ -333,6 +342,12 @@ class StockRepository:
         """
         if fence is not None and not self.fence(order_id, fence, now):
             return Superseded()
+        if fence is not None and reason:  # why it is closed, for a later step that finds it so
+            self._c.execute(
+                update(reservation_fences)
+                .where(reservation_fences.c.order_id == order_id)
+                .values(closed_reason=reason)
+            )
         if items:
             self._c.execute(
                 backend_of(self._c).upsert(stock_reservations).on_conflict_do_nothing(),

@@ -155,5 +155,8 @@ reservation_fences = Table(
     Column("order_id", String(36), primary_key=True),
     Column("event_id", BigInteger, nullable=False),
     Column("claim", Integer, nullable=False),
+    # Why the saga closed the order in the inventory (a refusal, giving up): a later step that finds
+    # the order closed fails it for that reason, not for "already released".
+    Column("closed_reason", Text, nullable=True),
     Column("update_time", UTCDateTime, nullable=False),
 )

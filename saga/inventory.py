@@ -110,7 +110,7 @@ class Participant(Protocol):
     ) -> ReservationOutcome: ...
 
     def release(
-        self, order_id: str, items: tuple[OrderItem, ...] = (), fence: Fence | None = None
+        self, order_id: str, items: tuple[OrderItem, ...] = (), fence: Fence | None = None, reason: str = ""
     ) -> list[OrderItem] | Superseded: ...
 
 
@@ -148,14 +148,14 @@ class InventoryParticipant:
         return self._with_conflict_retries(attempt)
 
     def release(
-        self, order_id: str, items: tuple[OrderItem, ...] = (), fence: Fence | None = None
+        self, order_id: str, items: tuple[OrderItem, ...] = (), fence: Fence | None = None, reason: str = ""
     ) -> list[OrderItem] | Superseded:
-        """Release what the order holds and close it to later reservations (see StockRepository);
-        with a `fence`, Superseded if a newer step of the order wrote."""
+        """Release what the order holds and close it to later reservations, for `reason` (see
+        StockRepository); with a `fence`, Superseded if a newer step of the order wrote."""
 
         def attempt() -> list[OrderItem] | Superseded:
             with self._uow() as uow:
-                released = uow.stock.release(order_id, self._clock(), items, fence)
+                released = uow.stock.release(order_id, self._clock(), items, fence, reason)
                 if not isinstance(released, Superseded):
                     uow.commit()
             return released
@@ -221,7 +221,7 @@ class InventorySaga:
         log.info("order %s cannot be reserved: %s", order_id, outcome.reason)
         # Close the order in the inventory before failing it, so that no step of this saga still
         # running elsewhere (a lost lease) can reserve for an order that is already FAILED.
-        closed = self._release(order_id, items, event)
+        closed = self._release(order_id, items, event, reason=outcome.reason)
         if not isinstance(closed, Done):
             return closed
         return self._settle(order_id, items, event, Settlement.failed(outcome.reason))
@@ -285,7 +285,7 @@ class InventorySaga:
         deferral, not an attempt) rather than failing an order whose stock may be held."""
         log.warning("giving up on order %s after %d attempts: %s", order_id, event.attempts, why)
         try:
-            closed = self._participant.release(order_id, items, event.fence)
+            closed = self._participant.release(order_id, items, event.fence, INVENTORY_UNAVAILABLE)
         except Exception as error:
             return self._defer(error)
         if isinstance(closed, Superseded):
@@ -303,8 +303,10 @@ class InventorySaga:
         except Exception as error:
             return self._defer(error) if self._breaker_open() else error
 
-    def _release(self, order_id: str, items: tuple[OrderItem, ...], event: ClaimedEvent) -> Verdict:
-        released = self._guarded(self._participant.release, order_id, items, event.fence)
+    def _release(
+        self, order_id: str, items: tuple[OrderItem, ...], event: ClaimedEvent, reason: str = ""
+    ) -> Verdict:
+        released = self._guarded(self._participant.release, order_id, items, event.fence, reason)
         if isinstance(released, Defer):
             return released
         if isinstance(released, Exception):

@@ -140,11 +140,11 @@ class FaultyParticipant:
         return outcome
 
     def release(
-        self, order_id: str, items: tuple[OrderItem, ...] = (), fence: Fence | None = None
+        self, order_id: str, items: tuple[OrderItem, ...] = (), fence: Fence | None = None, reason: str = ""
     ) -> list[OrderItem] | Superseded:
         self._faults.maybe_stall("before_release")
         self._inventory()
-        released = self._inner.release(order_id, items, fence)
+        released = self._inner.release(order_id, items, fence, reason)
         self._faults.maybe_stall("after_release")
         return released
 

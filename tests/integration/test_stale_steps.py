@@ -390,3 +390,24 @@ def test_events_whose_last_attempt_did_not_finish_run_one_at_a_time_and_alone(
         assert rows(migrated_url, order_id)[0].status == "VALIDATED"
     assert {rows(migrated_url, order_id)[1].attempts for order_id in orders} == {2}
     assert rows(migrated_url, fresh)[1].attempts == 1
+
+
+def test_a_step_that_finds_the_order_closed_by_a_stale_step_fails_it_for_that_steps_reason(
+    migrated_url: str, instances: Callable[..., Instance]
+) -> None:
+    set_stock(migrated_url, 0)
+    # A is refused the stock, closes the order in the inventory, and pauses before failing it: B
+    # takes over, finds the order closed, and fails it; the reason is A's, not "already released".
+    stale = Hooks(pause_at="after_release")
+
+    order_id, a, b = run_stale_step_against_a_live_one(migrated_url, instances, stale, None)
+
+    assert a.outcomes[0][0] == "fenced" and b.outcomes[0][0] == "done"
+    order, event, held, level = rows(migrated_url, order_id)
+    assert (order.status, order.failure_reason) == (
+        "FAILED",
+        f"insufficient stock for SKU {SKU!r}: requested 3, available 0",
+    )
+    assert event.status == "DONE" and level == (0, 0)
+    assert [status for _sku, _quantity, status in held] == ["RELEASED"]
+    check_invariants(migrated_url, migrated_url, {SKU: 0})

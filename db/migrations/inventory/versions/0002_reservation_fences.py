@@ -22,6 +22,7 @@ def upgrade() -> None:
         sa.Column("order_id", sa.String(36), nullable=False),
         sa.Column("event_id", sa.BigInteger(), nullable=False),
         sa.Column("claim", sa.Integer(), nullable=False),
+        sa.Column("closed_reason", sa.Text(), nullable=True),
         sa.Column("update_time", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("order_id", name="pk_reservation_fences"),
     )
