@@ -38,6 +38,7 @@ from typing import Any, ParamSpec, TypeVar
 import grpc
 from prometheus_client import Counter
 
+from server.interceptors import KeptHandlers
 from server.metrics import Metrics
 
 log = logging.getLogger("orders.admission")
@@ -203,8 +204,8 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         }
         # Refusals run here, not behind the calls on the handler threads they are refused to protect.
         self._refusal_threads = ThreadPoolExecutor(2, thread_name_prefix="grpc-refuse")
-        self._streams: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-        self._refusing: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._streams = KeptHandlers()
+        self._refusing = KeptHandlers()
         for kind in self._kinds.values():
             metrics.open_streams.labels(kind=kind.name).set_function(
                 functools.partial(self.open_streams, kind.name)
@@ -238,26 +239,11 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         method = handler_call_details.method
         if method in self._kinds:
             if self._stream_starts.in_flight >= self._stream_start_limit:
-                return self._kept(self._refusing, method, handler, self._refusing_handler)
-            return self._kept(self._streams, method, handler, self._stream_handler)
+                return self._refusing.get(method, handler, self._refusing_handler)
+            return self._streams.get(method, handler, self._stream_handler)
         if self._threads.in_flight >= self._limit:
-            return self._kept(self._refusing, method, handler, self._refusing_handler)
+            return self._refusing.get(method, handler, self._refusing_handler)
         return handler
-
-    @staticmethod
-    def _kept(
-        table: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]],
-        method: str,
-        handler: grpc.RpcMethodHandler,
-        make: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler],
-    ) -> grpc.RpcMethodHandler:
-        kept = table.get(method)
-        if kept is not None and kept[0] is handler:
-            return kept[1]
-        made = make(method, handler)
-        if len(table) < 1024:  # registered methods only reach here (unknown ones have no handler)
-            table[method] = (handler, made)
-        return made
 
     def _refusing_handler(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method in self._kinds:

@@ -72,6 +72,28 @@ def _metadata_value(context: grpc.ServicerContext, key: str) -> str | None:
     return None
 
 
+class KeptHandlers:
+    """Handlers made from grpcio's, kept per method and made again only when the inner handler is
+    not the one they were made from (an interceptor runs for every call: making them once matters)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(
+        self,
+        method: str,
+        handler: grpc.RpcMethodHandler,
+        make: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler],
+    ) -> grpc.RpcMethodHandler:
+        kept = self._kept.get(method)
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        made = make(method, handler)
+        if len(self._kept) < 1024:  # methods are few; unknown names never get here (handler None)
+            self._kept[method] = (handler, made)
+        return made
+
+
 class WrappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Base of this server's interceptors: the behaviour of every handler whose method starts with
     one of `prefixes` runs inside the context manager `around`, entered in the handler's thread
@@ -81,7 +103,7 @@ class WrappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     prefixes: tuple[str, ...] = ("/",)
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped = KeptHandlers()
 
     def around(self, method: str, context: grpc.ServicerContext) -> AbstractContextManager[None]:
         raise NotImplementedError
@@ -95,13 +117,10 @@ class WrappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         method = handler_call_details.method
         if handler is None or not method.startswith(self.prefixes):
             return handler
-        kept = self._wrapped.get(method)
-        if kept is not None and kept[0] is handler:
-            return kept[1]
-        wrapped = wrap_handler(handler, method, self.around)
-        if len(self._wrapped) < 1024:  # methods are few; unknown names never get here (handler None)
-            self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.get(method, handler, self._wrap)
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return wrap_handler(handler, method, self.around)
 
 
 class CorrelationInterceptor(WrappingInterceptor):
