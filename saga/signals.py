@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -29,57 +26,23 @@ class WakeUp:
         return woken
 
 
-@dataclass
-class _Watched:
-    generation: int  # changes published since the first watcher came
-    watchers: int
-    condition: threading.Condition
-    listeners: list[Callable[[], None]] = field(default_factory=list)
-
-
 class OrderChanges:
-    """Per-order change counters that watcher threads wait on, or listeners it calls (`subscribe`);
-    publishers never block on them.
-
-    A counter exists only while the order is watched (`watching`): a change of an order nobody
-    watches leaves nothing behind. Keeping a counter for every order ever changed (up to 100,000
-    of them) grew a busy server by megabytes for orders no one would watch.
-
-    Each watched order has its own condition (all on one lock), so a change wakes only the watchers
-    of that order: with one condition for all, every change woke every watcher of the process,
-    and a busy server spent its time in wake-ups that found nothing new."""
+    """Who wants to hear of which order's changes: `subscribe` a listener for an order, `publish`
+    calls the listeners of the orders that changed, `close` calls them all for good. Publishers
+    never block on listeners, and an order nobody listens to leaves nothing behind: keeping state
+    for every order ever changed (up to 100,000 of them) grew a busy server by megabytes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._watched: dict[str, _Watched] = {}
+        self._listeners: dict[str, list[Callable[[], None]]] = {}
         self._closed = False
-
-    @contextmanager
-    def watching(self, order_id: str) -> Iterator[None]:
-        """Count the order's changes from now until the block ends (for `generation` and `wait`)."""
-        with self._lock:
-            entry = self._watched.get(order_id)
-            if entry is None:
-                entry = self._watched[order_id] = _Watched(0, 0, threading.Condition(self._lock))
-            entry.watchers += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                entry.watchers -= 1
-                if entry.watchers == 0:
-                    del self._watched[order_id]
 
     def subscribe(self, order_id: str, listener: Callable[[], None]) -> Callable[[], None]:
         """Call `listener` after each change of the order and at close, until the function returned
         is called. Listeners run in the publisher's thread after the lock is let go: they must
         return at once (hand the work to a thread of their own), as publishers never wait."""
         with self._lock:
-            entry = self._watched.get(order_id)
-            if entry is None:
-                entry = self._watched[order_id] = _Watched(0, 0, threading.Condition(self._lock))
-            entry.watchers += 1
-            entry.listeners.append(listener)
+            self._listeners.setdefault(order_id, []).append(listener)
             closed = self._closed
         subscribed = [True]
 
@@ -88,10 +51,10 @@ class OrderChanges:
                 if not subscribed:
                     return
                 subscribed.clear()
-                entry.listeners.remove(listener)
-                entry.watchers -= 1
-                if entry.watchers == 0:
-                    del self._watched[order_id]
+                listeners = self._listeners[order_id]
+                listeners.remove(listener)
+                if not listeners:
+                    del self._listeners[order_id]
 
         if closed:
             listener()
@@ -99,54 +62,25 @@ class OrderChanges:
 
     @property
     def watched(self) -> int:
-        """How many orders are watched now."""
+        """How many orders someone listens to now."""
         with self._lock:
-            return len(self._watched)
-
-    def generation(self, order_id: str) -> int:
-        with self._lock:
-            entry = self._watched.get(order_id)
-            return entry.generation if entry is not None else 0
+            return len(self._listeners)
 
     def publish(self, order_ids: Iterable[str]) -> None:
-        listeners: list[Callable[[], None]] = []
         with self._lock:
-            for order_id in order_ids:
-                entry = self._watched.get(order_id)
-                if entry is not None:
-                    entry.generation += 1
-                    entry.condition.notify_all()
-                    listeners.extend(entry.listeners)
+            listeners = [listener for order_id in order_ids for listener in self._listeners.get(order_id, ())]
         for listener in listeners:
             listener()
-
-    def wait(self, order_id: str, since: int, timeout: float) -> int:
-        """Inside `watching(order_id)`: block until the order's counter moves past `since`, the hub
-        closes, or timeout."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            entry = self._watched.get(order_id)
-            if entry is None:
-                raise RuntimeError(f"order {order_id} is not being watched")
-            while not self._closed and entry.generation == since:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                entry.condition.wait(left)
-            return entry.generation
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     def close(self) -> None:
-        """Wake every waiter and listener for good (server shutdown)."""
-        listeners: list[Callable[[], None]] = []
+        """Call every listener for good (server shutdown); later subscribers are called at once."""
         with self._lock:
             self._closed = True
-            for entry in self._watched.values():
-                entry.condition.notify_all()
-                listeners.extend(entry.listeners)
+            listeners = [listener for subscribed in self._listeners.values() for listener in subscribed]
         for listener in listeners:
             listener()
 
