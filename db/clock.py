@@ -10,7 +10,8 @@ SQLite is embedded: the database has no clock but that of the process that opene
 process, see DESIGN.md), so there the same statements take the process's time as parameters.
 
 A statement built with `now(dialect)` and `later(dialect, name)` takes the parameters that
-`parameters(dialect, now, name=seconds, ...)` makes: on PostgreSQL the seconds, on SQLite the times.
+`parameters(at, name=seconds, ...)` makes, which serve both: PostgreSQL reads the seconds, SQLite
+the times.
 """
 
 from __future__ import annotations

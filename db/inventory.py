@@ -81,6 +81,7 @@ def _guarded_decrement() -> Update:
     )
 
 
+@lru_cache(maxsize=2)
 def _fence_statement(dialect: str) -> Any:
     """Record a step's fence as the order's newest, unless a newer one is there: RETURNING a row
     only when the step may write. On conflict the row is locked, so a concurrent step of the same
@@ -98,11 +99,6 @@ def _fence_statement(dialect: str) -> Any:
         where=tuple_(reservation_fences.c.event_id, reservation_fences.c.claim)
         <= tuple_(newer.event_id, newer.claim),
     ).returning(reservation_fences.c.order_id)
-
-
-@lru_cache(maxsize=2)
-def _fence(dialect: str) -> Any:
-    return _fence_statement(dialect)
 
 
 def _fence_parameters(order_id: str, fence: Fence, now: datetime) -> dict[str, Any]:
@@ -219,7 +215,7 @@ class StockRepository:
     def fence(self, order_id: str, fence: Fence, now: datetime) -> bool:
         """Record `fence` as the order's newest writer; False (and nothing written) if a newer step
         of the order wrote before. Fenced writes call it first, in their own transaction."""
-        statement = _fence(self._c.dialect.name)
+        statement = _fence_statement(self._c.dialect.name)
         return self._c.execute(statement, _fence_parameters(order_id, fence, now)).first() is not None
 
     def reserve(
