@@ -38,7 +38,7 @@ from typing import Any, ParamSpec, TypeVar
 import grpc
 from prometheus_client import Counter
 
-from server.interceptors import KeptHandlers
+from server.interceptors import Continuation, KeptHandlers
 from server.metrics import Metrics
 
 log = logging.getLogger("orders.admission")
@@ -229,9 +229,7 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         self.refusals.close()
 
     def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         if handler is None:

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from domain.deadline import deadline_bound
+from server.nonblocking import non_blocking
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,11 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
+    @non_blocking
     def Watch(
-        self,
-        request: health_pb2.HealthCheckRequest,
-        context: grpc.ServicerContext,
-        send_response_callback: ResponseCallback | None = None,
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext, send: ResponseCallback
     ) -> None:
-        if send_response_callback is None:
-            raise RuntimeError("Watch needs grpcio's non-blocking streaming support")
         service = request.service
-        send = send_response_callback
 
         def forget() -> None:
             # Called by grpcio once the call has ended (it has its status or was cancelled): there
@@ -88,10 +84,6 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         """Watch streams registered now."""
         with self._lock:
             return sum(len(sends) for sends in self._watchers.values())
-
-    # grpcio calls Watch with a send_response_callback instead of running it on a worker thread.
-    Watch.experimental_non_blocking = True  # type: ignore[attr-defined]
-    Watch.experimental_thread_pool = None  # type: ignore[attr-defined]
 
     def set(self, service: str, status: int) -> None:
         with self._send_lock:

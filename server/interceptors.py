@@ -72,6 +72,10 @@ def _metadata_value(context: grpc.ServicerContext, key: str) -> str | None:
     return None
 
 
+# What grpcio passes an interceptor: the next interceptor's (or the server's) handler lookup.
+Continuation = Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None]
+
+
 class KeptHandlers:
     """Handlers made from grpcio's, kept per method and made again only when the inner handler is
     not the one they were made from (an interceptor runs for every call: making them once matters)."""
@@ -109,9 +113,7 @@ class WrappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         raise NotImplementedError
 
     def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         method = handler_call_details.method

@@ -14,6 +14,7 @@ from generated.orders.v1 import orders_pb2 as pb
 from generated.orders.v1 import orders_pb2_grpc as pb_grpc
 from server import mapping
 from server.errors import to_status
+from server.nonblocking import non_blocking
 
 SendResponse = Callable[[pb.WatchOrderResponse | None], None]
 
@@ -54,21 +55,13 @@ class OrderServicer(pb_grpc.OrderServiceServicer):  # type: ignore[misc]
         )
         return pb.CancelOrderResponse(order=mapping.order_to_pb(order))
 
+    # application.watching sends from its own few threads, not from a handler thread per stream.
+    @non_blocking
     def WatchOrder(
-        self,
-        request: pb.WatchOrderRequest,
-        context: grpc.ServicerContext,
-        send_response_callback: SendResponse | None = None,
+        self, request: pb.WatchOrderRequest, context: grpc.ServicerContext, send: SendResponse
     ) -> None:
-        if send_response_callback is None:
-            raise RuntimeError("WatchOrder needs grpcio's non-blocking streaming support")
         order_id = validation.order_id(request.order_id)
-        self._watcher.open(order_id, _WatchCall(context, send_response_callback))
-
-    # grpcio hands WatchOrder a send callback instead of keeping a handler thread for the stream's
-    # whole life; application.watching sends from its own few threads.
-    WatchOrder.experimental_non_blocking = True  # type: ignore[attr-defined]
-    WatchOrder.experimental_thread_pool = None  # type: ignore[attr-defined]
+        self._watcher.open(order_id, _WatchCall(context, send))
 
 
 class _WatchCall:
