@@ -178,9 +178,7 @@ class BearerTokenInterceptor(WrappingInterceptor):
         self._method_scopes = dict(method_scopes)
 
     def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         if handler_call_details.method.startswith(self.open_prefix):
             return continuation(handler_call_details)
