@@ -33,14 +33,16 @@ GRPCURL_BIN := $(VENV)/bin/grpcurl
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
-venv: $(VENV_STAMP) ## create .venv and install the project with its dev extras, pinned by constraints.txt
+venv: $(VENV_STAMP) ## create .venv and install the project (the server with its dev extras and the client package generated/), pinned by constraints.txt
 
-$(VENV_STAMP): pyproject.toml constraints.txt
+# Two distributions, both editable: the client package orders-service-api (generated/) and the server,
+# which depends on it. In one pip call, so that the server's dependency is met by the local one.
+$(VENV_STAMP): pyproject.toml generated/pyproject.toml constraints.txt
 	@test -x $(PY) || { echo "creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --disable-pip-version-check -c constraints.txt -e ./generated -e '.[dev]'
 	@touch $@
 
-gen: $(VENV_STAMP) ## regenerate generated/ from protos/
+gen: $(VENV_STAMP) ## regenerate the client package generated/orders_service_api/ from protos/
 	$(PY) scripts/gen_protos.py
 
 gen-check: $(VENV_STAMP) ## fail if generated/ is stale
@@ -92,10 +94,10 @@ ci: gen-check buf-lint lint test ## everything CI checks
 lock: ## rebuild constraints.txt from a fresh venv install of .[dev,bench]
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
-	"$$tmp/venv/bin/pip" install --disable-pip-version-check -e '.[dev,bench]'; \
+	"$$tmp/venv/bin/pip" install --disable-pip-version-check -e ./generated -e '.[dev,bench]'; \
 	{ echo "# Exact pins of every runtime, dev and bench dependency (a lock): \`make lock\` rebuilds this file."; \
-	  echo "# Installed with: pip install -c constraints.txt -e '.[dev]'"; \
-	  "$$tmp/venv/bin/pip" freeze --all --exclude-editable | grep -v -i -E '^(pip|orders[-_]service)=='; } \
+	  echo "# Installed with: pip install -c constraints.txt -e ./generated -e '.[dev]'"; \
+	  "$$tmp/venv/bin/pip" freeze --all --exclude-editable | grep -v -i -E '^(pip|orders[-_]service([-_]api)?)=='; } \
 	  > constraints.txt.new; \
 	mv constraints.txt.new constraints.txt; \
 	echo "constraints.txt rewritten: review the diff, then run make venv"
@@ -120,7 +122,7 @@ bench-quick: $(BENCH_STAMP) ## the quick benchmark (under 2 minutes; rewrites do
 	$(PY) -m bench.run --quick
 
 $(BENCH_STAMP): $(VENV_STAMP) pyproject.toml constraints.txt
-	$(PY) -m pip install --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
+	$(PY) -m pip install --disable-pip-version-check -c constraints.txt -e ./generated -e '.[dev,bench]'
 	@touch $@
 
 clean: ## remove .venv, node_modules and caches (keeps generated/ and var/)

@@ -21,9 +21,9 @@ from contextlib import closing
 from typing import Any
 
 import grpc
+from orders_service_api.v1 import orders_pb2 as pb
+from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 
-from generated.orders.v1 import orders_pb2 as pb
-from generated.orders.v1 import orders_pb2_grpc as pb_grpc
 from server.config import Settings
 from server.connections import connection_options
 from tests.local_services import pg_connect
@@ -39,7 +39,7 @@ _CREATE = f"""CREATE TABLE IF NOT EXISTS {TABLE} (
 _INSERT = f"INSERT INTO {TABLE} (customer_id, request_id) VALUES (%s, %s) RETURNING id"  # noqa: S608
 
 
-class BareOrders(pb_grpc.OrderServiceServicer):  # type: ignore[misc]
+class BareOrders(pb_grpc.OrderServiceServicer):
     """PlaceOrder as one INSERT and COMMIT; every other method is grpcio's UNIMPLEMENTED."""
 
     def __init__(self, database_url: str) -> None:

@@ -10,9 +10,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from generated.orders.v1 import orders_pb2 as pb
-from generated.orders.v1 import orders_pb2_grpc as pb_grpc
+from orders_service_api.v1 import orders_pb2 as pb
+from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 
 TIMEOUT_S = 30.0
 TERMINAL = {pb.ORDER_STATUS_VALIDATED, pb.ORDER_STATUS_FAILED, pb.ORDER_STATUS_CANCELLED}

@@ -20,12 +20,12 @@ from multiprocessing import get_context
 from typing import Any, TypedDict
 
 import grpc
+from orders_service_api.v1 import orders_pb2 as pb
+from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 from sqlalchemy.engine import make_url
 
 from bench import operations
 from bench.plan import PG_ADMIN_URL
-from generated.orders.v1 import orders_pb2 as pb
-from generated.orders.v1 import orders_pb2_grpc as pb_grpc
 from tests.local_services import pg_connect
 
 ENTRYPOINT = "relay"

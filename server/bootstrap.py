@@ -22,6 +22,7 @@ import pybreaker
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from orders_service_api.v1 import orders_pb2, orders_pb2_grpc
 from sqlalchemy import Engine
 
 from application.orders import OrderApplication
@@ -33,7 +34,6 @@ from db.engine import EngineSettings, make_engine, normalise_url
 from db.inventory import InventoryUnitOfWork, InventoryUowFactory
 from db.notifications import Listener, Notifier, listener_name
 from db.unit_of_work import OrdersUnitOfWork, OrdersUowFactory
-from generated.orders.v1 import orders_pb2, orders_pb2_grpc
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.housekeeping import Housekeeper
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings

@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from orders_service_api.v1 import orders_pb2 as pb
 
 from domain import validation
 from domain.errors import FieldViolation, ValidationError
 from domain.inventory import StockLevel
 from domain.model import Order, OrderStatus
-from generated.orders.v1 import orders_pb2 as pb
 
 STATUS_TO_PB = {
     OrderStatus.PENDING: pb.ORDER_STATUS_PENDING,

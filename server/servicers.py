@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import grpc
+from orders_service_api.v1 import orders_pb2 as pb
+from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 
 from application.orders import OrderApplication
 from application.watching import OrderWatcher
 from domain import validation
 from domain.model import Order
-from generated.orders.v1 import orders_pb2 as pb
-from generated.orders.v1 import orders_pb2_grpc as pb_grpc
 from server import mapping
 from server.errors import to_status
 from server.nonblocking import non_blocking
@@ -19,7 +19,7 @@ from server.nonblocking import non_blocking
 SendResponse = Callable[[pb.WatchOrderResponse | None], None]
 
 
-class OrderServicer(pb_grpc.OrderServiceServicer):  # type: ignore[misc]
+class OrderServicer(pb_grpc.OrderServiceServicer):
     def __init__(self, app: OrderApplication, watcher: OrderWatcher) -> None:
         self._app = app
         self._watcher = watcher
@@ -55,9 +55,10 @@ class OrderServicer(pb_grpc.OrderServiceServicer):  # type: ignore[misc]
         )
         return pb.CancelOrderResponse(order=mapping.order_to_pb(order))
 
-    # application.watching sends from its own few threads, not from a handler thread per stream.
+    # application.watching sends from its own few threads, not from a handler thread per stream. The
+    # base class has the blocking form (a generator of responses); grpcio calls this one with `send`.
     @non_blocking
-    def WatchOrder(
+    def WatchOrder(  # type: ignore[override]
         self, request: pb.WatchOrderRequest, context: grpc.ServicerContext, send: SendResponse
     ) -> None:
         order_id = validation.order_id(request.order_id)
@@ -88,7 +89,7 @@ class _WatchCall:
             callback()
 
 
-class InventoryServicer(pb_grpc.InventoryServiceServicer):  # type: ignore[misc]
+class InventoryServicer(pb_grpc.InventoryServiceServicer):
     def __init__(self, app: OrderApplication) -> None:
         self._app = app
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from orders_service_api.v1 import orders_pb2 as pb
+from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 
-from generated.orders.v1 import orders_pb2 as pb
-from generated.orders.v1 import orders_pb2_grpc as pb_grpc
 from server import bootstrap
 from server.config import Settings
 

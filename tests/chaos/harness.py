@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import Engine, select
 
 from db.engine import EngineSettings, make_engine
 from db.tables import orders
-from generated.orders.v1 import orders_pb2 as pb
 from tests.invariants import Summary, check_invariants, settled
 from tests.support import (
     ServerProcess,

@@ -29,11 +29,11 @@ from typing import IO
 
 import grpc
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import Engine, select
 
 from db.engine import EngineSettings, make_engine
 from db.tables import orders, outbox_events
-from generated.orders.v1 import orders_pb2 as pb
 from tests.chaos.harness import IN_TRANSIT, migrate, server_args
 from tests.invariants import check_invariants, settled
 from tests.support import READY, ServerProcess, Stubs, server_command, server_env, wait_until

@@ -35,12 +35,12 @@ from datetime import datetime
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from db.engine import EngineSettings, make_engine
 from db.tables import orders
-from generated.orders.v1 import orders_pb2 as pb
 from tests.invariants import check_invariants, settled
 from tests.support import ServerProcess, Stubs, apply_schema, wait_until
 from tests.tcp_proxy import TcpProxy

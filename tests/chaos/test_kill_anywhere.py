@@ -32,11 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import Engine, select
 
 from db.engine import EngineSettings, make_engine
 from db.tables import orders, outbox_events
-from generated.orders.v1 import orders_pb2 as pb
 from tests.chaos.harness import (
     LEASE_S,
     SKUS,

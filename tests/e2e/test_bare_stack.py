@@ -7,11 +7,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
+from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 
 from bench.bare_stack import TABLE
 from bench.server import BareStackServer
-from generated.orders.v1 import orders_pb2 as pb
-from generated.orders.v1 import orders_pb2_grpc as pb_grpc
 from tests.local_services import pg_connect
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]

@@ -29,10 +29,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import Engine, create_engine, func, select
 
 from db.tables import orders, outbox_events
-from generated.orders.v1 import orders_pb2 as pb
 from tests.invariants import check_invariants
 from tests.support import (
     ServerProcess,

@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 
-from generated.orders.v1 import orders_pb2 as pb
 from tests.support import (
     ServerProcess,
     Stubs,

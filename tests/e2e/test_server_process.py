@@ -19,9 +19,9 @@ from typing import TypedDict, Unpack
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import create_engine, inspect
 
-from generated.orders.v1 import orders_pb2 as pb
 from server.config import Settings
 from tests.support import (
     ServerProcess,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from generated.orders.v1 import orders_pb2 as pb
 from server import supervisor
 from tests.support import ServerProcess, Stubs, run_cli, wait_until
 

@@ -11,10 +11,10 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import Engine, Table, func, select
 
 from db.tables import order_items, orders, outbox_events
-from generated.orders.v1 import orders_pb2 as pb
 from tests.local_services import pg_connect as pg_connect  # shared with the benchmark
 
 if TYPE_CHECKING:

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from generated.orders.v1 import orders_pb2 as pb
+from orders_service_api.v1 import orders_pb2 as pb
+
 from tests.invariants import Summary, check_invariants, settled
 from tests.support import Stubs, wait_until
 

@@ -6,6 +6,7 @@ import json
 from functools import partial
 from typing import Any
 
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import select, update
 
 from db.engine import make_engine
@@ -14,7 +15,6 @@ from db.outbox import DEAD
 from db.tables import outbox_events
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import OrderItem
-from generated.orders.v1 import orders_pb2 as pb
 from saga.housekeeping import Housekeeper
 from saga.inventory import InventoryParticipant
 from tests.invariants import check_invariants, settled

@@ -1,4 +1,4 @@
-from generated.orders.v1 import orders_pb2 as pb
+from orders_service_api.v1 import orders_pb2 as pb
 
 
 def test_placed_order_can_be_read_back_while_no_dispatcher_runs(start_server, database_url):

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import update
 
 import db.outbox
@@ -20,7 +21,6 @@ from db.outbox import ClaimedEvent, Lease, OutboxStore
 from db.tables import outbox_events
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import Order, OrderItem, utcnow
-from generated.orders.v1 import orders_pb2 as pb
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.signals import WakeUp
 from saga.verdicts import Completed, Done, Handler

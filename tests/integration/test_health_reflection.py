@@ -8,8 +8,8 @@ import grpc
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from orders_service_api.v1 import orders_pb2 as pb
 
-from generated.orders.v1 import orders_pb2 as pb
 from tests.integration.helpers import health_status, rpc_error
 from tests.support import apply_schema, wait_until
 

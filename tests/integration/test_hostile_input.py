@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from orders_service_api.v1 import orders_pb2 as pb
 
-from generated.orders.v1 import orders_pb2 as pb
 from tests.integration.helpers import field_violations, rpc_error
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))

@@ -9,11 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 
 from application.paging import PageTokenCodec
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import Order, OrderItem
-from generated.orders.v1 import orders_pb2 as pb
 from server.config import Settings
 from tests.integration.helpers import field_violations, rpc_error
 

@@ -5,9 +5,9 @@ import urllib.request
 
 import grpc
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from generated.orders.v1 import orders_pb2 as pb
 from tests.support import wait_until
 
 

@@ -6,10 +6,10 @@ import json
 import uuid
 
 import grpc
+from orders_service_api.v1 import orders_pb2 as pb
 
 import db.outbox
 from db.tables import order_items, orders, outbox_events
-from generated.orders.v1 import orders_pb2 as pb
 from tests.integration.helpers import headers, place_request, rows_of, rpc_error
 
 

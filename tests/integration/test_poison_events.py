@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+from orders_service_api.v1 import orders_pb2 as pb
+
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import utcnow
-from generated.orders.v1 import orders_pb2 as pb
 from tests.integration.helpers import rows_of
 from tests.integration.saga_support import stock_of, wait_for_status, wait_settled_and_check
 from tests.support import wait_until

@@ -6,8 +6,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 
-from generated.orders.v1 import orders_pb2 as pb
 from tests.integration.saga_support import stock_of, wait_settled_and_check
 
 CLIENT_THREADS = 32

@@ -7,8 +7,8 @@ import logging
 
 import grpc
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 
-from generated.orders.v1 import orders_pb2 as pb
 from server.logs import CorrelationFilter
 from tests.integration.helpers import rpc_error
 from tests.integration.saga_support import (

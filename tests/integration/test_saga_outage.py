@@ -13,8 +13,8 @@ import threading
 
 import pybreaker
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 
-from generated.orders.v1 import orders_pb2 as pb
 from tests.integration.helpers import rows_of
 from tests.integration.saga_support import stock_of, wait_for_status, wait_settled_and_check, write_faults
 from tests.support import wait_until

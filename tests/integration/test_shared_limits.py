@@ -34,11 +34,11 @@ from urllib.parse import urlsplit
 import pybreaker
 import pytest
 import redis
+from orders_service_api.v1 import orders_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select
 
 from db.tables import orders, outbox_events
-from generated.orders.v1 import orders_pb2 as pb
 from server.bootstrap import build_guard
 from server.config import Settings
 from tests import support

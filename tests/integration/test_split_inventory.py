@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import func, inspect, select
 
 from db.engine import make_engine
 from db.tables import orders, stock, stock_reservations
-from generated.orders.v1 import orders_pb2 as pb
 from tests.integration.saga_support import stock_of, wait_for_status, write_faults
 from tests.invariants import check_invariants, settled
 from tests.support import wait_until

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 
 import grpc
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from db.orders import OrderRepository
-from generated.orders.v1 import orders_pb2 as pb
 from tests.conftest import PG_ADMIN_URL
 from tests.integration.helpers import (
     field_violations,

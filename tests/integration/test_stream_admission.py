@@ -15,9 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from orders_service_api.v1 import orders_pb2 as pb
+from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 
-from generated.orders.v1 import orders_pb2 as pb
-from generated.orders.v1 import orders_pb2_grpc as pb_grpc
 from server.admission import HEALTH_WATCH, REFLECTION, WATCH_ORDER
 from tests.integration.helpers import place_request, rpc_error
 from tests.support import wait_until

@@ -15,9 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from generated.orders.v1 import orders_pb2 as pb
-from generated.orders.v1 import orders_pb2_grpc as pb_grpc
+from orders_service_api.v1 import orders_pb2 as pb
+from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 
 NOW = dt.datetime.now(dt.UTC)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from orders_service_api.v1 import orders_pb2
 
-from generated.orders.v1 import orders_pb2
 from server.auth import METHOD_SCOPES, SCOPES, TokenFileError, parse_tokens
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from orders_service_api.v1 import orders_pb2 as pb
 
 from domain.errors import ValidationError
 from domain.inventory import StockLevel, insufficient_stock, unknown_sku
 from domain.model import Order, OrderItem, OrderStatus, Settlement
-from generated.orders.v1 import orders_pb2 as pb
 from server import mapping
 
 PLACED_AT = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
