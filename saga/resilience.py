@@ -347,29 +347,50 @@ class RateLimiter:
                     type(error).__name__,
                 )
 
+    @property
+    def rate(self) -> str:
+        return str(self._item)
+
     def acquire(self) -> None:
         """Take one slot now or raise RateLimitedError; never waits (the caller defers instead)."""
-        shared = self._shared
-        if shared is None:
-            admitted = self._local.hit(self._item, self._key)
-        else:
-            admitted = self._fallback.run(
-                lambda: shared.hit(self._item, self._key), lambda: self._local.hit(self._item, self._key)
-            )
-        if not admitted:
+        if not self._hit(1):
             raise RateLimitedError(f"over {self._item}")
 
+    def acquire_up_to(self, wanted: int) -> int:
+        """Take up to `wanted` slots now, as many as the window has left: the number taken (0:
+        none). A hit of several slots takes all or none, so when `wanted` do not fit, this asks
+        the window what is left and takes that (again, if another caller took it meanwhile)."""
+        if self._hit(wanted):
+            return wanted
+        for _ in range(2):
+            left = min(wanted, self._stats().remaining)
+            if left <= 0:
+                return 0
+            if self._hit(left):
+                return left
+        return 0
+
     def retry_after_s(self) -> float:
+        return max(self._stats().reset_time - time.time(), 0.01)
+
+    def _hit(self, cost: int) -> bool:
+        shared = self._shared
+        if shared is None:
+            return self._local.hit(self._item, self._key, cost=cost)
+        return self._fallback.run(
+            lambda: shared.hit(self._item, self._key, cost=cost),
+            lambda: self._local.hit(self._item, self._key, cost=cost),
+        )
+
+    def _stats(self) -> WindowStats:
         shared = self._shared
 
         def local() -> WindowStats:
             return self._local.get_window_stats(self._item, self._key)
 
         if shared is None:
-            stats = local()
-        else:
-            stats = self._fallback.run(lambda: shared.get_window_stats(self._item, self._key), local)
-        return max(stats.reset_time - time.time(), 0.01)
+            return local()
+        return self._fallback.run(lambda: shared.get_window_stats(self._item, self._key), local)
 
 
 class Guard:
@@ -387,11 +408,16 @@ class Guard:
         self.denials = 0
 
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self.call_for(1, lambda _granted: func(*args, **kwargs))
+
+    def call_for(self, wanted: int, func: Callable[[int], T]) -> T:
+        """`func(granted)` with up to `wanted` rate permits taken (one per order of a batch): the
+        breaker sees one call. RateLimitedError when not one permit is left; with fewer than
+        `wanted`, `func` does the part it got permits for and its caller defers the rest."""
         if self.breaker.refuses_now():  # don't spend a (possibly cluster-wide) rate slot on a refusal
             raise pybreaker.CircuitBreakerError("circuit breaker open")
-        try:
-            self.limiter.acquire()
-        except RateLimitedError:
-            self.denials += 1
-            raise
-        return self.breaker.call(func, *args, **kwargs)
+        granted = self.limiter.acquire_up_to(wanted)
+        self.denials += wanted - granted
+        if granted == 0:
+            raise RateLimitedError(f"over {self.limiter.rate}")
+        return self.breaker.call(func, granted)

@@ -235,13 +235,14 @@ def test_the_rate_limiter_spreads_inventory_calls_and_loses_no_order(database_ur
     server.stubs.set_stock(SKU, INITIAL_STOCK)
     limiter = service.guard.limiter
     admitted: list[float] = []
-    acquire = limiter.acquire
+    acquire_up_to = limiter.acquire_up_to
 
-    def recording_acquire() -> None:
-        acquire()  # raises when limited: only admitted calls are recorded
-        admitted.append(time.time())
+    def recording_acquire_up_to(wanted: int) -> int:
+        granted = acquire_up_to(wanted)  # a permit per order, of a batch or alone: each recorded
+        admitted.extend([time.time()] * granted)
+        return granted
 
-    limiter.acquire = recording_acquire
+    limiter.acquire_up_to = recording_acquire_up_to  # type: ignore[method-assign]
 
     order_ids = place_orders(server, n)
 
@@ -255,7 +256,7 @@ def test_the_rate_limiter_spreads_inventory_calls_and_loses_no_order(database_ur
     assert service.dispatcher.stats.deferred > 0
     assert service.dispatcher.stats.retried == service.dispatcher.stats.dead == 0
 
-    # Calls admitted: never more than the limit in any one-second window.
+    # Permits taken (one per order): never more than the limit in any one-second window.
     admitted.sort()
     assert len(admitted) == n
     busiest = max(sum(1 for t in admitted if start <= t < start + 1.0) for start in admitted)

@@ -374,6 +374,36 @@ def test_the_rate_limiter_admits_the_limit_then_refuses_without_waiting():
     assert 0 < limiter.retry_after_s() <= 1.0
 
 
+def test_the_rate_limiter_gives_a_batch_as_many_permits_as_the_window_has_left():
+    limiter = RateLimiter("5/minute")
+
+    assert limiter.acquire_up_to(3) == 3
+    assert limiter.acquire_up_to(3) == 2, "the two left, not none"
+    assert limiter.acquire_up_to(1) == 0
+    with pytest.raises(RateLimitedError):
+        limiter.acquire()
+
+
+def test_the_guard_runs_a_batch_as_one_breaker_call_with_the_permits_it_got():
+    guard = Guard(make_breaker(fail_max=1), RateLimiter("4/minute"))
+    calls: list[int] = []
+    transitions = Transitions()
+    guard.breaker.add_listener(transitions)
+
+    def reserve(granted: int) -> int:
+        calls.append(granted)
+        return granted
+
+    assert guard.call_for(3, reserve) == 3
+    assert guard.call_for(3, reserve) == 1
+    with pytest.raises(RateLimitedError):
+        guard.call_for(3, reserve)
+
+    assert calls == [3, 1], "the second batch got the one permit left and ran for it"
+    assert transitions.successes == 2, "the breaker saw one call per batch"
+    assert guard.denials == 2 + 3, "every order deferred counts as a denial"
+
+
 def test_limiters_with_their_own_memory_storage_count_separately():
     first, second = RateLimiter("2/second"), RateLimiter("2/second")
     for _ in range(2):
