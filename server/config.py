@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -169,6 +170,14 @@ class Settings:
         return self.max_workers + self.saga_workers + 4
 
 
+def version() -> str:
+    """The installed orders-service distribution's version (what `orders-server --version` prints)."""
+    try:
+        return importlib.metadata.version("orders-service")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (orders-service is not installed)"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -230,11 +239,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="serve",
-        choices=("serve", "migrate", "admin"),
+        choices=("serve", "migrate", "admin", "health"),
         help="serve (default); migrate: apply the schema to the configured database(s) and exit; "
-        "admin: operator commands (`orders-server admin` lists them)",
+        "admin: operator commands (`orders-server admin` lists them); health: ask a running server "
+        "whether it is SERVING, for container and Kubernetes probes (`orders-server health --help`)",
     )
     parser.add_argument("args", nargs="*", help="arguments of the admin command")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     hints = {f.name: f.type for f in dataclasses.fields(Settings)}
     for f in dataclasses.fields(Settings):
         kind = {"int": int, "float": float, "str": str}[str(hints[f.name])]

@@ -1,6 +1,12 @@
 """The `orders-server` process: `orders-server [serve]` runs the service (with `--workers N`, as the
 supervisor of N server processes: server/supervisor.py), `orders-server migrate` applies the schema
-and exits."""
+and exits, `orders-server admin` runs operator commands, `orders-server health` probes a running
+server (server/probe.py). `python -m server` is the same command.
+
+The service's modules (and SQLAlchemy, limits, ... with them) are imported only by the commands that
+use them: `orders-server health` runs as a container's HEALTHCHECK every few seconds and imports grpc
+and the health messages only.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +18,18 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from db.backend import backend_of
-from server import admin, bootstrap, supervisor
-from server.config import Settings, parse
-from server.logs import configure
+if TYPE_CHECKING:
+    from server import supervisor
+    from server.config import Settings
 
 log = logging.getLogger("orders.server")
 
 
 def migrate(settings: Settings) -> int:
+    from server import bootstrap
+
     engines = bootstrap.make_engines(settings)
     try:
         bootstrap.apply_migrations(engines)
@@ -33,6 +41,9 @@ def migrate(settings: Settings) -> int:
 
 def serve(settings: Settings, link: supervisor.WorkerLink | None = None) -> int:
     """One server process: alone, or worker `link.index` of a `--workers` supervisor."""
+    from db.backend import backend_of
+    from server import bootstrap
+
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -73,7 +84,20 @@ def serve(settings: Settings, link: supervisor.WorkerLink | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    command, args, settings = parse(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["health"]:
+        from server import probe
+
+        return probe.main(arguments[1:])
+    from server import admin, supervisor
+    from server.config import parse
+    from server.logs import configure
+
+    command, args, settings = parse(arguments)
+    if command == "health":
+        # Server flags came first (`orders-server --port 1 health`): the probe has options of its own.
+        print("orders-server: error: `health` comes first: orders-server health [options]", file=sys.stderr)
+        return 2
     configure(settings.log_level, settings.log_format)
     if command == "migrate":
         return migrate(settings)
