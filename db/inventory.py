@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     Integer,
     Select,
@@ -41,6 +42,7 @@ from db import precompiled
 from db.backend import backend_of
 from db.tables import reservation_fences, stock, stock_reservations
 from db.unit_of_work import UnitOfWork
+from domain.allocation import ReservationRequest, allocate
 from domain.fencing import Fence
 from domain.inventory import (
     Rejected,
@@ -92,6 +94,12 @@ def _fence_statement(dialect: str) -> Any:
         claim=bindparam("fence_claim", type_=Integer),
         update_time=bindparam("now", type_=reservation_fences.c.update_time.type),
     )
+    return _newest_fence_wins(statement)
+
+
+def _newest_fence_wins(statement: Any) -> Any:
+    """`statement` (an upsert of fences) keeping, per order, the newest fence; RETURNING the orders
+    whose fence it recorded (see `_fence_statement`)."""
     newer = statement.excluded
     return statement.on_conflict_do_update(
         index_elements=[reservation_fences.c.order_id],
@@ -180,6 +188,115 @@ def _reserve_all(fenced: bool = False) -> Select[Any]:
     accepted = select(func.count()).select_from(fence).scalar_subquery().label("fenced")
     one = select(literal(1).label("one")).subquery("one")
     return select(accepted, taken.c.sku).select_from(one.outerjoin(taken, true()))
+
+
+# The set-based reservation of a batch of orders (`StockRepository.reserve_many`), PostgreSQL only:
+# array parameters, and the writes as data-modifying CTEs of one statement.
+
+
+def _arrays(**columns: Any) -> Any:
+    """`unnest(:a, :b, ...) AS name(a, b, ...)`: rows from array parameters of the given types."""
+    arrays = [bindparam(name, type_=postgresql.ARRAY(kind)) for name, kind in columns.items()]
+    return func.unnest(*arrays).table_valued(*columns)
+
+
+@lru_cache(maxsize=1)
+def _fence_many() -> Any:
+    """`_fence_statement` for the orders of a batch, in order id order: two batches (a step that
+    outlived its lease and the one that took over) lock their orders' fence rows in one order."""
+    rows = _arrays(order_ids=String, fence_events=BigInteger, fence_claims=Integer).render_derived("f")
+    now = bindparam("now", type_=reservation_fences.c.update_time.type)
+    source = select(rows.c.order_ids, rows.c.fence_events, rows.c.fence_claims, now)
+    source = source.order_by(rows.c.order_ids)
+    upsert = postgresql.insert(reservation_fences).from_select(
+        ["order_id", "event_id", "claim", "update_time"], source
+    )
+    return _newest_fence_wins(upsert)
+
+
+@lru_cache(maxsize=1)
+def _earlier_reservations() -> Select[Any]:
+    """Per order of the batch that has reservation rows: whether one is ACTIVE, and why the saga
+    closed the order if it did (see `StockRepository.release`)."""
+    r, f = stock_reservations, reservation_fences
+    return (
+        select(r.c.order_id, func.bool_or(r.c.status == ACTIVE).label("active"), f.c.closed_reason)
+        .select_from(r.outerjoin(f, f.c.order_id == r.c.order_id))
+        .where(r.c.order_id == any_(bindparam("order_ids", type_=postgresql.ARRAY(String))))
+        .group_by(r.c.order_id, f.c.closed_reason)
+    )
+
+
+@lru_cache(maxsize=1)
+def _locked_levels() -> Select[Any]:
+    """The batch's stock rows, locked in SKU order (as every reservation locks them)."""
+    skus = bindparam("skus", type_=postgresql.ARRAY(String))
+    return (
+        select(stock.c.sku, stock.c.available)
+        .where(stock.c.sku == any_(skus))
+        .order_by(stock.c.sku.collate("C"))
+        .with_for_update()
+    )
+
+
+@lru_cache(maxsize=1)
+def _apply_allocation() -> Select[Any]:
+    """A batch's allocation in one statement, on stock rows `_locked_levels` locked:
+
+        WITH booked AS (INSERT INTO stock_reservations ... SELECT FROM unnest(...)),  -- ACTIVE, RELEASED
+             taken  AS (UPDATE stock ... FROM unnest(:skus, :totals) WHERE available >= total),
+             closed AS (UPDATE reservation_fences SET closed_reason ... FROM unnest(...))
+        SELECT count(taken)
+
+    The guard on `available` is a second check of what the allocation decided (and the CHECK
+    constraint a third): the caller compares the SKUs taken with those it asked for."""
+    now = bindparam("now", type_=stock.c.update_time.type)
+    rows = _arrays(
+        r_orders=String, r_skus=String, r_quantities=Integer, r_statuses=String
+    ).render_derived("booking")
+    booked = (
+        insert(stock_reservations)
+        .from_select(
+            ["order_id", "sku", "quantity", "status", "create_time", "update_time"],
+            select(rows.c.r_orders, rows.c.r_skus, rows.c.r_quantities, rows.c.r_statuses, now, now),
+        )
+        .returning(stock_reservations.c.sku)
+        .cte("booked")
+    )
+    totals = _arrays(t_skus=String, t_quantities=Integer).render_derived("totals")
+    taken = (
+        update(stock)
+        .where(stock.c.sku == totals.c.t_skus, stock.c.available >= totals.c.t_quantities)
+        .values(
+            available=stock.c.available - totals.c.t_quantities,
+            reserved=stock.c.reserved + totals.c.t_quantities,
+            version=stock.c.version + 1,
+            update_time=now,
+        )
+        .returning(stock.c.sku)
+        .cte("taken")
+    )
+    reasons = _arrays(c_orders=String, c_reasons=String).render_derived("reasons")
+    closed = (
+        update(reservation_fences)
+        .where(reservation_fences.c.order_id == reasons.c.c_orders)
+        .values(closed_reason=reasons.c.c_reasons)
+        .returning(reservation_fences.c.order_id)
+        .cte("closed")
+    )
+    return select(
+        select(func.count()).select_from(taken).scalar_subquery().label("taken"),
+        select(func.count()).select_from(booked).scalar_subquery().label("booked"),
+        select(func.count()).select_from(closed).scalar_subquery().label("closed"),
+    )
+
+
+def _earlier_outcome(active: bool, closed_reason: str | None) -> ReservationOutcome:
+    """The outcome for an order that reserved before: its reservation again (a redelivery), or,
+    closed by a release, the reason it was closed for."""
+    if active:
+        return Reserved(fresh=False)
+    return Rejected(closed_reason or "reservation was already released")
 
 
 class StockRepository:
@@ -300,17 +417,92 @@ class StockRepository:
                 return self._why_not(item)
         return Reserved()
 
+    def reserve_many(
+        self, requests: Sequence[ReservationRequest], now: datetime, check_first: bool = True
+    ) -> dict[str, ReservationOutcome]:
+        """Reserve for a batch of orders (each once in it), on PostgreSQL; an outcome per order, in
+        the batch's order. The caller commits whatever the outcomes (nothing is left to roll back).
+
+        Every order's fence goes in first (Superseded: nothing written for that order, the others
+        go on). An order that reserved before gets `reserve`'s answer for it (a redelivery reserves
+        nothing more). The others are allocated order by order in the batch's order, each all or
+        none (`domain.allocation`), on the stock rows locked in SKU order, and written in one
+        statement: ACTIVE reservations and the decrements of the reserved orders, and for each
+        refused one, RELEASED rows and the reason, which close it as `release` would (the one-order
+        saga closes a refused order in a transaction of its own).
+
+        `check_first=False` skips reading earlier reservations, as `reserve` does for a first
+        delivery: an order that has some makes the insert fail on its key (a ConflictError, and
+        the caller tries the batch again with the check)."""
+        if not backend_of(self._c).one_statement_writes:
+            raise ValueError("reserve_many needs PostgreSQL (array parameters); reserve one by one")
+        if len({request.order_id for request in requests}) != len(requests):
+            raise ValueError("an order appears twice in one batch")
+        by_order = sorted(requests, key=lambda r: r.order_id)
+        accepted = set(
+            precompiled.execute(
+                self._c,
+                _fence_many(),
+                {
+                    "order_ids": [r.order_id for r in by_order],
+                    "fence_events": [r.fence.event_id for r in by_order],
+                    "fence_claims": [r.fence.claim for r in by_order],
+                    "now": now,
+                },
+            ).scalars()
+        )
+        outcomes: dict[str, ReservationOutcome] = {
+            r.order_id: Superseded() for r in requests if r.order_id not in accepted
+        }
+        if check_first and accepted:
+            earlier = precompiled.execute(self._c, _earlier_reservations(), {"order_ids": sorted(accepted)})
+            for row in earlier:
+                outcomes[row.order_id] = _earlier_outcome(row.active, row.closed_reason)
+        to_allocate = [r for r in requests if r.order_id not in outcomes]
+        if to_allocate:
+            outcomes.update(self._allocate(to_allocate, now))
+        return {r.order_id: outcomes[r.order_id] for r in requests}
+
+    def _allocate(
+        self, requests: Sequence[ReservationRequest], now: datetime
+    ) -> dict[str, ReservationOutcome]:
+        """`reserve_many`'s allocation of orders with no reservation yet, and its writes."""
+        skus = sorted({item.sku for request in requests for item in request.items})
+        levels = precompiled.execute(self._c, _locked_levels(), {"skus": skus})
+        allocation = allocate(requests, {row.sku: row.available for row in levels})
+        booking: list[tuple[str, str, int, str]] = []
+        closing: list[tuple[str, str]] = []
+        for request in requests:
+            outcome = allocation.outcomes[request.order_id]
+            status = ACTIVE if isinstance(outcome, Reserved) else RELEASED
+            booking += [(request.order_id, i.sku, i.quantity, status) for i in request.items]
+            if isinstance(outcome, Rejected):
+                closing.append((request.order_id, outcome.reason))
+        totals = sorted(allocation.taken.items())
+        parameters: dict[str, Any] = {"now": now}
+        for names, rows in (
+            (("r_orders", "r_skus", "r_quantities", "r_statuses"), booking),
+            (("t_skus", "t_quantities"), totals),
+            (("c_orders", "c_reasons"), closing),
+        ):
+            columns = list(zip(*rows, strict=True)) or [()] * len(names)
+            parameters.update({name: list(column) for name, column in zip(names, columns, strict=True)})
+        written = precompiled.execute(self._c, _apply_allocation(), parameters).one()
+        if written.taken != len(totals):  # the rows were locked: only a bug gets here
+            raise RuntimeError(f"the allocation took {written.taken} of {len(totals)} SKUs: rolled back")
+        return dict(allocation.outcomes)
+
     def _settled_reservation(self, order_id: str) -> ReservationOutcome | None:
         """The outcome for an order that reserved before, or None if it never did."""
         status = self.reservation_status(order_id)
-        if status == ACTIVE:
-            return Reserved(fresh=False)
+        if status is None:
+            return None
+        closed = None
         if status == RELEASED:
             closed = self._c.execute(
                 select(reservation_fences.c.closed_reason).where(reservation_fences.c.order_id == order_id)
             ).scalar()
-            return Rejected(closed or "reservation was already released")
-        return None
+        return _earlier_outcome(status == ACTIVE, closed)
 
     def _why_not(self, item: OrderItem) -> Rejected:
         level = self.get(item.sku)

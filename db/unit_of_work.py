@@ -15,24 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from functools import lru_cache
 from types import TracebackType
 from typing import Any, Self
 
 import psycopg2
 from psycopg2.extensions import STATUS_READY, TRANSACTION_STATUS_IDLE, TRANSACTION_STATUS_INERROR
 from sqlalchemy import (
-    BigInteger,
     Connection,
     Engine,
     RootTransaction,
-    Select,
-    String,
-    bindparam,
-    exists,
-    func,
-    select,
-    update,
 )
 from sqlalchemy import exc as sa_exc
 
@@ -41,9 +32,10 @@ from db.backend import backend_of
 from db.chained import insert_together
 from db.engine import SQLITE_BEGIN_IMMEDIATE, WriterGate, is_sqlite, prefix_next_statement, writer_gate
 from db.errors import translate
-from db.orders import OrderRepository, settle_pending_statement
-from db.outbox import PENDING, ClaimedEvent, Lease, OutboxStore, done_values
-from db.tables import orders, outbox_events
+from db.orders import OrderRepository
+from db.outbox import ClaimedEvent, Lease, OutboxStore
+from db.settlement import settle_and_complete_many_statement, settle_and_complete_statement
+from db.tables import outbox_events
 from domain import deadline
 from domain.errors import DeadlineExceededError, UnavailableError
 from domain.events import DomainEvent
@@ -265,32 +257,39 @@ class OrdersUnitOfWork(UnitOfWork):
             return settled, settled and self.outbox.complete(event, now)
         parameters = OrderRepository.settle_parameters(order_id, settlement, now)
         parameters.update(event_id=event.id, token=event.lease_token)
-        row = precompiled.execute(self.connection, _settle_and_complete(), parameters).one()
+        row = precompiled.execute(self.connection, settle_and_complete_statement(), parameters).one()
         return bool(row.settled), bool(row.completed)
 
 
-@lru_cache(maxsize=1)
-def _settle_and_complete() -> Select[Any]:
-    """`settle_and_complete` on PostgreSQL: WITH settled AS (the settle, RETURNING id), completed
-    AS (the fenced completion of the event, only if the order settled, RETURNING id) SELECT both
-    counts. One statement, so one round trip and one execution of SQLAlchemy's per-call work."""
-    settled = settle_pending_statement().returning(orders.c.id).cte("settled")
-    completed = (
-        update(outbox_events)
-        .where(
-            outbox_events.c.id == bindparam("event_id", type_=BigInteger),
-            outbox_events.c.lease_token == bindparam("token", type_=String),
-            outbox_events.c.status == PENDING,
-            exists(select(settled.c.id)),
-        )
-        .values(done_values())
-        .returning(outbox_events.c.id)
-        .cte("completed")
-    )
-    return select(
-        select(func.count()).select_from(settled).scalar_subquery().label("settled"),
-        select(func.count()).select_from(completed).scalar_subquery().label("completed"),
-    )
+    def settle_and_complete_many(
+        self, settlements: Sequence[tuple[Settlement, ClaimedEvent]], now: datetime
+    ) -> dict[int, tuple[bool, bool]]:
+        """`settle_and_complete` for a batch of events, each settling its own order (the event's
+        aggregate), on PostgreSQL, in one statement (`db.settlement`): per event id,
+        (leased, settled). An event whose lease this process no longer holds settles nothing and
+        is not completed; one whose order was not PENDING is not completed either; every other
+        order is settled and its event completed, fenced on its own lease token. The caller
+        commits whatever the answers (nothing written is left to roll back)."""
+        if not backend_of(self.dialect).one_statement_writes:
+            raise ValueError("settle_and_complete_many needs PostgreSQL; settle one by one")
+        parameters: dict[str, Any] = {
+            "s_orders": [event.aggregate_id for _, event in settlements],
+            "s_targets": [settlement.status.value for settlement, _ in settlements],
+            "s_reasons": [settlement.reason for settlement, _ in settlements],
+            "s_events": [event.id for _, event in settlements],
+            "s_tokens": [event.lease_token for _, event in settlements],
+            "now": now,
+        }
+        row = precompiled.execute(self.connection, settle_and_complete_many_statement(), parameters).one()
+        leased, settled, completed = set(row.leased or ()), set(row.settled or ()), set(row.completed or ())
+        answers = {}
+        for _, event in settlements:
+            settles = event.aggregate_id in settled
+            if settles and event.id not in completed:  # the leases were locked: only a bug gets here
+                raise RuntimeError(f"event {event.id}: its order settled without its completion")
+            answers[event.id] = (event.id in leased, settles)
+        return answers
+
 
 
 OrdersUowFactory = Callable[..., OrdersUnitOfWork]

@@ -242,7 +242,7 @@ def test_the_rate_limiter_spreads_inventory_calls_and_loses_no_order(database_ur
         admitted.extend([time.time()] * granted)
         return granted
 
-    limiter.acquire_up_to = recording_acquire_up_to  # type: ignore[method-assign]
+    limiter.acquire_up_to = recording_acquire_up_to
 
     order_ids = place_orders(server, n)
 
