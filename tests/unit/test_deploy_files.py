@@ -277,6 +277,8 @@ def test_pods_run_as_the_images_user_and_know_every_variable_they_set(kind: str)
     pod = found[kind]["spec"]["template"]["spec"]
     users = [arguments for name, arguments in runtime_stage() if name == "USER"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # The Service `orders` would inject ORDERS_PORT=tcp://... into every pod of its namespace.
+    assert pod["enableServiceLinks"] is False
     assert str(pod["securityContext"]["runAsUser"]) == users[-1].split(":")[0]
     secret_keys = set(found["Secret"]["stringData"])
     for container in pod["containers"]:
