@@ -2,7 +2,7 @@
 with the server: a non-root image whose HEALTHCHECK is the probe command, a one-shot migrate that
 the three replicas wait for, probes on the server's port asking about services it publishes, and
 only settings the server knows. (They read files only: the image itself was built and run by hand,
-docs/deploy.md says how.)"""
+docs/operations.md says how.)"""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
+from db.engine import normalise_url
 from server import probe
+from server.auth import parse_tokens
 from server.bootstrap import INVENTORY_SERVICE, ORDER_SERVICE
 from server.config import Settings
 
@@ -289,3 +291,10 @@ def test_pods_run_as_the_images_user_and_know_every_variable_they_set(kind: str)
             if reference:
                 assert reference["name"] == found["Secret"]["metadata"]["name"]
                 assert reference["key"] in secret_keys
+
+
+def test_the_example_secret_holds_values_the_server_accepts() -> None:
+    values = manifests()["Secret"]["stringData"]
+    assert parse_tokens(values["auth-tokens"])
+    normalise_url(values["database-url"])
+    assert values["redis-url"].startswith("redis://")
