@@ -7,6 +7,10 @@ SKU order (Python's `sorted`, which is PostgreSQL's `COLLATE "C"`) so that two o
 on each other in a cycle. Reservations are keyed by (order_id, sku): a redelivered event finds
 them and reserves nothing.
 
+On PostgreSQL a batch of orders reserves in one transaction (`reserve_many`): the fences, then the
+batch's stock rows locked in SKU order and allocated in Python (`domain.allocation`), then every
+write in one statement.
+
 Why one module of this size: the reservation statements and the repository that runs them share
 the lock order (fence, reservations, stock rows by SKU) that keeps concurrent steps deadlock-free.
 """

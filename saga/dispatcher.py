@@ -9,8 +9,9 @@ written in batches, with the next round's claim. An event this process commits w
 idle is handed over without a claim (`take_slots`, `hand`). An event whose previous attempt
 never finished (`ClaimedEvent.suspect`: it may have killed its process) runs alone, once nothing
 else runs, with no claim or hand-off meanwhile: a crash loop then costs attempts of that event
-only, not of the events that happened to run beside it. docs/architecture.md, "The dispatcher",
-tells the whole design and why.
+only, not of the events that happened to run beside it. A handler may offer a batch entry point
+for its event type (`BatchHandler`): a round's events of that type then run together on one
+worker, suspects excepted. docs/architecture.md, "The dispatcher", tells the whole design and why.
 
 Why one module of this size: one class whose state (events in flight, promised workers, rounds,
 suspects) lives under one lock; the rules it applies are in the modules named above.
@@ -35,7 +36,17 @@ from domain.model import utcnow
 from saga import rounds
 from saga.leases import LeaseKeeper
 from saga.signals import WakeUp
-from saga.verdicts import Completed, Defer, Done, Handler, Retry, Verdict, backoff_s, describe
+from saga.verdicts import (
+    BatchHandler,
+    Completed,
+    Defer,
+    Done,
+    Handler,
+    Retry,
+    Verdict,
+    backoff_s,
+    describe,
+)
 from saga.worker_pool import WorkerPool
 
 log = logging.getLogger("orders.dispatcher")
@@ -65,6 +76,7 @@ class DispatcherStats:
     dead: int = 0
     fenced: int = 0  # completions refused because the lease had passed to another process
     expired: int = 0  # handed back unrun: the lease ran out before a worker took the event
+    batched: int = 0  # events a batch handler answered (saga.verdicts.BatchHandler)
 
 
 Listener = Callable[[str, ClaimedEvent, float], None]  # (outcome, event, handler seconds)
@@ -83,9 +95,13 @@ class OutboxDispatcher:
         listener: Listener | None = None,
         renewal_paused: Callable[[], bool] = lambda: False,
         on_claimed: Callable[[ClaimedEvent, float], None] | None = None,
+        batch_handlers: Mapping[str, BatchHandler] | None = None,
     ) -> None:
+        """`batch_handlers`: for the event types that have one, the events of a type claimed in
+        one round run together on one worker (suspects excepted: they run alone)."""
         self._uow = uow
         self._handlers = dict(handlers)
+        self._batch_handlers = dict(batch_handlers or {})
         self._settings = settings
         self._wake = wake or WakeUp()
         self._clock = clock
@@ -358,9 +374,23 @@ class OutboxDispatcher:
             self.stats.claimed += len(events)
             for event in events:
                 self._enter(event, sent)
-        for event in events:
-            self._submit(event, event.age_s)
+        self._submit_claimed(events)
         return len(events), len(kept)
+
+    def _submit_claimed(self, events: Sequence[ClaimedEvent]) -> None:
+        """Run a round's events: those of a type with a batch handler together, one batch per
+        type, the others (and every suspect) each on its own."""
+        batches: dict[str, list[ClaimedEvent]] = {}
+        for event in events:
+            if event.suspect or event.event_type not in self._batch_handlers:
+                self._submit(event, event.age_s)
+            else:
+                batches.setdefault(event.event_type, []).append(event)
+        for batch in batches.values():
+            if len(batch) == 1:
+                self._submit(batch[0], batch[0].age_s)
+            else:
+                self._run_on_pool(batch, [event.age_s for event in batch])
 
     def _submit(self, event: ClaimedEvent, lag_s: float) -> None:
         """Run a leased event, already counted in flight, on the executor (a suspect: alone)."""
@@ -376,7 +406,7 @@ class OutboxDispatcher:
             log.warning("event %d: attempt %d did not finish; this one runs alone", event.id, unfinished)
             self._start_solo()
             return
-        self._run_on_pool(event, lag_s)
+        self._run_on_pool([event], [lag_s])
 
     def _hand_back_suspect(self, event: ClaimedEvent) -> None:
         """One suspect at a time per process: another claimed beside it goes back unrun, its
@@ -396,19 +426,25 @@ class OutboxDispatcher:
             self._idle.notify_all()
         self._start_solo()
 
-    def _run_on_pool(self, event: ClaimedEvent, lag_s: float) -> None:
+    def _run_on_pool(self, events: Sequence[ClaimedEvent], lags_s: Sequence[float]) -> None:
+        """One task on the pool: an event, or a batch of one type (`_handle_batch`)."""
         if self._on_claimed is not None:
-            self._on_claimed(event, lag_s)
+            for event, lag_s in zip(events, lags_s, strict=True):
+                self._on_claimed(event, lag_s)
         # A fresh context per task: one context entered by two threads at once raises.
         context = contextvars.Context()
         try:
-            self._executor.submit(context.run, self._handle, event)
+            if len(events) == 1:
+                self._executor.submit(context.run, self._handle, events[0])
+            else:
+                self._executor.submit(context.run, self._handle_batch, events)
         except RuntimeError:  # the pool shut down after a stop that gave up waiting
-            log.warning("event %d left to its lease: the dispatcher has stopped", event.id)
             with self._idle:
-                self._in_flight -= 1
-                self._leave(event)
-                self._solo_running = self._solo_running and not event.suspect
+                for event in events:
+                    log.warning("event %d left to its lease: the dispatcher has stopped", event.id)
+                    self._in_flight -= 1
+                    self._leave(event)
+                    self._solo_running = self._solo_running and not event.suspect
                 self._idle.notify_all()
 
     def _start_solo(self) -> None:
@@ -418,7 +454,7 @@ class OutboxDispatcher:
                 return
             event, lag_s = self._solo.popleft()
             self._solo_running = True
-        self._run_on_pool(event, lag_s)
+        self._run_on_pool([event], [lag_s])
 
     def _hand_back_solo(self) -> None:
         """At stop: the suspects still waiting go back to the queue (a deferral), unrun."""
@@ -438,23 +474,76 @@ class OutboxDispatcher:
         correlation.set_current(event.correlation_id)
         correlation.set_order_id(event.aggregate_id)
         started = time.perf_counter()
+        try:
+            if self._runnable(event):
+                verdict = self._verdict(event)
+                self._write_back(event, verdict, time.perf_counter() - started)
+        finally:
+            self._finish([event])
+
+    def _handle_batch(self, events: Sequence[ClaimedEvent]) -> None:
+        """Events of one type together: one call of the type's batch handler for those that may
+        run, then each verdict written back as `_handle` writes one; the events the batch handler
+        leaves out run one by one after it, through the type's handler."""
+        started = time.perf_counter()
+        try:
+            runnable = []
+            for event in events:
+                with correlation.bound(event.correlation_id, event.aggregate_id):
+                    if self._runnable(event):
+                        runnable.append(event)
+            verdicts = self._batch_verdicts(runnable)
+            seconds = time.perf_counter() - started
+            with self._lock:
+                self.stats.batched += len(verdicts)
+            for event in runnable:
+                with correlation.bound(event.correlation_id, event.aggregate_id):
+                    verdict = verdicts.get(event.id)
+                    if verdict is None:
+                        alone = time.perf_counter()
+                        verdict, seconds = self._verdict(event), time.perf_counter() - alone
+                    self._write_back(event, verdict, seconds)
+        finally:
+            self._finish(events)
+
+    def _batch_verdicts(self, events: Sequence[ClaimedEvent]) -> Mapping[int, Verdict]:
+        """The batch handler's verdicts by event id (a batch of one, or less, runs alone); all
+        Retry if it raises."""
+        if len(events) < 2:
+            return {}
+        event_type = events[0].event_type
+        try:
+            return self._batch_handlers[event_type](events)
+        except Exception as error:
+            log.warning("batch handler of %d %s events failed: %s", len(events), event_type, describe(error))
+            return {event.id: Retry(describe(error)) for event in events}
+
+    def _runnable(self, event: ClaimedEvent) -> bool:
+        """Whether a leased event may run now; if not, it is handed back (stopping, or its lease
+        ran out in the queue) or buried (out of attempts) here."""
         # The benchmark pairs this line with the PlaceOrder call of the same correlation id to
         # measure pickup latency (call start -> handler start).
         log.debug("handling %s event %d", event.event_type, event.id)
         try:
             if self._stopping.is_set():  # claimed ahead, never started: hand it back now
                 self._count(self._record(event, Defer(0.0, "dispatcher stopping")), event, 0.0)
-                return
+                return False
             if self._leases.ran_out(event):
                 log.warning("event %d: its lease ran out before it started; handed back", event.id)
                 handed_back = self._record(event, Defer(0.0, "lease ran out before the step started"))
                 self._count("expired" if handed_back == "deferred" else handed_back, event, 0.0)
-                return
+                return False
             if event.attempts > self._settings.max_attempts:
                 self._count(self._bury_unrun(event), event, 0.0)
-                return
-            verdict = self._verdict(event)
-            seconds = time.perf_counter() - started
+                return False
+        except Exception as error:
+            self._not_recorded(event, error)
+            return False
+        return True
+
+    def _write_back(self, event: ClaimedEvent, verdict: Verdict, seconds: float) -> None:
+        """Record a handler's verdict, fenced on the lease (DONE with the next round)."""
+        try:
             if isinstance(verdict, Done):
                 with self._lock:  # the dispatcher thread marks it DONE with its next claim
                     self._finished.append((event, seconds))
@@ -463,22 +552,30 @@ class OutboxDispatcher:
             else:
                 self._count(self._record(event, verdict), event, seconds)
         except Exception as error:
-            # Recording failed (database gone?): the lease expires and the event runs again.
-            log.warning("could not record the outcome of event %d: %s", event.id, describe(error))
-        finally:
-            with self._idle:
-                self._in_flight -= 1
-                self._idle.notify_all()
+            self._not_recorded(event, error)
+
+    @staticmethod
+    def _not_recorded(event: ClaimedEvent, error: Exception) -> None:
+        # Recording failed (database gone?): the lease expires and the event runs again.
+        log.warning("could not record the outcome of event %d: %s", event.id, describe(error))
+
+    def _finish(self, events: Sequence[ClaimedEvent]) -> None:
+        """`events` stopped running: free their workers' count, and wake the dispatcher when that
+        can find work (see the module docstring)."""
+        with self._idle:
+            self._in_flight -= len(events)
+            self._idle.notify_all()
+            followed = False
+            for event in events:
                 self._leave(event)
                 if event.suspect:
                     self._solo_running = False
-                wake = (
-                    self._owed_since is not None or self._flush_due() or event.aggregate_id in self._followed
-                )
+                followed = followed or event.aggregate_id in self._followed
                 self._followed.discard(event.aggregate_id)
-            self._start_solo()
-            if wake:
-                self._wake.set()
+            wake = self._owed_since is not None or self._flush_due() or followed
+        self._start_solo()
+        if wake:
+            self._wake.set()
 
     def _bury_unrun(self, event: ClaimedEvent) -> str:
         """DEAD without running: every attempt of `max_attempts` was claimed and none recorded an

@@ -13,7 +13,7 @@ A handler that raises is a `Retry` with the error's text (`describe`).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from db.outbox import ClaimedEvent
@@ -50,6 +50,9 @@ class Defer:
 
 Verdict = Done | Completed | Retry | Defer
 Handler = Callable[[ClaimedEvent], Verdict]
+# Runs several events of one type together (a round's, see saga.dispatcher): verdicts by event
+# id. The events it leaves out, the dispatcher runs one by one through the type's `Handler`.
+BatchHandler = Callable[[Sequence[ClaimedEvent]], Mapping[int, Verdict]]
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:

@@ -49,7 +49,7 @@ from server.admission import Admission, HandlerThreads, stream_kinds
 from server.auth import METHOD_SCOPES, read_tokens_file
 from server.config import DEFAULT_PAGE_TOKEN_SECRET, Settings
 from server.connections import connection_options
-from server.faults import FaultSwitches, FaultyParticipant, faulty_handlers
+from server.faults import FaultSwitches, FaultyParticipant, faulty_batch_handlers, faulty_handlers
 from server.health import HealthMonitor, HealthServicer
 from server.interceptors import BearerTokenInterceptor, CorrelationInterceptor, ErrorInterceptor
 from server.metrics import Metrics, MetricsInterceptor
@@ -223,7 +223,9 @@ def build(settings: Settings) -> Service:
     inventory_uow = partial(InventoryUnitOfWork, engines.inventory)
     guard = build_guard(settings)
     metrics = _metrics(engines, guard)
-    dispatcher = _dispatcher(settings, orders_uow, inventory_uow, guard, metrics, announce, wake)
+    # The set-based ORDER_CREATED where both databases run its statements (see saga.inventory).
+    batching = all(backend_of(engine).one_statement_writes for engine in engines.distinct)
+    dispatcher = _dispatcher(settings, orders_uow, inventory_uow, guard, metrics, announce, wake, batching)
     app = OrderApplication(
         orders_uow=orders_uow,
         inventory_uow=inventory_uow,
@@ -309,9 +311,11 @@ def _dispatcher(
     metrics: Metrics,
     announce: CommitSignals,
     wake: WakeUp,
+    batching: bool = False,
 ) -> OutboxDispatcher | None:
-    """The inventory saga on its outbox dispatcher (None with `--saga-workers 0`); with a fault
-    file, the fault wrappers around the participant and the handlers (server.faults)."""
+    """The inventory saga on its outbox dispatcher (None with `--saga-workers 0`), set-based with
+    `batching`; with a fault file, the fault wrappers around the participant and the handlers
+    (server.faults)."""
     if settings.saga_workers <= 0:
         return None
     faults = FaultSwitches(settings.fault_file) if settings.fault_file else None
@@ -328,7 +332,9 @@ def _dispatcher(
         SagaSettings(max_attempts=settings.max_attempts, saga_timeout_s=settings.saga_timeout_s),
         on_order_changed=announce.order_changed,
         on_outcome=metrics.on_saga_outcome,
+        batching=batching,
     )
+    batch_handlers = saga.batch_handlers()
     return OutboxDispatcher(
         orders_uow,
         saga.handlers() if faults is None else faulty_handlers(saga.handlers(), faults),
@@ -344,6 +350,7 @@ def _dispatcher(
         renewal_paused=(lambda: False) if faults is None else faults.renewal_paused,
         listener=metrics.on_handled,
         on_claimed=metrics.on_claimed,
+        batch_handlers=batch_handlers if faults is None else faulty_batch_handlers(batch_handlers, faults),
     )
 
 

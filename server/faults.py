@@ -17,7 +17,8 @@ process stalling, as a pause of the machine or a lost database connection would)
 
 - `FaultyParticipant` wraps the inventory participant (inside the guard, so injected errors and
   delays are what the breaker sees);
-- `faulty_handlers` wraps the dispatcher's handlers (after a handler, before its outcome);
+- `faulty_handlers` and `faulty_batch_handlers` wrap the dispatcher's handlers (after a handler,
+  before its outcome);
 - `FaultSwitches.renewal_paused` is the dispatcher's `renewal_paused`.
 """
 
@@ -29,16 +30,18 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from db.outbox import ClaimedEvent
+from domain import correlation
+from domain.allocation import ReservationRequest
 from domain.fencing import Fence
 from domain.inventory import ReservationOutcome, Superseded
 from domain.model import OrderItem
 from saga.inventory import InventoryParticipant
-from saga.verdicts import Handler, Verdict
+from saga.verdicts import BatchHandler, Handler, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,21 @@ class FaultyParticipant:
         self._faults.maybe_stall("after_reserve")
         return outcome
 
+    def reserve_many(self, requests: Sequence[ReservationRequest]) -> dict[str, ReservationOutcome]:
+        """The same switches around a batch's one reservation; a crash names an order of the
+        batch in its log line (the one holding the SKU, for `crash_on_sku`)."""
+        for request in requests:
+            with correlation.bound(correlation.current(), request.order_id):
+                self._faults.maybe_crash_on(request.items)
+        with correlation.bound(correlation.current(), requests[0].order_id if requests else None):
+            self._faults.maybe_stall("before_reserve")
+            self._inventory()
+            outcomes = self._inner.reserve_many(requests)
+            self._faults.maybe_crash("crash_after_reserve")
+            self._faults.maybe_delay("settle_delay_s")
+            self._faults.maybe_stall("after_reserve")
+        return outcomes
+
     def release(
         self, order_id: str, items: tuple[OrderItem, ...] = (), fence: Fence | None = None, reason: str = ""
     ) -> list[OrderItem] | Superseded:
@@ -158,6 +176,25 @@ def faulty_handlers(handlers: Mapping[str, Handler], faults: FaultSwitches) -> d
             faults.maybe_delay("handler_delay_s")
             faults.maybe_crash("crash_before_complete")
             return verdict
+
+        return run
+
+    return {event_type: wrap(handler) for event_type, handler in handlers.items()}
+
+
+def faulty_batch_handlers(
+    handlers: Mapping[str, BatchHandler], faults: FaultSwitches
+) -> dict[str, BatchHandler]:
+    """`faulty_handlers` for batch handlers: the switches once after a batch, its crash line
+    naming the batch's first order."""
+
+    def wrap(handler: BatchHandler) -> BatchHandler:
+        def run(events: Sequence[ClaimedEvent]) -> Mapping[int, Verdict]:
+            verdicts = handler(events)
+            with correlation.bound(correlation.current(), events[0].aggregate_id if events else None):
+                faults.maybe_delay("handler_delay_s")
+                faults.maybe_crash("crash_before_complete")
+            return verdicts
 
         return run
 

@@ -21,7 +21,7 @@ out in the worker queue is handed back unstarted, and the attempt is counted at 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -39,7 +39,7 @@ from domain.model import Order, OrderItem, utcnow
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
 from saga.resilience import ConcurrentCircuitBreaker, Guard, RateLimiter
-from saga.verdicts import Verdict
+from saga.verdicts import BatchHandler, Verdict
 from server.faults import FaultSwitches, FaultyParticipant
 from tests.invariants import check_invariants
 from tests.support import apply_schema, wait_until
@@ -81,10 +81,14 @@ class Instance:
         settings: DispatcherSettings,
         hooks: Hooks,
         clock: Callable[[], Any] = utcnow,
+        batching: bool = False,
     ) -> None:
+        """`batching`: the set-based ORDER_CREATED (PostgreSQL); `batches` records the event ids of
+        each call of the batch handler."""
         self.engine = make_engine(url, EngineSettings(pool_size=settings.workers + 4))
         self.outcomes: list[tuple[str, int]] = []
         self.runs: list[int] = []
+        self.batches: list[list[int]] = []
         orders_uow = partial(OrdersUnitOfWork, self.engine)
         breaker = ConcurrentCircuitBreaker(slow_call_s=60.0, fail_max=100, reset_timeout=1.0, name="stale")
         saga = InventorySaga(
@@ -92,6 +96,7 @@ class Instance:
             FaultyParticipant(InventoryParticipant(partial(InventoryUnitOfWork, self.engine)), hooks),
             Guard(breaker, RateLimiter("100000/second")),
             SagaSettings(max_attempts=settings.max_attempts),
+            batching=batching,
         )
         handlers = {kind: self._recorded(handler) for kind, handler in saga.handlers().items()}
         self.dispatcher = OutboxDispatcher(
@@ -101,12 +106,21 @@ class Instance:
             clock=clock,
             listener=lambda outcome, event, _s: self.outcomes.append((outcome, event.id)),
             renewal_paused=hooks.renewal_paused,
+            batch_handlers={kind: self._batched(h) for kind, h in saga.batch_handlers().items()},
         )
 
     def _recorded(self, handler: Callable[[ClaimedEvent], Verdict]) -> Callable[[ClaimedEvent], Verdict]:
         def run(event: ClaimedEvent) -> Verdict:
             self.runs.append(event.id)
             return handler(event)
+
+        return run
+
+    def _batched(self, handler: BatchHandler) -> BatchHandler:
+        def run(events: Sequence[ClaimedEvent]) -> Mapping[int, Verdict]:
+            self.batches.append([event.id for event in events])
+            self.runs.extend(event.id for event in events)
+            return handler(events)
 
         return run
 
