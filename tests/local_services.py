@@ -75,6 +75,8 @@ class OrdersServer:
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # A log path may be reused (appended to across restarts): only this process's ready line counts.
+        self._log_start = self._log.tell()
         self.proc = subprocess.Popen(
             [*server_command(), *args], env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -85,7 +87,9 @@ class OrdersServer:
     def _ready(self) -> re.Match[str] | None:
         if self.proc.poll() is not None:
             raise AssertionError(f"orders-server exited with {self.proc.returncode}:\n{self.log()}")
-        return READY.search(self.log())
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_start)
+            return READY.search(log.read().decode(errors="replace"))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
