@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import queue
 import sys
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from queue import SimpleQueue
 from typing import TextIO
 
 from domain import correlation
@@ -24,10 +27,49 @@ class CorrelationFilter(logging.Filter):
         return True
 
 
+class _SecondStamp:
+    """The part of a timestamp down to the second, made once per second: one writer thread formats
+    every line, and `strftime` per line was most of its work at a few thousand lines a second."""
+
+    def __init__(self, make: Callable[[int], str]) -> None:
+        self._make = make
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second, self._text = second, self._make(second)
+        return self._text
+
+
+class TextFormatter(logging.Formatter):
+    """`TEXT_FORMAT`, with the stdlib's time format (local time, `2026-12-06 22:07:57,123`)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._stamp = _SecondStamp(self._local_second)
+
+    def _local_second(self, second: int) -> str:
+        return time.strftime(self.default_time_format, self.converter(second))
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{self._stamp(record.created)},{int(record.msecs):03d}"
+
+
+def _utc_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = _SecondStamp(_utc_second)
+
     def format(self, record: logging.LogRecord) -> str:
+        micros = int((record.created - int(record.created)) * 1_000_000)
         entry = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="microseconds"),
+            "time": f"{self._stamp(record.created)}.{micros:06d}+00:00",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -55,18 +97,24 @@ class _Handoff(logging.handlers.QueueHandler):
     variables and the thread name are the caller's) and queues it; one writer thread formats and
     writes. With the stream handler at the root, some thirty threads (gRPC handlers, saga workers)
     took turns on its lock for every line, a saga step two or three times, and each turn was
-    another wait for the GIL: the saga's commit-to-dispatch lag halved this way
-    (docs/performance.md).
+    another wait for the GIL (docs/performance.md).
 
-    A line is in the queue, not yet written, for as long as the writer takes to get to it; a
-    process killed outright loses what is queued. `close` (`logging.shutdown`: at exit, and before
-    this process's own `os._exit` calls) writes everything queued first."""
+    The writer takes what has queued up since its last turn, writes it in one `write` and flushes
+    once, so a busy second costs a few writes, not one write and flush per line. A line is in the
+    queue, not yet written, for as long as the writer takes to get to it; a process killed
+    outright loses what is queued. `close` (`logging.shutdown`: at exit, and before this process's
+    own `os._exit` calls) writes everything queued first."""
 
-    def __init__(self, target: logging.Handler) -> None:
-        queue: SimpleQueue[logging.LogRecord] = SimpleQueue()
-        super().__init__(queue)
-        self._listener: logging.handlers.QueueListener | None = logging.handlers.QueueListener(queue, target)
-        self._listener.start()
+    _STOP = None
+    _MOST_PER_WRITE = 512
+
+    def __init__(self, target: logging.StreamHandler[TextIO]) -> None:
+        self._records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        super().__init__(self._records)
+        self._target = target
+        writer = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        writer.start()
+        self._writer: threading.Thread | None = writer
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         # The message is merged here, while its arguments are as they were when logged; the
@@ -78,17 +126,44 @@ class _Handoff(logging.handlers.QueueHandler):
         record.exc_info = None
         return record
 
+    def _write(self) -> None:
+        records, target = self._records, self._target
+        stopping = False
+        while not stopping:
+            batch = [records.get()]
+            while len(batch) < self._MOST_PER_WRITE:
+                try:
+                    batch.append(records.get_nowait())
+                except queue.Empty:
+                    break
+            lines = []
+            for record in batch:
+                if record is self._STOP:
+                    stopping = True
+                    continue
+                try:
+                    lines.append(target.format(record) + target.terminator)
+                except Exception:
+                    target.handleError(record)
+            if lines:
+                try:
+                    target.stream.write("".join(lines))
+                    target.flush()
+                except Exception:
+                    target.handleError(batch[-1] or logging.makeLogRecord({}))
+
     def close(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.stop()  # writes what is queued, then ends the writer thread
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._records.put(self._STOP)
+            writer.join()  # writes what is queued, then the writer thread ends
         super().close()
 
 
 def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Log to `stream` (stderr by default) through the handoff above."""
     writer = logging.StreamHandler(stream or sys.stderr)
-    writer.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    writer.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler = _Handoff(writer)
     handler.addFilter(CorrelationFilter())
     root = logging.getLogger()

@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 import weakref
+from datetime import UTC, datetime
 from collections.abc import Iterator
 
 import pytest
@@ -98,3 +99,18 @@ def test_logging_shutdown_writes_what_was_queued(captured: io.StringIO) -> None:
     logging.shutdown([weakref.ref(h) for h in logging.getLogger().handlers])
     lines = captured.getvalue().splitlines()
     assert len(lines) == 500 and lines[-1].endswith("queued 499")
+
+
+@pytest.mark.parametrize("created", [1_796_000_000.0, 1_796_000_000.999_999, 1_796_000_001.5, 1_796_003_600.042])
+def test_timestamps_read_as_the_stdlib_writes_them(created: float) -> None:
+    """The formatters make the part down to the second once per second; every line's time must
+    still be what logging.Formatter (text) and datetime.isoformat (json) would write."""
+    record = logging.makeLogRecord({"msg": "m", "created": created, "msecs": (created - int(created)) * 1000})
+    record.correlation_id = record.order_id = "-"
+    text, reference = logs.TextFormatter(), logging.Formatter(logs.TEXT_FORMAT)
+    for _ in range(2):  # the second time from the kept second
+        assert text.format(record) == reference.format(record)
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="microseconds")
+    fmt = logs.JsonFormatter()
+    for _ in range(2):
+        assert json.loads(fmt.format(record))["time"][:26] == expected[:26]
