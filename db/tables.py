@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.types import TypeDecorator
@@ -118,6 +119,43 @@ outbox_events = Table(
         sqlite_where=text("status = 'PENDING'"),
     ),
     Index(None, "aggregate_id", "id"),
+    Index(None, "status", "updated_at"),
+)
+
+# Changes of orders waiting to be published to the message broker (`--events-url`, the event
+# relay: db.relay, db.recording). Written only while the relay is on, in the transaction of the
+# change. A queue of its own, claimed like the outbox but one event of an order at a time, in
+# version order; (order_id, version) is the event.
+relay_events = Table(
+    "relay_events",
+    orders_metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("order_id", String(36), nullable=False),
+    Column("kind", String(16), nullable=False),  # placed, validated, failed, cancelled, expired
+    Column("version", BigInteger, nullable=False),  # the order's version after the change
+    Column("customer_id", String(128), nullable=False),
+    Column("order_status", String(16), nullable=False),
+    Column("failure_reason", Text, nullable=False, server_default=text("''")),
+    Column("occurred_at", UTCDateTime, nullable=False),  # the order's update_time after the change
+    Column("items", Text, nullable=False, server_default=text("''")),  # JSON, placed only
+    Column("headers", Text, nullable=False),
+    Column("status", String(8), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("claims", Integer, nullable=False, server_default=text("0")),
+    Column("available_at", UTCDateTime, nullable=False),
+    Column("locked_until", UTCDateTime, nullable=True),
+    Column("lease_token", String(36), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    # One event per change: a version is recorded once, and an order's events are claimed in it.
+    UniqueConstraint("order_id", "version"),
+    Index(
+        "ix_relay_events_pending",
+        "id",
+        postgresql_where=text("status = 'PENDING'"),
+        sqlite_where=text("status = 'PENDING'"),
+    ),
     Index(None, "status", "updated_at"),
 )
 
