@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from db.outbox import ClaimedEvent, Lease
-from db.unit_of_work import OrdersUowFactory
+from db.queue import QueueUowFactory
 from domain import correlation
 from domain.model import utcnow
 from saga import rounds
@@ -63,6 +63,9 @@ class DispatcherSettings:
     # How long events may wait for a claim while newer ones are handed over before hand-offs
     # stop until the claim is made (see `take_slots`).
     handoff_yield_after_s: float = 0.05
+    # Names this dispatcher's threads (`<name>_N` workers, `<name>-dispatcher`): empty for the
+    # saga's (`saga_N`, `dispatcher`), "relay" for the event relay's.
+    name: str = ""
 
 
 @dataclass
@@ -87,7 +90,7 @@ class OutboxDispatcher:
 
     def __init__(
         self,
-        uow: OrdersUowFactory,
+        uow: QueueUowFactory,
         handlers: Mapping[str, Handler],
         settings: DispatcherSettings,
         wake: WakeUp | None = None,
@@ -130,9 +133,10 @@ class OutboxDispatcher:
         self._solo: collections.deque[tuple[ClaimedEvent, float]] = collections.deque()
         self._solo_running = False
         self._stopping = threading.Event()
-        self._executor = WorkerPool(settings.workers, "saga")
-        self._round_threads = WorkerPool(rounds.ROUNDS, "dispatcher-round")
-        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        prefix = f"{settings.name}-" if settings.name else ""
+        self._executor = WorkerPool(settings.workers, settings.name or "saga")
+        self._round_threads = WorkerPool(rounds.ROUNDS, f"{prefix}dispatcher-round")
+        self._thread = threading.Thread(target=self._run, name=f"{prefix}dispatcher", daemon=True)
         self.stats = DispatcherStats()
 
     @property

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from db.outbox import ClaimedEvent
-from db.unit_of_work import OrdersUowFactory
+from db.queue import QueueUowFactory
 from saga.verdicts import describe
 
 log = logging.getLogger("orders.dispatcher")
@@ -27,7 +27,7 @@ log = logging.getLogger("orders.dispatcher")
 class LeaseKeeper:
     def __init__(
         self,
-        uow: OrdersUowFactory,
+        uow: QueueUowFactory,
         lease_s: float,
         clock: Callable[[], datetime],
         paused: Callable[[], bool] = lambda: False,
