@@ -137,7 +137,7 @@ relay_events = Table(
     Column("order_status", String(16), nullable=False),
     Column("failure_reason", Text, nullable=False, server_default=text("''")),
     Column("occurred_at", UTCDateTime, nullable=False),  # the order's update_time after the change
-    Column("items", Text, nullable=False, server_default=text("''")),  # JSON, placed only
+    Column("placed_items", Text, nullable=False, server_default=text("''")),  # JSON, placed only
     Column("headers", Text, nullable=False),
     Column("status", String(8), nullable=False),
     Column("attempts", Integer, nullable=False, server_default=text("0")),

@@ -27,7 +27,7 @@ def upgrade() -> None:
         sa.Column("order_status", sa.String(16), nullable=False),
         sa.Column("failure_reason", sa.Text(), server_default=sa.text("''"), nullable=False),
         sa.Column("occurred_at", UTCDateTime(), nullable=False),
-        sa.Column("items", sa.Text(), server_default=sa.text("''"), nullable=False),
+        sa.Column("placed_items", sa.Text(), server_default=sa.text("''"), nullable=False),
         sa.Column("headers", sa.Text(), nullable=False),
         sa.Column("status", sa.String(8), nullable=False),
         sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
