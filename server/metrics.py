@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+import platform
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import grpc
 import pybreaker
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from db.outbox import ClaimedEvent
+from server.config import version
+from server.grpc_metrics import MethodCalls, StandardGrpcMetrics, grpc_type
 from server.interceptors import WrappingInterceptor
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -87,6 +101,51 @@ class Metrics:
         self.breaker_transitions = Counter(
             "orders_breaker_transitions_total", "inventory breaker state changes", ["to"], registry=r
         )
+        # Counted per call, read only by the standard gRPC families (server.grpc_metrics), which
+        # are worked out from these and the counts above when scraped: so unregistered.
+        self._grpc_started = Counter("grpc_started", "calls started, by method", ["method"], registry=None)
+        self._grpc_sent = Counter("grpc_sent", "stream messages sent, by method", ["method"], registry=None)
+        self._grpc_received = Counter(
+            "grpc_received", "stream messages received, by method", ["method"], registry=None
+        )
+        self._methods: dict[str, MethodCalls] = {}
+        self._methods_lock = threading.Lock()
+        r.register(
+            StandardGrpcMetrics(
+                self.rpcs,
+                self.rpc_latency,
+                self.rejected,
+                self._grpc_started,
+                self._grpc_sent,
+                self._grpc_received,
+                lambda: {method: calls.grpc_type for method, calls in list(self._methods.items())},
+            )
+        )
+        # The process (CPU, memory, open file descriptors; Linux), the garbage collector and the
+        # interpreter, as the default registry has them; this registry is the process's own.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+        Info("orders_build", "the running build: 1, with versions as labels", registry=r).info(
+            {"version": version(), "python": platform.python_version(), "grpcio": grpc.__version__}
+        )
+
+    def method_calls(self, method: str, kind: str) -> MethodCalls:
+        """The counting of one method (`kind`: its gRPC type), made once per method."""
+        with self._methods_lock:
+            calls = self._methods.get(method)
+            if calls is None or calls.grpc_type != kind:
+                calls = MethodCalls(
+                    method,
+                    kind,
+                    self.rpcs,
+                    self.rpc_latency,
+                    self._grpc_started,
+                    self._grpc_sent,
+                    self._grpc_received,
+                )
+                self._methods[method] = calls
+            return calls
 
     def watch_pool(self, name: str, checked_out: Callable[[], int]) -> None:
         gauge = Gauge(
@@ -137,26 +196,126 @@ class Metrics:
 
 
 class MetricsInterceptor(WrappingInterceptor):
-    """Counts every call and its latency by method and final status code."""
+    """Counts every call's start, its end by method and final status code with its latency, and
+    the messages of streams (the standard names are worked out from these: server.grpc_metrics).
+    A method's handler is wrapped once, its label children bound then (`MethodCalls`)."""
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__()
         self._metrics = metrics
 
-    @contextmanager
-    def around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        calls = self._metrics.method_calls(method, grpc_type(handler))
+        kind = _behaviour_name(handler)
+        behaviour = getattr(handler, kind)
+        wrapped: Callable[..., Any]
+        if getattr(behaviour, "experimental_non_blocking", False):
+            wrapped = _non_blocking(behaviour, calls, handler.request_streaming)
+        elif handler.response_streaming:
+            wrapped = _streaming(behaviour, calls, handler.request_streaming)
+        else:
+            wrapped = _unary(behaviour, calls, handler.request_streaming)
+        return handler._replace(**{kind: wrapped})
+
+
+def _behaviour_name(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming:
+        return "stream_stream" if handler.response_streaming else "stream_unary"
+    return "unary_stream" if handler.response_streaming else "unary_unary"
+
+
+def _code_name(code: Any, default: str) -> str:
+    if code is None:
+        return default
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+def _counted(requests: Iterator[Any], received: Counter) -> Iterator[Any]:
+    for request in requests:
+        received.inc()
+        yield request
+
+
+def _unary(behaviour: Callable[..., Any], calls: MethodCalls, counts_requests: bool) -> Callable[..., Any]:
+    @functools.wraps(behaviour)
+    def unary(request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Any:
+        calls.started.inc()
         started = time.perf_counter()
-        default = grpc.StatusCode.OK
+        default = "OK"
         try:
-            yield
-        except GeneratorExit:  # the client went away mid-stream
-            default = grpc.StatusCode.CANCELLED
-            raise
+            if counts_requests:
+                request = _counted(request, calls.received)
+            return behaviour(request, context, *args, **kwargs)
         except BaseException:
-            default = grpc.StatusCode.INTERNAL
+            default = "INTERNAL"
             raise
         finally:
-            code = context.code() or default
-            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-            self._metrics.rpcs.labels(method=method, code=name).inc()
-            self._metrics.rpc_latency.labels(method=method, code=name).observe(time.perf_counter() - started)
+            calls.finished(_code_name(context.code(), default), time.perf_counter() - started)
+
+    return unary
+
+
+def _streaming(
+    behaviour: Callable[..., Iterable[Any]], calls: MethodCalls, counts_requests: bool
+) -> Callable[..., Iterator[Any]]:
+    @functools.wraps(behaviour)
+    def streaming(request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        calls.started.inc()
+        started = time.perf_counter()
+        default = "OK"
+        responses: Iterator[Any] | None = None
+        try:
+            if counts_requests:
+                request = _counted(request, calls.received)
+            responses = iter(behaviour(request, context, *args, **kwargs))
+            for response in responses:
+                calls.sent.inc()
+                yield response
+        except GeneratorExit:  # the client went away mid-stream
+            default = "CANCELLED"
+            raise
+        except BaseException:
+            default = "INTERNAL"
+            raise
+        finally:
+            close = getattr(responses, "close", None)
+            if close is not None:
+                close()  # the inner interceptors' exits run now, and may still set the code
+            calls.finished(_code_name(context.code(), default), time.perf_counter() - started)
+
+    return streaming
+
+
+def _non_blocking(
+    behaviour: Callable[..., None], calls: MethodCalls, counts_requests: bool
+) -> Callable[..., None]:
+    """A stream whose handler returns at once and sends through a callback: it is counted as
+    handled when grpcio ends the call, with the status it ended with."""
+
+    @functools.wraps(behaviour)
+    def non_blocking(
+        request: Any, context: grpc.ServicerContext, send: Callable[[Any], None], *args: Any, **kwargs: Any
+    ) -> None:
+        calls.started.inc()
+        started = time.perf_counter()
+        default = ["OK"]
+
+        def ended() -> None:
+            calls.finished(_code_name(context.code(), default[0]), time.perf_counter() - started)
+
+        def counted(message: Any) -> None:
+            if message is not None:
+                calls.sent.inc()
+            send(message)
+
+        if not context.add_callback(ended):  # the call has ended already
+            ended()
+        try:
+            if counts_requests:
+                request = _counted(request, calls.received)
+            behaviour(request, context, counted, *args, **kwargs)
+        except BaseException:
+            default[0] = "INTERNAL"
+            raise
+
+    return non_blocking
