@@ -100,13 +100,16 @@ class _Handoff(logging.handlers.QueueHandler):
     another wait for the GIL (docs/performance.md).
 
     The writer takes what has queued up since its last turn, writes it in one `write` and flushes
-    once, so a busy second costs a few writes, not one write and flush per line. A line is in the
-    queue, not yet written, for as long as the writer takes to get to it; a process killed
-    outright loses what is queued. `close` (`logging.shutdown`: at exit, and before this process's
-    own `os._exit` calls) writes everything queued first."""
+    once, then pauses for `_GATHER_S` before its next turn unless the queue was empty: a line
+    queued while the writer is not waiting on the queue wakes no thread, where waking the writer
+    for each line cost the logging thread a switch of the GIL per call. A line is in the queue,
+    not yet written, for as long as the writer takes to get to it (a few milliseconds); a process
+    killed outright loses what is queued. `close` (`logging.shutdown`: at exit, and before this
+    process's own `os._exit` calls) writes everything queued first."""
 
     _STOP = None
     _MOST_PER_WRITE = 512
+    _GATHER_S = 0.005
 
     def __init__(self, target: logging.StreamHandler[TextIO]) -> None:
         self._records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
@@ -151,6 +154,8 @@ class _Handoff(logging.handlers.QueueHandler):
                     target.flush()
                 except Exception:
                     target.handleError(batch[-1] or logging.makeLogRecord({}))
+            if len(batch) > 1 and not stopping:
+                time.sleep(self._GATHER_S)  # busy: let lines gather without waking this thread
 
     def close(self) -> None:
         writer, self._writer = self._writer, None
