@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pybreaker
@@ -54,6 +55,9 @@ from server.health import HealthMonitor, HealthServicer
 from server.interceptors import BearerTokenInterceptor, CorrelationInterceptor, ErrorInterceptor
 from server.metrics import Metrics, MetricsInterceptor
 from server.servicers import InventoryServicer, OrderServicer
+
+if TYPE_CHECKING:
+    from relay.service import EventRelayService
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +125,7 @@ class Service:
     listener: Listener | None = None
     watcher: OrderWatcher | None = None
     admission: Admission | None = None
+    relay: EventRelayService | None = None  # with --events-url (server.events)
     stopped: bool = field(default=False)
     _stop_metrics: Callable[[], None] | None = None
 
@@ -136,6 +141,8 @@ class Service:
         self.health.start()
         if self.dispatcher is not None:
             self.dispatcher.start()
+        if self.relay is not None:
+            self.relay.start()
         self.housekeeper.start()
 
     def _warm_pools(self) -> None:
@@ -176,6 +183,8 @@ class Service:
         finished = True
         if self.dispatcher is not None and not self.dispatcher.stop(grace):
             log.warning("saga steps still running after %.1fs are left to their leases", grace)
+            finished = False
+        if self.relay is not None and not self.relay.stop(grace):
             finished = False
         server_stopped.wait()
         if self.admission is not None:
@@ -219,10 +228,17 @@ def build(settings: Settings) -> Service:
     # What the saga and the housekeeper announce after their commits; PlaceOrder's signals also
     # hand events to the local dispatcher (built with it below).
     announce = CommitSignals(wake, changes, notifier)
-    orders_uow = partial(OrdersUnitOfWork, engines.orders)
+    orders_uow: OrdersUowFactory = partial(OrdersUnitOfWork, engines.orders)
     inventory_uow = partial(InventoryUnitOfWork, engines.inventory)
     guard = build_guard(settings)
     metrics = _metrics(engines, guard)
+    # With --events-url every change of an order is recorded for the event relay (server.events).
+    relay = None
+    if settings.events_url:
+        from server import events  # imported only then: nats-py is an optional dependency
+
+        relay = events.build(settings, engines.orders, metrics)
+        orders_uow = relay.orders_uow
     # The set-based ORDER_CREATED where both databases run its statements (see saga.inventory).
     batching = all(backend_of(engine).one_statement_writes for engine in engines.distinct)
     dispatcher = _dispatcher(settings, orders_uow, inventory_uow, guard, metrics, announce, wake, batching)
@@ -259,6 +275,7 @@ def build(settings: Settings) -> Service:
         listener,
         watcher=watcher,
         admission=admission,
+        relay=relay.service if relay is not None else None,
     )
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import importlib.util
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -148,6 +150,32 @@ class Settings:
     )
     outbox_retention_s: float = _setting(3600.0, "DONE outbox rows older than this are deleted")
     housekeeping_interval_s: float = _setting(5.0, "seconds between outbox clean-ups and backlog readings")
+    events_url: str = _setting(
+        "",
+        "NATS server URL(s) of the event relay, comma-separated (nats://host:4222): every change of "
+        "an order is published to JetStream; empty = off. Give every instance the same",
+    )
+    events_stream: str = _setting(
+        "ORDERS",
+        "JetStream stream of the events: created at start when missing (subjects <prefix>.>, the "
+        "duplicate window and max age below), never changed once it exists",
+    )
+    events_subject_prefix: str = _setting(
+        "orders.v1", "events go to <prefix>.<kind>: placed, validated, failed, cancelled, expired"
+    )
+    events_duplicate_window_s: float = _setting(
+        120.0,
+        "duplicate window of the stream the relay creates: JetStream drops a second message with "
+        "the same event id within it (at least twice --lease-s)",
+    )
+    events_max_age_s: float = _setting(7 * 24 * 3600.0, "how long the stream the relay creates keeps events")
+    events_workers: int = _setting(
+        16, "event publishes in flight (the relay's workers); 0 = record changes but publish none here"
+    )
+    events_publish_timeout_s: float = _setting(
+        2.0, "longest wait for JetStream's acknowledgement of a publish; past it the event is deferred"
+    )
+    events_rate: str = _setting("10000/second", "rate limit of event publishes, `limits` notation")
     fault_file: str = _setting(
         "", f"tests only, with {TESTING_FAULTS_ENV}=1: a JSON file of fault switches read at run time"
     )
@@ -166,8 +194,10 @@ class Settings:
     def pool_size(self) -> int:
         if self.db_pool_size:
             return self.db_pool_size
-        # gRPC handlers + saga workers + the dispatcher's two round threads, health, housekeeping.
-        return self.max_workers + self.saga_workers + 4
+        # gRPC handlers + saga workers + the dispatcher's two round threads, health, housekeeping;
+        # with the event relay, its workers (a deferral is a write), round threads, housekeeping.
+        relay = self.events_workers + 3 if self.events_url else 0
+        return self.max_workers + self.saga_workers + 4 + relay
 
 
 def version() -> str:
@@ -201,7 +231,7 @@ def _convert(kind: type, raw: str) -> Any:
 
 # Settings whose values must never be shown (URLs are shown with the password masked).
 _SECRET = frozenset({"page_token_secret"})
-_URLS = frozenset({"database_url", "inventory_database_url", "redis_url"})
+_URLS = frozenset({"database_url", "inventory_database_url", "redis_url", "events_url"})
 
 
 def shown(name: str, value: object) -> str:
@@ -292,6 +322,7 @@ _BOUNDS: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
             "db_pool_size",
             "db_statement_timeout_ms",
             "saga_workers",
+            "events_workers",
             "shutdown_delay_s",
             "max_connection_idle_s",
             "max_connection_age_s",
@@ -319,6 +350,9 @@ _BOUNDS: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
             "redis_retry_s",
             "housekeeping_interval_s",
             "outbox_retention_s",
+            "events_duplicate_window_s",
+            "events_max_age_s",
+            "events_publish_timeout_s",
         ),
         lambda value: value > 0,
         "must be greater than 0",
@@ -360,6 +394,38 @@ def _check(settings: Settings) -> list[str]:
             problems.append(f"--auth-tokens-file: {error}")
     if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
         problems.append("--redis-url: must start with redis://, rediss:// or unix://")
+    problems.extend(_check_events(settings))
+    return problems
+
+
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _check_events(settings: Settings) -> list[str]:
+    """The event relay's settings (checked whether it is on or not: a typo waits for no switch)."""
+    problems = []
+    servers = [server.strip() for server in settings.events_url.split(",") if server.strip()]
+    if settings.events_url and importlib.util.find_spec("nats") is None:
+        problems.append("--events-url: needs the nats-py package: pip install 'orders-service[events]'")
+    if settings.events_url and (
+        not servers or not all(server.startswith(("nats://", "tls://")) for server in servers)
+    ):
+        problems.append("--events-url: each server must start with nats:// or tls://")
+    if not _STREAM_NAME.fullmatch(settings.events_stream):
+        problems.append("--events-stream: 1-64 characters of A-Z, a-z, 0-9, _ and -")
+    if not all(_SUBJECT_TOKEN.fullmatch(token) for token in settings.events_subject_prefix.split(".")):
+        problems.append("--events-subject-prefix: dot-separated tokens of A-Z, a-z, 0-9, _ and -")
+    if settings.events_url and settings.events_duplicate_window_s < 2 * settings.lease_s:
+        problems.append(
+            "--events-duplicate-window-s: must be at least twice --lease-s (an event whose relay died "
+            "is published again once its lease runs out, and must still be a duplicate then)"
+        )
+    try:
+        if parse_rate(settings.events_rate).amount < 1:
+            problems.append("--events-rate: must allow at least one publish")
+    except ValueError:
+        problems.append(f"--events-rate: {settings.events_rate!r} is not a rate such as '1000/second'")
     return problems
 
 

@@ -22,6 +22,8 @@ from tests.support import ServerProcess, Stubs, apply_schema, server_env
 
 PG_ADMIN_URL = os.environ.get("ORDERS_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("ORDERS_TEST_REQUIRE_POSTGRES") == "1" or os.environ.get("CI") == "true"
+NATS_URL = os.environ.get("ORDERS_TEST_NATS_URL", "nats://127.0.0.1:4222")
+REQUIRE_NATS = os.environ.get("ORDERS_TEST_REQUIRE_NATS") == "1" or os.environ.get("CI") == "true"
 
 
 def _pg_reachable() -> str | None:
@@ -41,6 +43,31 @@ def postgres_server() -> str:
             pytest.fail(message + " (required under CI)")
         pytest.skip(message)
     return PG_ADMIN_URL
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    """The local NATS server with JetStream (the event relay's tests); they skip without it on a
+    laptop and fail under CI, like the PostgreSQL tests."""
+    from tests.events_support import nats_reachable
+
+    problem = nats_reachable(NATS_URL)
+    if problem is not None:
+        message = f"NATS at {NATS_URL} is not reachable: {problem}"
+        if REQUIRE_NATS:
+            pytest.fail(message + " (required under CI)")
+        pytest.skip(message)
+    return NATS_URL
+
+
+@pytest.fixture
+def event_stream(nats_url: str) -> Iterator[Any]:
+    """A JetStream stream and subject prefix of this test's own, deleted at the end."""
+    from tests.events_support import EventStream
+
+    stream = EventStream.fresh(nats_url)
+    yield stream
+    stream.delete()
 
 
 @pytest.fixture

@@ -189,6 +189,23 @@ BAD_VALUES = [
     ),
     pytest.param(["--redis-retry-s", "0"], {}, "--redis-retry-s", id="zero-redis-retry"),
     pytest.param(["--no-such-flag"], {}, "--no-such-flag", id="unknown-flag"),
+    pytest.param(["--events-url", "http://127.0.0.1:4222"], {}, "--events-url", id="events-scheme"),
+    pytest.param(
+        ["--events-url", "nats://a:4222, redis://b"], {}, "--events-url", id="events-one-bad-server"
+    ),
+    pytest.param(["--events-stream", "orders.v1"], {}, "--events-stream", id="events-stream-dot"),
+    pytest.param(
+        ["--events-subject-prefix", "orders.*"], {}, "--events-subject-prefix", id="events-wildcard"
+    ),
+    pytest.param(["--events-subject-prefix", "orders..v1"], {}, "--events-subject-prefix", id="events-empty"),
+    pytest.param(["--events-workers", "-1"], {}, "--events-workers", id="events-negative-workers"),
+    pytest.param(["--events-rate", "fast"], {}, "--events-rate", id="events-rate-words"),
+    pytest.param(
+        ["--events-url", "nats://127.0.0.1:4222", "--lease-s", "90"],
+        {},
+        "--events-duplicate-window-s",
+        id="events-window-below-two-leases",
+    ),
 ]
 
 

@@ -1,0 +1,162 @@
+"""The event relay's parts (issue 19), built from the settings when `--events-url` is set: the
+orders unit of work that records every change of an order (db.recording), the relay's guard
+(a breaker and a limiter of its own, the saga's classes), its JetStream publisher, its dispatcher
+over the relay's queue, its housekeeping and its metrics. The composition root (server.bootstrap)
+calls `build` and wires the two results in; nothing else in the server knows of the relay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import pybreaker
+import redis
+from prometheus_client import Counter, Gauge
+from sqlalchemy import Engine
+
+from db.outbox import ClaimedEvent
+from db.recording import RecordingOrdersUnitOfWork
+from db.relay import RelayUnitOfWork
+from db.unit_of_work import OrdersUnitOfWork
+from relay.handler import EventRelay
+from relay.publisher import JetStreamPublisher, PublishRejectedError, StreamSettings
+from relay.service import EventRelayService, RelayHousekeeper
+from saga.dispatcher import DispatcherSettings, OutboxDispatcher
+from saga.resilience import (
+    ConcurrentCircuitBreaker,
+    FallbackBreakerStorage,
+    Guard,
+    RateLimiter,
+    SharedStateFallback,
+)
+from saga.signals import WakeUp
+from server.config import Settings
+from server.metrics import Metrics
+
+_BREAKER_STATES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
+
+
+@dataclass
+class Relay:
+    """What the composition root wires in: the service to start and stop, and the orders unit of
+    work that records changes for it (in place of `OrdersUnitOfWork`, everywhere)."""
+
+    service: EventRelayService
+    orders_uow: Callable[..., OrdersUnitOfWork]
+    guard: Guard
+
+
+def build(settings: Settings, orders: Engine, metrics: Metrics) -> Relay:
+    wake = WakeUp()
+    guard = build_guard(settings)
+    observe = _metrics(metrics, guard)
+    prefix = settings.events_subject_prefix
+    publisher = JetStreamPublisher(
+        settings.events_url,
+        StreamSettings(
+            name=settings.events_stream,
+            subjects=(f"{prefix}.>",),
+            duplicate_window_s=settings.events_duplicate_window_s,
+            max_age_s=settings.events_max_age_s,
+        ),
+        timeout_s=settings.events_publish_timeout_s,
+    )
+    relay_uow = partial(RelayUnitOfWork, orders)
+    dispatcher = None
+    if settings.events_workers > 0:
+        dispatcher = OutboxDispatcher(
+            relay_uow,
+            EventRelay(publisher.publish, guard, prefix).handlers(),
+            DispatcherSettings(
+                workers=settings.events_workers,
+                poll_interval_s=settings.poll_interval_s,
+                lease_s=settings.lease_s,
+                max_attempts=settings.max_attempts,
+                retry_base_s=settings.retry_base_s,
+                retry_max_s=settings.retry_max_s,
+                name="relay",
+            ),
+            wake,
+            listener=observe.on_handled,
+        )
+    housekeeper = RelayHousekeeper(
+        relay_uow, settings.outbox_retention_s, settings.housekeeping_interval_s, observe.on_backlog
+    )
+    return Relay(
+        EventRelayService(publisher, dispatcher, housekeeper),
+        partial(RecordingOrdersUnitOfWork, orders, on_recorded=wake.set),
+        guard,
+    )
+
+
+def build_guard(settings: Settings) -> Guard:
+    """The breaker and limiter of publishing, apart from the inventory's (a broker outage opens
+    this breaker only), with the same `--breaker-*` settings; shared through Redis when
+    `--redis-url` is set, like the inventory's. A refusal of one message is no failure of the
+    broker: the breaker does not count it."""
+    storage: pybreaker.CircuitBreakerStorage | None = None
+    shared_state: SharedStateFallback | None = None
+    timeouts = {
+        "socket_connect_timeout": settings.redis_connect_timeout_s,
+        "socket_timeout": settings.redis_socket_timeout_s,
+    }
+    if settings.redis_url:
+        shared_state = SharedStateFallback(retry_s=settings.redis_retry_s)
+        client = redis.Redis.from_url(settings.redis_url, **timeouts)
+        storage = FallbackBreakerStorage(client, "orders-events", shared_state)
+    breaker = ConcurrentCircuitBreaker(
+        slow_call_s=settings.events_publish_timeout_s,
+        fail_max=settings.breaker_fail_max,
+        reset_timeout=settings.breaker_reset_s,
+        state_storage=storage,
+        exclude=[PublishRejectedError],
+        name="events",
+    )
+    limiter = RateLimiter(
+        settings.events_rate,
+        settings.redis_url or "memory://",
+        key="events",
+        fallback=shared_state,
+        storage_options=timeouts,
+    )
+    return Guard(breaker, limiter, shared_state)
+
+
+@dataclass
+class _Observers:
+    on_handled: Callable[[str, ClaimedEvent, float], None]
+    on_backlog: Callable[[int, float], None]
+
+
+def _metrics(metrics: Metrics, guard: Guard) -> _Observers:
+    registry = metrics.registry
+    handled = Counter(
+        "orders_events_total",
+        "relayed events by kind and outcome (done, deferred, retried, dead, fenced, expired)",
+        ["kind", "outcome"],
+        registry=registry,
+    )
+    backlog = Gauge("orders_events_backlog", "events waiting to be published (PENDING)", registry=registry)
+    oldest = Gauge(
+        "orders_events_oldest_pending_seconds",
+        "age of the oldest event waiting to be published",
+        registry=registry,
+    )
+    state = Gauge(
+        "orders_events_breaker_state", "events breaker: 0 closed, 1 half-open, 2 open", registry=registry
+    )
+    breaker = guard.breaker
+    state.set_function(lambda: float(_BREAKER_STATES.get(breaker.current_state, 0)))
+    metrics.count_from(
+        "orders_events_rate_limit_denials", "event publishes the rate limiter deferred", lambda: guard.denials
+    )
+
+    def on_handled(outcome: str, event: ClaimedEvent, _seconds: float) -> None:
+        handled.labels(kind=event.event_type, outcome=outcome).inc()
+
+    def on_backlog(pending: int, oldest_s: float) -> None:
+        backlog.set(pending)
+        oldest.set(oldest_s)
+
+    return _Observers(on_handled, on_backlog)
