@@ -15,6 +15,7 @@ from db.relay import RelayUnitOfWork
 from domain.model import utcnow
 from relay.publisher import JetStreamPublisher
 from saga.dispatcher import OutboxDispatcher
+from saga.resilience import Guard
 from saga.verdicts import describe
 
 log = logging.getLogger("orders.relay")
@@ -81,11 +82,14 @@ class EventRelayService:
         publisher: JetStreamPublisher,
         dispatcher: OutboxDispatcher | None,
         housekeeper: RelayHousekeeper,
+        guard: Guard | None = None,
     ) -> None:
-        """`dispatcher` None: this process records changes but publishes none (`--events-workers 0`)."""
+        """`dispatcher` None: this process records changes but publishes none (`--events-workers 0`).
+        `guard`: the breaker and limiter the handler publishes through, for metrics and tests."""
         self.publisher = publisher
         self.dispatcher = dispatcher
         self.housekeeper = housekeeper
+        self.guard = guard
 
     def start(self) -> None:
         if self.dispatcher is not None:

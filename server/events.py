@@ -84,7 +84,7 @@ def build(settings: Settings, orders: Engine, metrics: Metrics) -> Relay:
         relay_uow, settings.outbox_retention_s, settings.housekeeping_interval_s, observe.on_backlog
     )
     return Relay(
-        EventRelayService(publisher, dispatcher, housekeeper),
+        EventRelayService(publisher, dispatcher, housekeeper, guard),
         partial(RecordingOrdersUnitOfWork, orders, on_recorded=wake.set),
         guard,
     )
