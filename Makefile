@@ -113,8 +113,8 @@ $(GRPCURL_BIN): $(VENV_STAMP)
 	$(VENV)/bin/grpcurl -version
 	@touch $@
 
-chaos: $(VENV_STAMP) ## the full chaos runs (50 kills, thousands of orders); `make test` runs a small version
-	CHAOS_KILLS=50 CHAOS_ORDERS=3000 $(PY) -m pytest -m chaos tests/chaos -q -s
+chaos: $(VENV_STAMP) ## the full chaos runs (50 kills, thousands of orders; 40 kills of relaying servers); `make test` runs a small version
+	CHAOS_KILLS=50 CHAOS_ORDERS=3000 CHAOS_RELAY_KILLS=40 $(PY) -m pytest -m chaos tests/chaos -q -s
 
 fuzz: $(VENV_STAMP) ## the hostile-input property tests with many more examples than `make test`
 	FUZZ_EXAMPLES=2000 $(PY) -m pytest tests/integration/test_hostile_input.py -q -s

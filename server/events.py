@@ -6,7 +6,7 @@ calls `build` and wires the two results in; nothing else in the server knows of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,7 +31,9 @@ from saga.resilience import (
     SharedStateFallback,
 )
 from saga.signals import WakeUp
+from saga.verdicts import Handler, Verdict
 from server.config import Settings
+from server.faults import FaultSwitches
 from server.metrics import Metrics
 
 _BREAKER_STATES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
@@ -65,9 +67,12 @@ def build(settings: Settings, orders: Engine, metrics: Metrics) -> Relay:
     relay_uow = partial(RelayUnitOfWork, orders)
     dispatcher = None
     if settings.events_workers > 0:
+        handlers = EventRelay(publisher.publish, guard, prefix).handlers()
+        if settings.fault_file:
+            handlers = _crash_after_publish(handlers, FaultSwitches(settings.fault_file))
         dispatcher = OutboxDispatcher(
             relay_uow,
-            EventRelay(publisher.publish, guard, prefix).handlers(),
+            handlers,
             DispatcherSettings(
                 workers=settings.events_workers,
                 poll_interval_s=settings.poll_interval_s,
@@ -88,6 +93,21 @@ def build(settings: Settings, orders: Engine, metrics: Metrics) -> Relay:
         partial(RecordingOrdersUnitOfWork, orders, on_recorded=wake.set),
         guard,
     )
+
+
+def _crash_after_publish(handlers: Mapping[str, Handler], faults: FaultSwitches) -> dict[str, Handler]:
+    """Tests only (server.faults): with `{"crash_after_publish": true}` in the fault file, the
+    process kills itself after JetStream acknowledged a publish and before the event is DONE."""
+
+    def wrap(handler: Handler) -> Handler:
+        def run(event: ClaimedEvent) -> Verdict:
+            verdict = handler(event)
+            faults.maybe_crash("crash_after_publish")
+            return verdict
+
+        return run
+
+    return {kind: wrap(handler) for kind, handler in handlers.items()}
 
 
 def build_guard(settings: Settings) -> Guard:

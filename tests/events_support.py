@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import nats
+import nats.errors
 import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from orders_service_api.v1 import events_pb2
 
 from tests.local_services import wait_until
@@ -60,16 +62,21 @@ class EventStream:
 
     def read(self) -> list[Received]:
         """Every message the stream holds, in stream order (none if it does not exist yet)."""
-        return asyncio.run(_read(self.url, self.name))
+        return asyncio.run(_read(self.url, self.name, self.prefix))
+
+    def count(self) -> int:
+        """How many messages the stream holds (0 if it does not exist yet)."""
+        return asyncio.run(_count(self.url, self.name))
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[Received]:
         """The stream's messages once it holds `count` at least."""
-        return wait_until(
-            lambda: (lambda got: got if len(got) >= count else None)(self.read()),
+        wait_until(
+            lambda: self.count() >= count,
             timeout=timeout,
             interval=0.1,
-            what=f"{count} messages in stream {self.name}",
+            what=f"{count} messages in {self.name}",
         )
+        return self.read()
 
     def delete(self) -> None:
         asyncio.run(_delete(self.url, self.name))
@@ -87,7 +94,9 @@ class Received:
         return self.subject.rsplit(".", 1)[-1]
 
 
-async def _read(url: str, stream: str) -> list[Received]:
+async def _read(url: str, stream: str, prefix: str) -> list[Received]:
+    """Through an ephemeral pull consumer from the first message, without acknowledgements: a
+    consumer as any other, that ends once it has had as many messages as the stream held."""
     nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
     try:
         js = nc.jetstream(timeout=5)
@@ -95,12 +104,34 @@ async def _read(url: str, stream: str) -> list[Received]:
             info = await js.stream_info(stream)
         except nats.js.errors.NotFoundError:
             return []
-        got = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            raw = await js.get_msg(stream, seq)
-            event = events_pb2.OrderEvent.FromString(raw.data or b"")
-            got.append(Received(seq, raw.subject or "", dict(raw.headers or {}), event))
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0
+        )
+        subscription = await js.pull_subscribe(f"{prefix}.>", stream=stream, config=config)
+        got: list[Received] = []
+        while len(got) < info.state.messages:
+            try:
+                batch = await subscription.fetch(1000, timeout=2)
+            except nats.errors.TimeoutError:
+                break
+            for raw in batch:
+                event = events_pb2.OrderEvent.FromString(raw.data)
+                seq = raw.metadata.sequence.stream
+                got.append(Received(seq, raw.subject, dict(raw.headers or {}), event))
+        await subscription.unsubscribe()
         return got
+    finally:
+        await nc.close()
+
+
+async def _count(url: str, stream: str) -> int:
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    try:
+        try:
+            info = await nc.jetstream(timeout=5).stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(info.state.messages)
     finally:
         await nc.close()
 
