@@ -55,6 +55,7 @@ from db import clock, precompiled
 from db.backend import backend_of
 from db.chained import DB_NOW, DbLater, insert_together
 from db.tables import outbox_events as outbox
+from domain import correlation
 from domain.events import DomainEvent
 from domain.fencing import Fence
 
@@ -324,7 +325,8 @@ class OutboxStore:
     ) -> list[dict[str, Any]]:
         """The PENDING rows that store `events` (see `add`), leased when `lease` is given. On
         PostgreSQL the times are the database's, written by `db.chained.insert_together`."""
-        headers = json.dumps({"correlation_id": correlation_id} if correlation_id else {})
+        # The correlation id, and the trace context in hand when tracing is on (domain.correlation).
+        headers = json.dumps(correlation.event_headers(correlation_id))
         database_clock = backend_of(dialect).database_clock
         at: Any = DB_NOW if database_clock else now
         rows: list[dict[str, Any]] = [

@@ -58,6 +58,7 @@ from server.servicers import InventoryServicer, OrderServicer
 
 if TYPE_CHECKING:
     from relay.service import EventRelayService
+    from server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class Service:
     watcher: OrderWatcher | None = None
     admission: Admission | None = None
     relay: EventRelayService | None = None  # with --events-url (server.events)
+    tracing: Tracing | None = None  # with --otel-exporter (server.tracing)
     stopped: bool = field(default=False)
     _stop_metrics: Callable[[], None] | None = None
 
@@ -196,6 +198,8 @@ class Service:
             self.listener.stop()
         if self.notifier is not None:
             self.notifier.stop()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # the spans still queued go out
         self.engines.dispose()
         return finished
 
@@ -241,7 +245,10 @@ def build(settings: Settings) -> Service:
         orders_uow = relay.orders_uow
     # The set-based ORDER_CREATED where both databases run its statements (see saga.inventory).
     batching = all(backend_of(engine).one_statement_writes for engine in engines.distinct)
-    dispatcher = _dispatcher(settings, orders_uow, inventory_uow, guard, metrics, announce, wake, batching)
+    tracing = _tracing(settings)
+    dispatcher = _dispatcher(
+        settings, orders_uow, inventory_uow, guard, metrics, announce, wake, batching, tracing
+    )
     app = OrderApplication(
         orders_uow=orders_uow,
         inventory_uow=inventory_uow,
@@ -249,7 +256,7 @@ def build(settings: Settings) -> Service:
         signals=CommitSignals(wake, changes, notifier, handoff=dispatcher),
     )
     watcher = OrderWatcher(app.get_order, changes, max_lifetime_s=settings.watch_max_lifetime_s)
-    server, port, health_servicer, admission = _grpc_server(settings, app, watcher, metrics)
+    server, port, health_servicer, admission = _grpc_server(settings, app, watcher, metrics, tracing)
     monitor = _health_monitor(settings, engines, health_servicer)
     housekeeper = Housekeeper(
         orders_uow,
@@ -276,7 +283,17 @@ def build(settings: Settings) -> Service:
         watcher=watcher,
         admission=admission,
         relay=relay.service if relay is not None else None,
+        tracing=tracing,
     )
+
+
+def _tracing(settings: Settings) -> Tracing | None:
+    """OpenTelemetry when asked for; only then is server.tracing (and the SDK) imported."""
+    if not settings.tracing:
+        return None
+    from server.tracing import Tracing
+
+    return Tracing.start(settings)
 
 
 def _warn_about_defaults(settings: Settings, engines: Engines) -> None:
@@ -329,10 +346,11 @@ def _dispatcher(
     announce: CommitSignals,
     wake: WakeUp,
     batching: bool = False,
+    tracing: Tracing | None = None,
 ) -> OutboxDispatcher | None:
     """The inventory saga on its outbox dispatcher (None with `--saga-workers 0`), set-based with
     `batching`; with a fault file, the fault wrappers around the participant and the handlers
-    (server.faults)."""
+    (server.faults); with tracing, each step a span (server.tracing)."""
     if settings.saga_workers <= 0:
         return None
     faults = FaultSwitches(settings.fault_file) if settings.fault_file else None
@@ -351,10 +369,18 @@ def _dispatcher(
         on_outcome=metrics.on_saga_outcome,
         batching=batching,
     )
+    handlers = saga.handlers() if faults is None else faulty_handlers(saga.handlers(), faults)
     batch_handlers = saga.batch_handlers()
+    if faults is not None:
+        batch_handlers = faulty_batch_handlers(batch_handlers, faults)
+    if tracing is not None:
+        handlers, batch_handlers = (
+            tracing.traced_handlers(handlers),
+            tracing.traced_batch_handlers(batch_handlers),
+        )
     return OutboxDispatcher(
         orders_uow,
-        saga.handlers() if faults is None else faulty_handlers(saga.handlers(), faults),
+        handlers,
         DispatcherSettings(
             workers=settings.saga_workers,
             poll_interval_s=settings.poll_interval_s,
@@ -367,12 +393,16 @@ def _dispatcher(
         renewal_paused=(lambda: False) if faults is None else faults.renewal_paused,
         listener=metrics.on_handled,
         on_claimed=metrics.on_claimed,
-        batch_handlers=batch_handlers if faults is None else faulty_batch_handlers(batch_handlers, faults),
+        batch_handlers=batch_handlers,
     )
 
 
 def _grpc_server(
-    settings: Settings, app: OrderApplication, watcher: OrderWatcher, metrics: Metrics
+    settings: Settings,
+    app: OrderApplication,
+    watcher: OrderWatcher,
+    metrics: Metrics,
+    tracing: Tracing | None = None,
 ) -> tuple[grpc.Server, int, HealthServicer, Admission]:
     """The gRPC server with its interceptors, services, health and reflection, bound to its port."""
     # Admission, not grpcio's maximum_concurrent_rpcs (which counts open streams), limits the calls
@@ -390,7 +420,7 @@ def _grpc_server(
         threads,
         interceptors=[
             admission,  # first: it decides before the others run, and wraps their handlers
-            CorrelationInterceptor(),
+            CorrelationInterceptor() if tracing is None else tracing.correlation_interceptor(),
             MetricsInterceptor(metrics),
             ErrorInterceptor(),
             *(

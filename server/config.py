@@ -117,6 +117,19 @@ class Settings:
     )
     log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting("text", "log line format", choices=("text", "json"))
+    otel_exporter: str = _setting(
+        "none",
+        "OpenTelemetry tracing: none (off: nothing of OpenTelemetry is loaded), otlp (OTLP over gRPC "
+        "to OTEL_EXPORTER_OTLP_ENDPOINT, default http://localhost:4317) or console (spans as JSON "
+        "lines on stdout); the standard OTEL_* variables (OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER, "
+        "OTEL_RESOURCE_ATTRIBUTES, ...) set the rest. Needs the otel extra",
+        choices=("none", "otlp", "console"),
+    )
+    otel_test_span_file: str = _setting(
+        "",
+        f"tests only, with {TESTING_FAULTS_ENV}=1: tracing on, and every finished span also written "
+        "to this file as a JSON line",
+    )
     db_pool_size: int = _setting(0, "database connections per engine (0 = sized from the thread counts)")
     db_statement_timeout_ms: int = _setting(
         10_000, "PostgreSQL statement_timeout when the call sets no deadline"
@@ -188,6 +201,11 @@ class Settings:
         return "tls" if self.tls_cert_file else "plaintext"
 
     @property
+    def tracing(self) -> bool:
+        """OpenTelemetry tracing on (server.tracing): an exporter, or the tests' span file."""
+        return self.otel_exporter != "none" or bool(self.otel_test_span_file)
+
+    @property
     def inventory_url(self) -> str:
         return self.inventory_database_url or self.database_url
 
@@ -229,6 +247,8 @@ def _convert(kind: type, raw: str) -> Any:
     return raw
 
 
+# Settings for tests only: refused, and left out of --help, unless TESTING_FAULTS_ENV is 1.
+_TESTING_ONLY = frozenset({"fault_file", "otel_test_span_file"})
 # Settings whose values must never be shown (URLs are shown with the password masked).
 _SECRET = frozenset({"page_token_secret"})
 _URLS = frozenset({"database_url", "inventory_database_url", "redis_url", "events_url"})
@@ -288,7 +308,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             choices = f.metadata["choices"]
             if choices is not None and default not in choices:
                 parser.error(f"{_env(f.name)}: {default!r} is not one of {', '.join(choices)}")
-        hidden = f.name == "fault_file" and env.get(TESTING_FAULTS_ENV) != "1"
+        hidden = f.name in _TESTING_ONLY and env.get(TESTING_FAULTS_ENV) != "1"
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
@@ -429,6 +449,25 @@ def _check_events(settings: Settings) -> list[str]:
     return problems
 
 
+def _check_tracing(settings: Settings, env: Mapping[str, str]) -> list[str]:
+    """Tracing needs the otel extra, and the OTLP exporter here speaks gRPC only."""
+    if not settings.tracing:
+        return []
+    if (
+        importlib.util.find_spec("opentelemetry") is None
+        or importlib.util.find_spec("opentelemetry.sdk") is None
+    ):
+        return ["--otel-exporter: needs the OpenTelemetry SDK: pip install 'orders-service[otel]'"]
+    if settings.otel_exporter == "otlp":
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            wanted = env.get(name)
+            if wanted and wanted != "grpc":
+                return [f"{name}={wanted}: --otel-exporter otlp speaks OTLP over gRPC only (grpc)"]
+            if wanted:
+                break
+    return []
+
+
 def _check_workers(settings: Settings) -> list[str]:
     """Several workers need SO_REUSEPORT, and one metrics port each above --metrics-port."""
     if settings.workers <= 1:
@@ -461,6 +500,9 @@ def parse(
     problems = _check(settings)
     if settings.fault_file and environment.get(TESTING_FAULTS_ENV) != "1":
         problems.append(f"--fault-file: fault injection is for tests only (it needs {TESTING_FAULTS_ENV}=1)")
+    if settings.otel_test_span_file and environment.get(TESTING_FAULTS_ENV) != "1":
+        problems.append(f"--otel-test-span-file: for tests only (it needs {TESTING_FAULTS_ENV}=1)")
+    problems.extend(_check_tracing(settings, environment))
     if problems:
         parser.error("; ".join(problems))
     return namespace.command, list(namespace.args), settings

@@ -1,4 +1,5 @@
-"""Log set-up: every line carries the correlation id (and order id) of the work that caused it.
+"""Log set-up: every line carries the correlation id (and order id) of the work that caused it, and
+with tracing on (server.tracing) its trace id too.
 
 The stamping filter sits on the handler, not on a logger, so records propagated from any logger,
 in any thread, get the fields; records outside any call get "-".
@@ -27,6 +28,16 @@ class CorrelationFilter(logging.Filter):
         return True
 
 
+class TracingFilter(CorrelationFilter):
+    """With tracing on: the trace and span ids of the span in hand too ("-" outside any)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        super().filter(record)
+        trace = correlation.current_trace()
+        record.trace_id, record.span_id = (trace.trace_id, trace.span_id) if trace else ("-", "-")
+        return True
+
+
 class _SecondStamp:
     """The part of a timestamp down to the second, made once per second: one writer thread formats
     every line, and `strftime` per line was most of its work at a few thousand lines a second."""
@@ -44,10 +55,10 @@ class _SecondStamp:
 
 
 class TextFormatter(logging.Formatter):
-    """`TEXT_FORMAT`, with the stdlib's time format (local time, `2026-12-06 22:07:57,123`)."""
+    """`TEXT_FORMAT` (or `fmt`), with the stdlib's time format (local time, `2026-12-06 22:07:57,123`)."""
 
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
+    def __init__(self, fmt: str | None = None) -> None:
+        super().__init__(fmt or TEXT_FORMAT)
         self._stamp = _SecondStamp(self._local_second)
 
     def _local_second(self, second: int) -> str:
@@ -62,9 +73,10 @@ def _utc_second(second: int) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self) -> None:
+    def __init__(self, trace_ids: bool = False) -> None:
         super().__init__()
         self._stamp = _SecondStamp(_utc_second)
+        self._trace_ids = trace_ids  # TracingFilter's fields, with tracing on
 
     def format(self, record: logging.LogRecord) -> str:
         micros = int((record.created - int(record.created)) * 1_000_000)
@@ -77,6 +89,9 @@ class JsonFormatter(logging.Formatter):
             "order_id": getattr(record, "order_id", "-"),
             "thread": record.threadName,
         }
+        if self._trace_ids:
+            entry["trace_id"] = getattr(record, "trace_id", "-")
+            entry["span_id"] = getattr(record, "span_id", "-")
         # As logging.Formatter does: the traceback's text is formatted once and kept on the record
         # (where it was logged, by _Handoff, or here).
         if record.exc_info and not record.exc_text:
@@ -90,6 +105,8 @@ TEXT_FORMAT = (
     "%(asctime)s %(levelname)-7s [%(threadName)s] %(name)s "
     "correlation_id=%(correlation_id)s order_id=%(order_id)s %(message)s"
 )
+# With tracing on (TracingFilter): the trace id after the order id.
+TRACED_TEXT_FORMAT = TEXT_FORMAT.replace(" %(message)s", " trace_id=%(trace_id)s %(message)s")
 
 
 class _Handoff(logging.handlers.QueueHandler):
@@ -165,12 +182,18 @@ class _Handoff(logging.handlers.QueueHandler):
         super().close()
 
 
-def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Log to `stream` (stderr by default) through the handoff above."""
+def configure(
+    level: str = "INFO", fmt: str = "text", stream: TextIO | None = None, trace_ids: bool = False
+) -> None:
+    """Log to `stream` (stderr by default) through the handoff above; with `trace_ids` (tracing on)
+    every line carries the trace id too."""
     writer = logging.StreamHandler(stream or sys.stderr)
-    writer.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if fmt == "json":
+        writer.setFormatter(JsonFormatter(trace_ids))
+    else:
+        writer.setFormatter(TextFormatter(TRACED_TEXT_FORMAT if trace_ids else None))
     handler = _Handoff(writer)
-    handler.addFilter(CorrelationFilter())
+    handler.addFilter(TracingFilter() if trace_ids else CorrelationFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

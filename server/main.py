@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Server flags came first (`orders-server --port 1 health`): the probe has options of its own.
         print("orders-server: error: `health` comes first: orders-server health [options]", file=sys.stderr)
         return 2
-    configure(settings.log_level, settings.log_format)
+    configure(settings.log_level, settings.log_format, trace_ids=settings.tracing)
     if command == "migrate":
         return migrate(settings)
     if command == "admin":

@@ -133,7 +133,10 @@ def help_text(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatc
     return " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.parametrize("name", [name for name in FIELD_NAMES if name != "fault_file"])
+TESTING_ONLY = ("fault_file", "otel_test_span_file")
+
+
+@pytest.mark.parametrize("name", [name for name in FIELD_NAMES if name not in TESTING_ONLY])
 def test_help_lists_every_setting_with_its_flag_and_environment_variable(help_text: str, name: str) -> None:
     assert f"{_flag(name)} " in help_text
     assert f"[env {_env(name)}]" in help_text
@@ -149,6 +152,33 @@ def test_the_fault_switch_is_not_offered_to_production_users(
     assert "--fault-file: fault injection is for tests only" in capsys.readouterr().err
     _, settings = load(["--fault-file", "faults.json"], env={TESTING_FAULTS_ENV: "1"})
     assert settings.fault_file == "faults.json"
+
+
+def test_the_tests_span_file_is_not_offered_to_production_users(
+    help_text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "--otel-test-span-file" not in help_text
+    with pytest.raises(SystemExit) as refused:
+        load(["--otel-test-span-file", "spans.jsonl"], env={})
+    assert refused.value.code == 2
+    assert "--otel-test-span-file: for tests only" in capsys.readouterr().err
+    _, settings = load(["--otel-test-span-file", "spans.jsonl"], env={TESTING_FAULTS_ENV: "1"})
+    assert settings.tracing
+
+
+def test_tracing_is_off_unless_an_exporter_is_chosen() -> None:
+    assert not load([], env={})[1].tracing
+    assert load(["--otel-exporter", "console"], env={})[1].tracing
+    assert load([], env={"ORDERS_OTEL_EXPORTER": "otlp"})[1].tracing
+
+
+def test_the_otlp_exporter_refuses_a_protocol_it_does_not_speak(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        load(["--otel-exporter", "otlp"], env={"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"})
+    assert refused.value.code == 2
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf" in capsys.readouterr().err
+    grpc_first = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}
+    assert load(["--otel-exporter", "otlp"], env=grpc_first)[1].otel_exporter == "otlp"
 
 
 def test_help_lists_the_migrate_command(help_text: str) -> None:
