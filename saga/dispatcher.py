@@ -113,6 +113,8 @@ class OutboxDispatcher:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified whenever a handler finishes
         self._in_flight = 0
+        # Events held in batches beyond the first of each: a batch takes one worker (`_busy`).
+        self._batched = 0
         self._reserved = 0  # workers promised to events being committed (`take_slots`)
         # Since when (monotonic) a claim is owed: the last claim filled its batch, or a wake-up
         # found no worker free, so more events may be due than were claimed; None when not.
@@ -177,7 +179,7 @@ class OutboxDispatcher:
         instead puts every order through claims after any burst, which costs more). The caller
         must `hand` the events once committed, or `return_slots` if they never are."""
         with self._lock:
-            busy = self._in_flight + self._reserved
+            busy = self._busy()
             owed = self._owed_since is not None and (
                 time.monotonic() - self._owed_since >= self._settings.handoff_yield_after_s
             )
@@ -283,7 +285,8 @@ class OutboxDispatcher:
         plan = rounds.plan_rounds(
             rounds.Load(
                 workers=self._settings.workers,
-                busy=self._settings.workers if solo else self._in_flight + self._reserved,
+                busy=self._settings.workers if solo else self._busy(),
+                held=self._in_flight + self._reserved,
                 claiming=self._claiming,
                 rounds=self._rounds,
                 wanted=self._wanted,
@@ -299,6 +302,12 @@ class OutboxDispatcher:
         self._rounds += len(plan.sizes)
         self._claiming += sum(plan.sizes)
         return list(plan.sizes)
+
+    def _busy(self) -> int:
+        """Workers taken: events running or queued, a batch counting once, and hand-offs promised
+        (under the lock). A batch that counted every event would keep idle workers from the
+        hand-offs that come in while it runs, and send those events through claims and batches too."""
+        return self._in_flight - self._batched + self._reserved
 
     def _round(self, size: int) -> None:
         """On a round thread: the DONE marks and a claim of up to `size`; then whether more rounds
@@ -372,29 +381,35 @@ class OutboxDispatcher:
             if event.id not in kept:
                 log.warning("event %d: lease lost to another dispatcher; DONE not recorded", event.id)
             self._count("done" if event.id in kept else "fenced", event, seconds)
+        alone, batches = self._batches_of(events)
         with self._lock:
             self._claiming -= free
             self._in_flight += len(events)
+            self._batched += sum(len(batch) - 1 for batch in batches)
             self.stats.claimed += len(events)
             for event in events:
                 self._enter(event, sent)
-        self._submit_claimed(events)
+        for event in alone:
+            self._submit(event, event.age_s)
+        for batch in batches:
+            self._run_on_pool(batch, [event.age_s for event in batch])
         return len(events), len(kept)
 
-    def _submit_claimed(self, events: Sequence[ClaimedEvent]) -> None:
-        """Run a round's events: those of a type with a batch handler together, one batch per
-        type, the others (and every suspect) each on its own."""
-        batches: dict[str, list[ClaimedEvent]] = {}
+    def _batches_of(
+        self, events: Sequence[ClaimedEvent]
+    ) -> tuple[list[ClaimedEvent], list[list[ClaimedEvent]]]:
+        """A round's events as those that run alone (suspects, types without a batch handler, the
+        only one of its type) and the batches, one per type with a batch handler."""
+        alone: list[ClaimedEvent] = []
+        by_type: dict[str, list[ClaimedEvent]] = {}
         for event in events:
             if event.suspect or event.event_type not in self._batch_handlers:
-                self._submit(event, event.age_s)
+                alone.append(event)
             else:
-                batches.setdefault(event.event_type, []).append(event)
-        for batch in batches.values():
-            if len(batch) == 1:
-                self._submit(batch[0], batch[0].age_s)
-            else:
-                self._run_on_pool(batch, [event.age_s for event in batch])
+                by_type.setdefault(event.event_type, []).append(event)
+        batches = [batch for batch in by_type.values() if len(batch) > 1]
+        alone += [batch[0] for batch in by_type.values() if len(batch) == 1]
+        return alone, batches
 
     def _submit(self, event: ClaimedEvent, lag_s: float) -> None:
         """Run a leased event, already counted in flight, on the executor (a suspect: alone)."""
@@ -444,6 +459,7 @@ class OutboxDispatcher:
                 self._executor.submit(context.run, self._handle_batch, events)
         except RuntimeError:  # the pool shut down after a stop that gave up waiting
             with self._idle:
+                self._batched -= len(events) - 1
                 for event in events:
                     log.warning("event %d left to its lease: the dispatcher has stopped", event.id)
                     self._in_flight -= 1
@@ -568,6 +584,7 @@ class OutboxDispatcher:
         can find work (see the module docstring)."""
         with self._idle:
             self._in_flight -= len(events)
+            self._batched -= len(events) - 1
             self._idle.notify_all()
             followed = False
             for event in events:

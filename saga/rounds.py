@@ -6,7 +6,8 @@ claim of due ones. The rules, each measured (docs/performance.md has the figures
 - claim only while a worker is idle, and then `workers` events at least and at most one batch
   ahead of the workers (`2 * workers` held): events claimed for workers that are all busy wait in
   this process's queue, and for workers stuck on slow handlers they would wait out their leases;
-  topping the queue up as each handler finished made a claim statement per event or two;
+  topping the queue up as each handler finished made a claim statement per event or two. A batch
+  of events run together (saga.dispatcher) takes one worker and counts every event it holds;
 - while rounds come back full (a backlog), `ROUNDS` rounds at once and up to `4 * workers` events
   held: one round's statement is in the database while the other's events go to the workers;
 - after a failed round, one at a time again, after a pause that doubles with each failure;
@@ -27,7 +28,7 @@ class Load:
     """What the dispatcher holds when it decides (read under its lock)."""
 
     workers: int
-    busy: int  # events running or queued, and workers promised to hand-offs
+    busy: int  # workers taken: events running or queued (a batch takes one), and hand-offs promised
     claiming: int  # events the rounds in flight may still claim
     rounds: int  # rounds in flight
     wanted: int  # rounds asked for (a wake-up, a full round, completed events)
@@ -35,6 +36,7 @@ class Load:
     failing: bool  # the last round failed
     finished: int  # handled events waiting for their DONE
     in_flight: int  # events running or queued
+    held: int  # events held: running or queued (each of a batch), and hand-offs promised
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def plan_rounds(load: Load) -> Plan:
     limit = 1 if load.failing else ROUNDS
     owe_claim = False
     while wanted > 0 and rounds < limit:
-        room = (4 if load.full else 2) * load.workers - load.busy - claiming
+        room = (4 if load.full else 2) * load.workers - load.held - claiming
         if room < load.workers or load.busy >= load.workers:
             if rounds == 0:
                 owe_claim, wanted = True, 0

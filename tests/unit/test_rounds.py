@@ -22,6 +22,7 @@ def load(**changes: object) -> Load:
         "in_flight": 0,
     }
     base.update(changes)
+    base.setdefault("held", base["busy"])  # no batch: every event held takes a worker
     return Load(**base)  # type: ignore[arg-type]
 
 
@@ -58,6 +59,16 @@ def load(**changes: object) -> Load:
             Plan((2 * W,), 1, False),
         ),
         ("failing with one in flight: none", load(wanted=1, rounds=1, failing=True), Plan((), 1, False)),
+        (
+            "a batch of two batches' worth on one worker: workers idle, but no room (a claim is owed)",
+            load(busy=1, held=2 * W, in_flight=2 * W),
+            Plan((), 0, True),
+        ),
+        (
+            "a batch of one batch's worth on one worker, in a backlog: one more round",
+            load(busy=1, held=W, in_flight=W, full=True),
+            Plan((2 * W,), 0, False),
+        ),
     ],
 )
 def test_the_rounds_started_for_what_the_dispatcher_holds(situation: str, held: Load, plan: Plan) -> None:
