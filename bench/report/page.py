@@ -143,11 +143,15 @@ def workers_table(result: dict[str, Any]) -> list[str]:
 
 def relay_rows(lines: list[str], relay_result: dict[str, Any]) -> None:
     """Drain and pickup rows for the scenario table: ours, then pgqueuer's."""
-    for key, name in (("drain", "our outbox dispatcher"), ("pgqueuer_drain", "pgqueuer")):
+    for key, name, handler in (
+        ("drain", "our outbox dispatcher", "no-op handler"),
+        ("events_drain", "our event relay to NATS JetStream", "each published and acknowledged"),
+        ("pgqueuer_drain", "pgqueuer", "no-op handler"),
+    ):
         drain = relay_result.get(key)
-        if drain:
+        if drain and "events" in drain:
             lines.append(
-                f"| drain: {drain['events']} queued, no-op handler, {drain['in_flight']} in flight, "
+                f"| drain: {drain['events']} queued, {handler}, {drain['in_flight']} in flight, "
                 f"{name} ({drain['settings']}) | PostgreSQL | {drain['per_s']:.0f} | | | | "
                 f"{drain['events']} | 0 |"
             )

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import load, relay
+from bench import event_relay, load, relay
 from bench.plan import PICKUP_RATE, RELAY_IN_FLIGHT, SKUS
 from bench.server import (
     create_bench_database,
@@ -38,6 +38,9 @@ def run_relay(plan: dict[str, Any], workdir: Path, server_args: list[str]) -> di
         relay.pgq_prepare(dbname, events)
         (out["drain"],) = relay.in_processes((relay.our_drain, url, events, RELAY_IN_FLIGHT))
         print(f"  our drain: {out['drain']}", flush=True)
+        # The event relay beside it: the same dispatcher, each event published to JetStream.
+        (out["events_drain"],) = relay.in_processes((event_relay.nats_drain, url, events, RELAY_IN_FLIGHT))
+        print(f"  our event relay's drain to NATS JetStream: {out['events_drain']}", flush=True)
         (out["pgqueuer_drain"],) = relay.in_processes((relay.pgq_drain, dbname, events, RELAY_IN_FLIGHT))
         print(f"  pgqueuer drain: {out['pgqueuer_drain']}", flush=True)
         out["pgqueuer_pickup"] = pgqueuer_pickup(dbname, seconds, plan["pickup_wait_s"])
