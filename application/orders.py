@@ -79,6 +79,7 @@ class OrderApplication:
             self._signals.lease_unused(lease)
             raise
         self._signals.events_committed(lease, leased, self._clock())
+        self._signals.order_placed(order)
         return order
 
     def _replay(self, request_id: str, fingerprint: str) -> Order | None:
@@ -135,7 +136,7 @@ class OrderApplication:
                     uow.outbox.add([event], correlation.current(), cancelled.update_time)
                     uow.commit()
                     self._signals.outbox_committed(order_id)
-                    self._signals.order_changed(order_id)
+                    self._signals.order_changed(order_id, cancelled)
                     return cancelled
             if expected_version is not None:
                 raise ConflictError(f"order {order_id} changed concurrently")

@@ -4,6 +4,8 @@ order settles, the call ends, or the stream reaches its lifetime.
 An open stream is a registration, not a waiting thread: a commit (or, on PostgreSQL, a
 notification from another process) reaches `OrderChanges`, whose listener queues a check of the
 order on the watcher's few threads; a check reads the order and sends it when its version moved.
+The first state and a check take the order from `OrderChanges.recent` instead when this process
+has just committed a newer version of it (a WatchOrder right after PlaceOrder reads nothing to start).
 A timer queues a check of every stream once per `safety_poll_s` (the first one at a random point
 within it, so that streams opened together do not poll together), the safety net for a missed
 signal, and ends a stream at its lifetime with UNAVAILABLE, which tells the client to watch again.
@@ -110,7 +112,7 @@ class OrderWatcher:
         # below is not lost (it sets `again`).
         watch.unsubscribe = self._changes.subscribe(order_id, partial(self._changed, watch))
         try:
-            order = self._load(order_id)
+            order = self._changes.recent(order_id) or self._load(order_id)
         except BaseException:
             watch.unsubscribe()
             raise
@@ -221,8 +223,10 @@ class OrderWatcher:
                 error = UnavailableError(f"watch lifetime of {self._max_lifetime_s:g} s reached: watch again")
             else:
                 try:
-                    with deadline_bound(time.monotonic() + self._load_timeout_s):
-                        latest = self._load(watch.order_id)
+                    latest = self._changes.recent(watch.order_id)
+                    if latest is None or latest.version <= watch.version:  # nothing new here: read
+                        with deadline_bound(time.monotonic() + self._load_timeout_s):
+                            latest = self._load(watch.order_id)
                 except Exception as failure:
                     if not isinstance(failure, DomainError):
                         log.error("WatchOrder of %s failed", watch.order_id, exc_info=failure)

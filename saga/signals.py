@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Protocol
 
 from db.outbox import ClaimedEvent, Lease
+from domain.model import Order
 
 
 class WakeUp:
@@ -30,12 +33,49 @@ class OrderChanges:
     """Who wants to hear of which order's changes: `subscribe` a listener for an order, `publish`
     calls the listeners of the orders that changed, `close` calls them all for good. Publishers
     never block on listeners, and an order nobody listens to leaves nothing behind: keeping state
-    for every order ever changed (up to 100,000 of them) grew a busy server by megabytes."""
+    for every order ever changed (up to 100,000 of them) grew a busy server by megabytes.
 
-    def __init__(self) -> None:
+    It also keeps the orders as this process's own commits left them, for a short while
+    (`recent`): a watcher that opens or checks right after such a commit sends the order from
+    here instead of reading it back. What it keeps is never newer than the database, and it
+    drops an order when it hears of a change it was not shown (`publish` of the id: a commit
+    whose result it does not have, another process's notification), so a watcher falls back to
+    reading. A change it never hears of (another process, a lost notification) can leave it
+    behind for at most `recent_s`; a watcher then sends that earlier version first and the later
+    one at its next check, as it would had it opened before the change."""
+
+    def __init__(
+        self, recent_s: float = 2.0, recent_max: int = 1024, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._lock = threading.Lock()
         self._listeners: dict[str, list[Callable[[], None]]] = {}
         self._closed = False
+        self._recent: OrderedDict[str, tuple[float, Order]] = OrderedDict()  # by id, oldest first
+        self._recent_s = recent_s
+        self._recent_max = recent_max
+        self._clock = clock
+
+    def remember(self, order: Order) -> None:
+        """`order` as this process just committed it (nobody can be listening yet: a new order)."""
+        with self._lock:
+            self._keep(order)
+
+    def recent(self, order_id: str) -> Order | None:
+        """The order as this process's latest commit of it left it, if that was under `recent_s` ago."""
+        with self._lock:
+            kept = self._recent.get(order_id)
+        if kept is None or self._clock() - kept[0] > self._recent_s:
+            return None
+        return kept[1]
+
+    def _keep(self, order: Order) -> None:
+        """Under the lock."""
+        kept = self._recent.pop(order.order_id, None)
+        if kept is not None and kept[1].version > order.version:
+            order = kept[1]  # two commits' announcements crossed: the later version stays
+        self._recent[order.order_id] = (self._clock(), order)
+        while len(self._recent) > self._recent_max:
+            self._recent.popitem(last=False)
 
     def subscribe(self, order_id: str, listener: Callable[[], None]) -> Callable[[], None]:
         """Call `listener` after each change of the order and at close, until the function returned
@@ -67,8 +107,20 @@ class OrderChanges:
             return len(self._listeners)
 
     def publish(self, order_ids: Iterable[str]) -> None:
+        """The orders changed, to what is not known here: listeners read them."""
         with self._lock:
-            listeners = [listener for order_id in order_ids for listener in self._listeners.get(order_id, ())]
+            listeners: list[Callable[[], None]] = []
+            for order_id in order_ids:
+                self._recent.pop(order_id, None)
+                listeners.extend(self._listeners.get(order_id, ()))
+        for listener in listeners:
+            listener()
+
+    def publish_order(self, order: Order) -> None:
+        """The order changed, to `order` (this process's commit): listeners may take it from `recent`."""
+        with self._lock:
+            self._keep(order)
+            listeners = list(self._listeners.get(order.order_id, ()))
         for listener in listeners:
             listener()
 
@@ -150,7 +202,15 @@ class CommitSignals:
         if self._remote is not None:
             self._remote.outbox_committed()
 
-    def order_changed(self, order_id: str) -> None:
-        self._changes.publish([order_id])
+    def order_changed(self, order_id: str, order: Order | None = None) -> None:
+        """The order changed (to `order`, when the committer has it whole)."""
+        if order is None:
+            self._changes.publish([order_id])
+        else:
+            self._changes.publish_order(order)
         if self._remote is not None:
             self._remote.order_changed(order_id)
+
+    def order_placed(self, order: Order) -> None:
+        """A new order committed: nobody listens yet, but a WatchOrder right after will want it."""
+        self._changes.remember(order)
