@@ -30,7 +30,7 @@ from typing import Any
 
 from bench import cpu, load, operations
 from bench.plan import SKUS
-from bench.server import bare_stack_server, postgres_server
+from bench.server import BenchServer, bare_stack_server, postgres_server, stock_every_sku
 
 # (layer, pattern on a frame's file): the first layer whose pattern matches a frame, walking from
 # the innermost frame out, takes the sample. Standard-library frames match nothing (a `json.dumps`
@@ -132,6 +132,19 @@ def profile(pool: Any, address: str, pid: int, args: argparse.Namespace, out: Pa
     }
 
 
+def profile_sqlite(
+    pool: Any, args: argparse.Namespace, workdir: Path, server_args: list[str]
+) -> dict[str, Any]:
+    """The same on a fresh SQLite file, saga on."""
+    with tempfile.TemporaryDirectory(prefix="orders-profile-") as tmp:
+        server = BenchServer(f"sqlite:///{tmp}/orders.db", workdir / "server-sqlite.log", server_args)
+        try:
+            stock_every_sku(server)
+            return profile(pool, server.address, server.proc.pid, args, workdir / "sqlite.txt")
+        finally:
+            server.stop()
+
+
 def table(runs: dict[str, dict[str, Any]]) -> str:
     names = list(runs)
     layers = [name for name, _ in LAYERS if any(name in run["shares"] for run in runs.values())]
@@ -159,6 +172,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--processes", type=int, default=2, help="client processes")
     parser.add_argument("--threads", type=int, default=16, help="threads per client process")
+    parser.add_argument(
+        "--sqlite", action="store_true", help="also PlaceOrder on SQLite (the embedded default)"
+    )
     parser.add_argument(
         "--keep", type=Path, help="keep py-spy's samples (raw, collapsed stacks) in this folder"
     )
@@ -189,6 +205,8 @@ def main() -> int:
                     f"  {label}: {runs[label]['per_s']:.0f}/s, {runs[label]['cpu_ms']:.3f} ms per call",
                     flush=True,
                 )
+            if args.sqlite:
+                runs["place on SQLite"] = profile_sqlite(pool, args, workdir, server_args)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
