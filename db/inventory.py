@@ -72,18 +72,23 @@ def _reservation_statuses() -> Select[Any]:
     return select(stock_reservations.c.status).where(stock_reservations.c.order_id == bindparam("order_id"))
 
 
+def _taking(quantity: Any, now: Any) -> dict[str, Any]:
+    """What taking `quantity` of a stock row writes (every reservation path's decrement)."""
+    return {
+        "available": stock.c.available - quantity,
+        "reserved": stock.c.reserved + quantity,
+        "version": stock.c.version + 1,
+        "update_time": now,
+    }
+
+
 @lru_cache(maxsize=1)
 def _guarded_decrement() -> Update:
     quantity = bindparam("quantity", type_=Integer)
     return (
         update(stock)
         .where(stock.c.sku == bindparam("b_sku"), stock.c.available >= quantity)
-        .values(
-            available=stock.c.available - quantity,
-            reserved=stock.c.reserved + quantity,
-            version=stock.c.version + 1,
-            update_time=bindparam("now", type_=stock.c.update_time.type),
-        )
+        .values(_taking(quantity, bindparam("now", type_=stock.c.update_time.type)))
     )
 
 
@@ -178,12 +183,7 @@ def _reserve_all(fenced: bool = False) -> Select[Any]:
             locked.c.sku == booked.c.sku,
             stock.c.available >= booked.c.quantity,
         )
-        .values(
-            available=stock.c.available - booked.c.quantity,
-            reserved=stock.c.reserved + booked.c.quantity,
-            version=stock.c.version + 1,
-            update_time=now,
-        )
+        .values(_taking(booked.c.quantity, now))
         .returning(stock.c.sku)
         .cte("taken")
     )
@@ -271,12 +271,7 @@ def _apply_allocation() -> Select[Any]:
     taken = (
         update(stock)
         .where(stock.c.sku == totals.c.t_skus, stock.c.available >= totals.c.t_quantities)
-        .values(
-            available=stock.c.available - totals.c.t_quantities,
-            reserved=stock.c.reserved + totals.c.t_quantities,
-            version=stock.c.version + 1,
-            update_time=now,
-        )
+        .values(_taking(totals.c.t_quantities, now))
         .returning(stock.c.sku)
         .cte("taken")
     )

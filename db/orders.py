@@ -189,12 +189,18 @@ def _order_with_items() -> Select[Any]:
 def settle_pending_statement() -> Update:
     """`settle_pending`'s compare-and-set; the orders unit of work also runs it as a CTE of the
     event's completion (`OrdersUnitOfWork.settle_and_complete`)."""
+    return settling(bindparam("order_id"), bindparam("target"), bindparam("reason"))
+
+
+def settling(order_id: Any, target: Any, reason: Any) -> Update:
+    """The saga's compare-and-set of an order on PENDING, from parameters or (a batch's, see
+    `db.settlement`) columns; `now` is a parameter."""
     return (
         update(orders)
-        .where(orders.c.id == bindparam("order_id"), orders.c.status == OrderStatus.PENDING.value)
+        .where(orders.c.id == order_id, orders.c.status == OrderStatus.PENDING.value)
         .values(
-            status=bindparam("target"),
-            failure_reason=bindparam("reason"),
+            status=target,
+            failure_reason=reason,
             version=orders.c.version + 1,
             update_time=bindparam("now", type_=orders.c.update_time.type),
         )

@@ -7,13 +7,24 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import BigInteger, Select, String, Text, and_, bindparam, exists, func, select, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    String,
+    Text,
+    and_,
+    bindparam,
+    exists,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 
-from db.orders import settle_pending_statement
+from db.orders import settle_pending_statement, settling
 from db.outbox import PENDING, done_values
 from db.tables import orders, outbox_events
-from domain.model import OrderStatus
 
 
 @lru_cache(maxsize=1)
@@ -22,18 +33,8 @@ def settle_and_complete_statement() -> Select[Any]:
     AS (the fenced completion of the event, only if the order settled, RETURNING id) SELECT both
     counts. One statement, so one round trip and one execution of SQLAlchemy's per-call work."""
     settled = settle_pending_statement().returning(orders.c.id).cte("settled")
-    completed = (
-        update(outbox_events)
-        .where(
-            outbox_events.c.id == bindparam("event_id", type_=BigInteger),
-            outbox_events.c.lease_token == bindparam("token", type_=String),
-            outbox_events.c.status == PENDING,
-            exists(select(settled.c.id)),
-        )
-        .values(done_values())
-        .returning(outbox_events.c.id)
-        .cte("completed")
-    )
+    event_id, token = bindparam("event_id", type_=BigInteger), bindparam("token", type_=String)
+    completed = _completion(event_id, token, exists(select(settled.c.id)))
     return select(
         select(func.count()).select_from(settled).scalar_subquery().label("settled"),
         select(func.count()).select_from(completed).scalar_subquery().label("completed"),
@@ -80,36 +81,32 @@ def settle_and_complete_many_statement() -> Select[Any]:
         .cte("leased")
     )
     settled = (
-        update(orders)
-        .where(
-            orders.c.id == wanted.c.order_id,
-            orders.c.status == OrderStatus.PENDING.value,
-            wanted.c.event_id.in_(select(leased.c.id)),
-        )
-        .values(
-            status=wanted.c.target,
-            failure_reason=wanted.c.reason,
-            version=orders.c.version + 1,
-            update_time=bindparam("now", type_=orders.c.update_time.type),
-        )
+        settling(wanted.c.order_id, wanted.c.target, wanted.c.reason)
+        .where(wanted.c.event_id.in_(select(leased.c.id)))
         .returning(orders.c.id)
         .cte("settled")
     )
-    completed = (
-        update(outbox_events)
-        .where(
-            outbox_events.c.id == wanted.c.event_id,
-            outbox_events.c.lease_token == wanted.c.token,
-            outbox_events.c.status == PENDING,
-            wanted.c.order_id.in_(select(settled.c.id)),
-        )
-        .values(done_values())
-        .returning(outbox_events.c.id)
-        .cte("completed")
-    )
+    completed = _completion(wanted.c.event_id, wanted.c.token, wanted.c.order_id.in_(select(settled.c.id)))
     return select(
         *(
             select(func.array_agg(part.c.id)).scalar_subquery().label(name)
             for name, part in (("leased", leased), ("settled", settled), ("completed", completed))
         )
+    )
+
+
+def _completion(event_id: Any, token: Any, settled: ColumnElement[bool]) -> Any:
+    """The event marked DONE, fenced on its lease token and only where its order `settled`: a CTE
+    RETURNING its id."""
+    return (
+        update(outbox_events)
+        .where(
+            outbox_events.c.id == event_id,
+            outbox_events.c.lease_token == token,
+            outbox_events.c.status == PENDING,
+            settled,
+        )
+        .values(done_values())
+        .returning(outbox_events.c.id)
+        .cte("completed")
     )

@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Engine, event
 from db import clock, precompiled
 from db.chained import statement_for
 from db.engine import make_engine
-from db.inventory import _reserve_all
+from db.inventory import _apply_allocation, _earlier_reservations, _fence_many, _locked_levels, _reserve_all
 from db.orders import OrderRepository
 from db.outbox import (
     Lease,
@@ -22,8 +22,8 @@ from db.outbox import (
     _complete_many_statement,
     _renew_statement,
 )
+from db.settlement import settle_and_complete_many_statement, settle_and_complete_statement
 from db.tables import order_items, orders, outbox_events
-from db.unit_of_work import _settle_and_complete
 from domain.model import Order, OrderItem, Settlement, utcnow
 from tests.support import apply_schema
 
@@ -105,7 +105,36 @@ def test_the_reservation_goes_out_as_sqlalchemy_would_send_it(engine: Engine) ->
 def test_the_settle_and_completion_go_out_as_sqlalchemy_would_send_them(engine: Engine) -> None:
     parameters = OrderRepository.settle_parameters("o-1", Settlement.validated(), utcnow())
     parameters.update(event_id=7, token="t-1")
-    _same_either_way(engine, _settle_and_complete(), parameters)
+    _same_either_way(engine, settle_and_complete_statement(), parameters)
+
+
+def test_the_batch_statements_of_the_saga_go_out_as_sqlalchemy_would_send_them(engine: Engine) -> None:
+    now = utcnow()
+    fences = {"order_ids": ["o-1", "o-2"], "fence_events": [7, 8], "fence_claims": [1, 2], "now": now}
+    _same_either_way(engine, _fence_many(), fences)
+    _same_either_way(engine, _earlier_reservations(), {"order_ids": ["o-1", "o-2"]})
+    _same_either_way(engine, _locked_levels(), {"skus": ["SKU-1", "SKU-2"]})
+    writes = {
+        "r_orders": ["o-1", "o-2"],
+        "r_skus": ["SKU-1", "SKU-1"],
+        "r_quantities": [1, 2],
+        "r_statuses": ["ACTIVE", "RELEASED"],
+        "t_skus": ["SKU-1"],
+        "t_quantities": [1],
+        "c_orders": ["o-2"],
+        "c_reasons": ["insufficient stock"],
+        "now": now,
+    }
+    _same_either_way(engine, _apply_allocation(), writes)
+    settles = {
+        "s_orders": ["o-1", "o-2"],
+        "s_targets": ["VALIDATED", "FAILED"],
+        "s_reasons": ["", "insufficient stock"],
+        "s_events": [7, 8],
+        "s_tokens": ["t-1", "t-1"],
+        "now": now,
+    }
+    _same_either_way(engine, settle_and_complete_many_statement(), settles)
 
 
 def test_the_completion_with_a_claim_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
