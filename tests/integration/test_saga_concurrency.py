@@ -37,6 +37,9 @@ def test_200_concurrent_orders_for_50_units_validate_exactly_50(busy_server):
     statuses = Counter(o.status for o in final)
     assert statuses == Counter({pb.ORDER_STATUS_VALIDATED: 50, pb.ORDER_STATUS_FAILED: 150})
     assert all("HOT-1" in o.failure_reason for o in final if o.status == pb.ORDER_STATUS_FAILED)
+    stats = busy_server.service.dispatcher.stats
+    print(f"\n200-way race: {stats.batched} of {stats.claimed} events answered in batches (the rest alone)")
+    assert stats.batched > 0, "32 callers against 8 workers: claims find several events, set-based"
 
 
 @pytest.mark.postgres
