@@ -10,8 +10,8 @@ import json
 import logging
 import threading
 import weakref
-from datetime import UTC, datetime
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -101,7 +101,10 @@ def test_logging_shutdown_writes_what_was_queued(captured: io.StringIO) -> None:
     assert len(lines) == 500 and lines[-1].endswith("queued 499")
 
 
-@pytest.mark.parametrize("created", [1_796_000_000.0, 1_796_000_000.999_999, 1_796_000_001.5, 1_796_003_600.042])
+MOMENTS = [1_796_000_000.0, 1_796_000_000.999_999, 1_796_000_001.5, 1_796_003_600.042]
+
+
+@pytest.mark.parametrize("created", MOMENTS)
 def test_timestamps_read_as_the_stdlib_writes_them(created: float) -> None:
     """The formatters make the part down to the second once per second; every line's time must
     still be what logging.Formatter (text) and datetime.isoformat (json) would write."""
