@@ -119,7 +119,7 @@ class Settings:
     log_format: str = _setting("text", "log line format", choices=("text", "json"))
     otel_exporter: str = _setting(
         "none",
-        "OpenTelemetry tracing: none (off: nothing of OpenTelemetry is loaded), otlp (OTLP over gRPC "
+        "OpenTelemetry tracing: none (off: the trace SDK is not loaded), otlp (OTLP over gRPC "
         "to OTEL_EXPORTER_OTLP_ENDPOINT, default http://localhost:4317) or console (spans as JSON "
         "lines on stdout); the standard OTEL_* variables (OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER, "
         "OTEL_RESOURCE_ATTRIBUTES, ...) set the rest. Needs the otel extra",

@@ -1,8 +1,8 @@
 """Optional OpenTelemetry tracing: a span per RPC, the trace context through the outbox, and the saga
 step as a span of the same trace, in whichever process runs it.
 
-Off by default (`--otel-exporter none`): bootstrap then never imports this module, so nothing of
-OpenTelemetry is loaded and the interceptor chain is the one without tracing. On (`otlp`,
+Off by default (`--otel-exporter none`): bootstrap then never imports this module, so the trace
+SDK is not loaded and the interceptor chain is the one without tracing. On (`otlp`,
 `console`), one `Tracing` per process holds the SDK's tracer provider, configured by the standard
 `OTEL_*` variables the SDK reads itself (service name, resource attributes, sampler, OTLP endpoint,
 headers, batch sizes, propagators). It does not become the global tracer provider: tests start
@@ -151,13 +151,14 @@ class Tracing:
             elif item.key in self._fields:
                 carrier[item.key] = item.value
         parent = self._propagator.extract(carrier) if carrier else otel_context.Context()
-        span = self._tracer.start_span(method[1:], parent, SpanKind.SERVER, attributes)
+        correlation_id = correlation.accept_or_new(correlation_id)
+        correlation.set_current(correlation_id)
+        span = self._tracer.start_span(
+            method[1:], parent, SpanKind.SERVER, {**attributes, "orders.correlation_id": correlation_id}
+        )
         span_context = span.get_span_context()
         bound = trace.set_span_in_context(span, parent)
         token = otel_context.attach(bound)
-        correlation_id = correlation.accept_or_new(correlation_id)
-        correlation.set_current(correlation_id)
-        span.set_attribute("orders.correlation_id", correlation_id)
         trace_id, span_id = f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}"
         answer = f"00-{trace_id}-{span_id}-{span_context.trace_flags:02x}"
         context.send_initial_metadata(((CORRELATION_HEADER, correlation_id), (TRACE_RESPONSE_HEADER, answer)))
@@ -302,9 +303,10 @@ def _non_blocking(
 
 
 def _end_rpc(span: Span, code: grpc.StatusCode, order_id: str | None) -> None:
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if order_id is not None:
-        span.set_attribute("orders.order_id", order_id)
+    if order_id is None:
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+    else:
+        span.set_attributes({"rpc.grpc.status_code": code.value[0], "orders.order_id": order_id})
     if code in SERVER_ERRORS:
         span.set_status(Status(StatusCode.ERROR, code.name))
     span.end()
