@@ -5,7 +5,8 @@ An open stream is a registration, not a waiting thread: a commit (or, on Postgre
 notification from another process) reaches `OrderChanges`, whose listener queues a check of the
 order on the watcher's few threads; a check reads the order and sends it when its version moved.
 The first state and a check take the order from `OrderChanges.recent` instead when this process
-has just committed a newer version of it (a WatchOrder right after PlaceOrder reads nothing to start).
+has just committed a newer version of it: a flow (PlaceOrder, WatchOrder, the saga's settle) in one
+process reads no order.
 A timer queues a check of every stream once per `safety_poll_s` (the first one at a random point
 within it, so that streams opened together do not poll together), the safety net for a missed
 signal, and ends a stream at its lifetime with UNAVAILABLE, which tells the client to watch again.

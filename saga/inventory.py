@@ -210,7 +210,7 @@ class InventorySaga:
         participant: Participant,
         guard: Guard,
         settings: SagaSettings,
-        on_order_changed: Callable[[str], None] = lambda _order_id: None,
+        on_order_settled: Callable[[str, Settlement, datetime], None] = lambda _order_id, _how, _at: None,
         clock: Callable[[], datetime] = utcnow,
         on_outcome: Callable[[str], None] = lambda _outcome: None,
         batching: bool = False,
@@ -223,7 +223,7 @@ class InventorySaga:
         self._participant = participant
         self._guard = guard
         self._settings = settings
-        self._on_order_changed = on_order_changed
+        self._on_order_settled = on_order_settled
         self._clock = clock
 
     def handlers(self) -> dict[str, Handler]:
@@ -301,9 +301,10 @@ class InventorySaga:
     ) -> dict[int, Verdict]:
         """Settle the orders of `settling` and complete their events, one commit
         (`OrdersUnitOfWork.settle_and_complete_many`); then, per event, as `_settle` goes on."""
+        now = self._clock()
         try:
             with self._orders_uow() as uow:
-                answers = uow.settle_and_complete_many(settling, self._clock())
+                answers = uow.settle_and_complete_many(settling, now)
                 uow.commit()
         except Exception as error:  # the reservations stand: a redelivery finds them and settles
             log.warning("settling %d orders failed: %s", len(settling), describe(error))
@@ -318,7 +319,7 @@ class InventorySaga:
                 elif not settled:
                     verdicts[event.id] = self._after_settle_refused(order_id, items[event.id], event)
                 else:
-                    verdicts[event.id] = self._settled(order_id, settlement)
+                    verdicts[event.id] = self._settled(order_id, settlement, now)
         return verdicts
 
     def _reserve_failed(self, request: ReservationRequest, event: ClaimedEvent, error: Exception) -> Verdict:
@@ -380,11 +381,12 @@ class InventorySaga:
                 uow.commit()
         if not settled:
             return self._after_settle_refused(order_id, items, event)
-        return self._settled(order_id, settlement, outcome)
+        return self._settled(order_id, settlement, now, outcome)
 
-    def _settled(self, order_id: str, settlement: Settlement, outcome: str = "") -> Completed:
-        """The order was settled as `settlement` says and its event completed: tell who listens."""
-        self._on_order_changed(order_id)
+    def _settled(self, order_id: str, settlement: Settlement, at: datetime, outcome: str = "") -> Completed:
+        """The order was settled as `settlement` says (at `at`, its update time) and its event
+        completed: tell who listens."""
+        self._on_order_settled(order_id, settlement, at)
         self._on_outcome(outcome or settlement.status.value.lower())
         reason = settlement.reason
         log.info("order %s is %s%s", order_id, settlement.status.value, f": {reason}" if reason else "")

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Protocol
 
 from db.outbox import ClaimedEvent, Lease
-from domain.model import Order
+from domain.model import Order, OrderStatus, Settlement
 
 
 class WakeUp:
@@ -116,6 +116,17 @@ class OrderChanges:
         for listener in listeners:
             listener()
 
+    def publish_settled(self, order_id: str, settlement: Settlement, at: datetime) -> None:
+        """The saga settled the order (PENDING, version 1, to `settlement`, one version up, at
+        `at`): listeners may take it from `recent` when the placed order is kept here."""
+        with self._lock:
+            kept = self._recent.pop(order_id, None)
+            if kept is not None and kept[1].status is OrderStatus.PENDING:
+                self._keep(kept[1].settle(settlement, at))
+            listeners = list(self._listeners.get(order_id, ()))
+        for listener in listeners:
+            listener()
+
     def publish_order(self, order: Order) -> None:
         """The order changed, to `order` (this process's commit): listeners may take it from `recent`."""
         with self._lock:
@@ -208,6 +219,12 @@ class CommitSignals:
             self._changes.publish([order_id])
         else:
             self._changes.publish_order(order)
+        if self._remote is not None:
+            self._remote.order_changed(order_id)
+
+    def order_settled(self, order_id: str, settlement: Settlement, at: datetime) -> None:
+        """The saga settled the order (see `OrderChanges.publish_settled`)."""
+        self._changes.publish_settled(order_id, settlement, at)
         if self._remote is not None:
             self._remote.order_changed(order_id)
 

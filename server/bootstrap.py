@@ -365,7 +365,7 @@ def _dispatcher(
         participant if faults is None else FaultyParticipant(participant, faults),
         guard,
         SagaSettings(max_attempts=settings.max_attempts, saga_timeout_s=settings.saga_timeout_s),
-        on_order_changed=announce.order_changed,
+        on_order_settled=announce.order_settled,
         on_outcome=metrics.on_saga_outcome,
         batching=batching,
     )

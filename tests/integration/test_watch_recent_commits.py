@@ -1,8 +1,8 @@
 """WatchOrder takes what this process has just committed instead of reading it back (issue 17), on
-both backends: a watch opened right after PlaceOrder starts from the placed order, a cancel reaches
-it as committed, with no read of the order; a change this process was only told of (another
-process's notification) and one older than the recent window are read from the database, so a
-watcher never misses a newer version."""
+both backends: a watch opened right after PlaceOrder starts from the placed order, a cancel or the
+saga's settle reaches it as committed, with no read of the order; a change this process was only
+told of (another process's notification) and one older than the recent window are read from the
+database, so a watcher never misses a newer version."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from db.engine import make_engine
 from db.inventory import InventoryUnitOfWork
 from db.tables import orders
 from db.unit_of_work import OrdersUnitOfWork
-from domain.model import Order, OrderItem, OrderStatus
+from domain.model import Order, OrderItem, OrderStatus, Settlement, utcnow
 from domain.validation import PlaceOrderCommand
 from saga.signals import CommitSignals, OrderChanges, WakeUp
 from tests.support import wait_until
@@ -114,6 +114,24 @@ def test_a_watch_after_place_and_a_cancel_read_nothing(app, watcher, reads) -> N
     assert states(call) == [(OrderStatus.PENDING, 1), (OrderStatus.CANCELLED, 2)]
     assert call.sent[-1] == cancelled
     assert reads == []
+
+
+def test_a_settle_reaches_the_watch_as_the_database_has_it(app, watcher, changes, engine, reads) -> None:
+    """The saga settles without reading the order: the watch gets the placed order settled in
+    memory, which must be what a read would have returned."""
+    order = place(app)
+    call = Recorded()
+    watcher.open(order.order_id, call)
+    settlement, now = Settlement.failed("insufficient stock for SKU 'SKU-1'"), utcnow()
+    with OrdersUnitOfWork(engine) as uow:
+        assert uow.orders.settle_pending(order.order_id, settlement, now)
+        uow.commit()
+    CommitSignals(WakeUp(), changes).order_settled(order.order_id, settlement, now)
+
+    assert call.ended.wait(10)
+    assert states(call) == [(OrderStatus.PENDING, 1), (OrderStatus.FAILED, 2)]
+    assert reads == []
+    assert call.sent[-1] == app.get_order(order.order_id)
 
 
 def test_a_change_only_heard_of_is_read_from_the_database(app, watcher, changes, engine, reads) -> None:
