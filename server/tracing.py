@@ -128,8 +128,9 @@ class Tracing:
         stopper = threading.Thread(target=self._provider.shutdown, name="otel-shutdown", daemon=True)
         stopper.start()
         stopper.join(timeout_s)
-        for out in self._files:
-            out.close()
+        if not stopper.is_alive():  # else an export may still write to them
+            for out in self._files:
+                out.close()
 
     def correlation_interceptor(self) -> CorrelationInterceptor:
         return TracedCorrelationInterceptor(self)
