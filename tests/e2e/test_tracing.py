@@ -248,6 +248,19 @@ def test_health_watch_and_watch_order_stream_off_the_handler_threads_with_tracin
 
     assert {s["attributes"]["rpc.grpc.status_code"] for s in wait_until(watch_spans, what="4 spans")} == {0}
     assert not [s for s in read_spans(spans) if s["name"].startswith("grpc.health")]
+    # One process on SQLite (its events handed to its own saga workers at commit): each step is
+    # still the child of the PlaceOrder span that wrote its event.
+    places = {s["attributes"]["orders.order_id"]: s for s in spans_named(spans, PLACE)}
+
+    def every_step() -> dict[str, Span] | None:
+        # A step's span ends once its handler has returned, which may be after the watch saw the end.
+        found = {s["attributes"]["orders.order_id"]: s for s in spans_named(spans, "saga ORDER_CREATED")}
+        return found if len(found) == len(orders) else None
+
+    steps = wait_until(every_step, what="a saga span for every order")
+    for order in orders:
+        assert steps[order.order_id]["parent_id"] == places[order.order_id]["context"]["span_id"]
+        assert steps[order.order_id]["attributes"]["orders.saga.verdict"] == "done"
 
 
 def test_a_server_without_tracing_loads_neither_the_tracing_module_nor_the_trace_sdk(tmp_path):
