@@ -19,13 +19,18 @@ WORKDIR /src
 # .dockerignore keeps tests, docs, benchmarks and local environments out of the context.
 COPY . .
 
+# The optional features the image carries: OpenTelemetry tracing (--otel-exporter) and the event
+# relay to NATS (--events-url). `--build-arg EXTRAS=` leaves both out.
+ARG EXTRAS=otel,events
+
 # Runtime dependencies only (no dev or bench extra), each at its version in constraints.txt; the
 # install reads nothing but the wheels built here (--no-index). ./generated is the client package
 # orders-service-api, which the server pins exactly and which is not taken from an index. pip and
 # setuptools leave the environment afterwards: nothing at run time needs them.
 RUN python3 -m venv /opt/orders \
-    && /opt/orders/bin/pip wheel --wheel-dir /wheels --constraint constraints.txt ./generated . \
-    && /opt/orders/bin/pip install --no-index --find-links /wheels --constraint constraints.txt orders-service \
+    && /opt/orders/bin/pip wheel --wheel-dir /wheels --constraint constraints.txt ./generated ".${EXTRAS:+[${EXTRAS}]}" \
+    && /opt/orders/bin/pip install --no-index --find-links /wheels --constraint constraints.txt \
+        "orders-service${EXTRAS:+[${EXTRAS}]}" \
     && /opt/orders/bin/pip uninstall --yes pip setuptools \
     && /opt/orders/bin/orders-server --help > /dev/null
 
