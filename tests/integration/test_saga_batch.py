@@ -14,6 +14,7 @@ transaction, while each event keeps the verdict it would get alone.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
@@ -178,12 +179,15 @@ def test_a_batch_with_fewer_rate_permits_than_orders_runs_the_first_and_defers_t
     assert stock_levels(engine, ["A"]) == {"A": (7, 3)}
 
 
-def instance(url: str, workers: int, hooks: Hooks | None = None, lease_s: float = 30.0) -> Instance:
+def instance(
+    url: str, workers: int, hooks: Hooks | None = None, lease_s: float = 30.0, **kwargs: Any
+) -> Instance:
     return Instance(
         url,
         DispatcherSettings(workers=workers, poll_interval_s=0.05, lease_s=lease_s),
         hooks or Hooks(),
         batching=True,
+        **kwargs,
     )
 
 
@@ -325,3 +329,28 @@ def test_a_live_slow_batch_keeps_every_lease_by_renewing_them(engine, url, insta
     assert b.runs == [], "B took over a lease that was being renewed"
     assert order_rows(engine, order_ids) == [("VALIDATED", "")] * 3
     assert event_statuses(engine) == [("DONE", 1)] * 3
+
+
+def test_a_batch_whose_leases_ran_out_before_it_started_is_handed_back_unstarted(engine, url, instances):
+    set_stock(engine, {"A": 10})
+    order_ids = place_all(engine, [[("A", 1)]] * 3)
+    stalled = threading.Event()
+
+    def stall_once(event: ClaimedEvent, _lag_s: float) -> None:
+        """The round thread stalls as the first batch is queued, past its leases (renewing none)."""
+        if not stalled.is_set():
+            stalled.set()
+            wait_until(lambda: all(lease_ran_out(url, o) for o in order_ids), timeout=10, what="leases")
+
+    # Two workers: a round claims all three (one batch), and with three held no other round claims
+    # while this one stalls (it would take the events back itself).
+    a = instances(workers=2, hooks=Hooks(lease_renewal_off=True), lease_s=0.3, on_claimed=stall_once)
+
+    a.dispatcher.start()
+
+    wait_until(lambda: a.stats.done == 3, timeout=15, what="every order to settle")
+    expired = [event_id for outcome, event_id in a.outcomes if outcome == "expired"]
+    assert len(expired) == 3, f"every event of the stalled batch was handed back: {a.outcomes}"
+    assert [len(batch) for batch in a.batches] == [3], "the batch ran once, claimed again"
+    assert event_statuses(engine) == [("DONE", 1)] * 3, "handing back gave each its attempt back"
+    assert order_rows(engine, order_ids) == [("VALIDATED", "")] * 3

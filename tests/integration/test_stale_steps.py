@@ -82,9 +82,10 @@ class Instance:
         hooks: Hooks,
         clock: Callable[[], Any] = utcnow,
         batching: bool = False,
+        on_claimed: Callable[[ClaimedEvent, float], None] | None = None,
     ) -> None:
         """`batching`: the set-based ORDER_CREATED (PostgreSQL); `batches` records the event ids of
-        each call of the batch handler."""
+        each call of the batch handler. `on_claimed`: the dispatcher's, before a task is queued."""
         self.engine = make_engine(url, EngineSettings(pool_size=settings.workers + 4))
         self.outcomes: list[tuple[str, int]] = []
         self.runs: list[int] = []
@@ -106,6 +107,7 @@ class Instance:
             clock=clock,
             listener=lambda outcome, event, _s: self.outcomes.append((outcome, event.id)),
             renewal_paused=hooks.renewal_paused,
+            on_claimed=on_claimed,
             batch_handlers={kind: self._batched(h) for kind, h in saga.batch_handlers().items()},
         )
 
