@@ -14,14 +14,8 @@ from db.chained import statement_for
 from db.engine import make_engine
 from db.inventory import _apply_allocation, _earlier_reservations, _fence_many, _locked_levels, _reserve_all
 from db.orders import OrderRepository
-from db.outbox import (
-    Lease,
-    OutboxStore,
-    _claim_statement,
-    _complete_and_claim_statement,
-    _complete_many_statement,
-    _renew_statement,
-)
+from db.outbox import OUTBOX, Lease, OutboxStore
+from db.queue import claim_statement, complete_and_claim_statement, complete_many_statement, renew_statement
 from db.settlement import settle_and_complete_many_statement, settle_and_complete_statement
 from db.tables import order_items, orders, outbox_events
 from domain.model import Order, OrderItem, Settlement, utcnow
@@ -66,17 +60,17 @@ def _same_either_way(engine: Engine, statement: Any, parameters: Mapping[str, An
 
 def test_the_claim_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
     parameters = {"limit": 8, "token": "t-1", **clock.parameters(utcnow(), lease_s=30.0)}
-    _same_either_way(engine, _claim_statement("postgresql"), parameters)
+    _same_either_way(engine, claim_statement(OUTBOX, "postgresql"), parameters)
 
 
 def test_a_lease_renewal_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
     parameters = {"ids": [1, 2], "tokens": ["t-1"], **clock.parameters(utcnow(), lease_s=30.0)}
-    _same_either_way(engine, _renew_statement("postgresql"), parameters)
+    _same_either_way(engine, renew_statement(OUTBOX, "postgresql"), parameters)
 
 
 def test_the_batch_completion_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
     parameters = {"now": utcnow(), "ids": [1, 2, 3], "tokens": ["t-1", "t-2"]}
-    _same_either_way(engine, _complete_many_statement("postgresql"), parameters)
+    _same_either_way(engine, complete_many_statement(OUTBOX, "postgresql"), parameters)
 
 
 def test_the_place_statement_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
@@ -145,7 +139,7 @@ def test_the_completion_with_a_claim_goes_out_as_sqlalchemy_would_send_it(engine
         "token": "t-2",
         **clock.parameters(utcnow(), lease_s=30.0),
     }
-    _same_either_way(engine, _complete_and_claim_statement(), parameters)
+    _same_either_way(engine, complete_and_claim_statement(OUTBOX), parameters)
 
 
 def test_a_statement_let_go_of_takes_its_compiled_form_with_it(engine: Engine) -> None:
