@@ -10,12 +10,12 @@ them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, FromClause, Table, insert, select
+from sqlalchemy import ColumnElement, Connection, FromClause, Table, insert, select
 
 from db.backend import backend_of
 from db.chained import DB_NOW, DbLater, insert_together
@@ -84,10 +84,18 @@ OUTBOX = QueueTable(
 )
 
 
+# Told of the rows (`OutboxStore.new_rows`) stored, and their time, in the transaction that stores them.
+StoredHook = Callable[[Sequence[Mapping[str, Any]], datetime], None]
+
+
 class OutboxStore(LeasedQueue):
-    """The outbox on one connection: a `LeasedQueue` that also stores events."""
+    """The outbox on one connection: a `LeasedQueue` that also stores events (telling `on_stored`)."""
 
     queue = OUTBOX
+
+    def __init__(self, connection: Connection, on_stored: StoredHook | None = None) -> None:
+        super().__init__(connection)
+        self._on_stored = on_stored
 
     @staticmethod
     def _content(row: Any) -> tuple[str, str, str]:
@@ -106,18 +114,22 @@ class OutboxStore(LeasedQueue):
         rows = self.new_rows(events, correlation_id, now, lease, dialect)
         if not rows:
             return []
+        claimed: list[ClaimedEvent] = []
         if lease is None:
             if one_statement:
                 insert_together(self._c, [(outbox, rows)])
             else:
                 self._c.execute(insert(outbox), rows)
-            return []
-        if one_statement:  # its RETURNING gives one key: one statement a row
-            ids = [insert_together(self._c, [(outbox, [row])], returning=True)[0] for row in rows]
         else:
-            one = insert(outbox).returning(outbox.c.id)
-            ids = [int(self._c.execute(one, row).scalar_one()) for row in rows]
-        return self.leased(rows, ids, lease, now)
+            if one_statement:  # its RETURNING gives one key: one statement a row
+                ids = [insert_together(self._c, [(outbox, [row])], returning=True)[0] for row in rows]
+            else:
+                one = insert(outbox).returning(outbox.c.id)
+                ids = [int(self._c.execute(one, row).scalar_one()) for row in rows]
+            claimed = self.leased(rows, ids, lease, now)
+        if self._on_stored is not None:
+            self._on_stored(rows, now)
+        return claimed
 
     @staticmethod
     def new_rows(

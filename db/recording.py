@@ -9,8 +9,9 @@ Where each change is recorded, always in the same transaction as the change itse
 change is never committed without its event, nor an event without its change:
 
 - placed, cancelled, expired: wherever an `ORDER_CREATED`, `ORDER_CANCELLED` or `ORDER_EXPIRED`
-  outbox event is stored (the outbox store of this unit of work records beside it), and for a
-  placed order on PostgreSQL after the one statement that stores order and event together;
+  outbox event is stored (the unit of work is told of every outbox row stored, by the outbox store
+  or, for a placed order on PostgreSQL, after the one statement that stores order and event
+  together);
 - validated, failed: where the saga settles an order and completes its event (one order, or a
   batch), only for the orders that settled.
 
@@ -31,16 +32,28 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, String, Text, bindparam, func, insert, literal, select
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Insert,
+    Select,
+    String,
+    Text,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+)
 from sqlalchemy.dialects import postgresql
 
 from db import clock
 from db.backend import backend_of
-from db.outbox import PENDING, ClaimedEvent, Lease, OutboxStore
+from db.outbox import PENDING, ClaimedEvent
 from db.tables import orders, relay_events
 from db.unit_of_work import OrdersUnitOfWork
-from domain.events import DomainEvent, OrderCancelled, OrderExpired, OrderPlaced
-from domain.model import Order, OrderStatus, Settlement
+from domain.events import OrderCancelled, OrderExpired, OrderPlaced
+from domain.model import OrderStatus, Settlement
 
 PLACED, VALIDATED, FAILED, CANCELLED, EXPIRED = "placed", "validated", "failed", "cancelled", "expired"
 KINDS = (PLACED, VALIDATED, FAILED, CANCELLED, EXPIRED)
@@ -105,6 +118,27 @@ def _record_statement(dialect: str) -> Insert:
     (`r_orders`, `r_kinds`, `r_items`, `r_headers`), elsewhere one record (`order_id`, `kind`,
     `placed_items`, `headers`) per execution."""
     now = clock.now(dialect)
+
+    def from_order(kind: Any, placed_items: Any, headers: Any) -> Select[Any]:
+        """The row of `_COLUMNS`: the order's, the record's, and a new PENDING event's."""
+        return select(
+            orders.c.id,
+            kind,
+            orders.c.version,
+            orders.c.customer_id,
+            orders.c.status,
+            orders.c.failure_reason,
+            orders.c.update_time,
+            placed_items,
+            headers,
+            literal(PENDING),
+            literal(0),
+            literal(0),
+            now,
+            now,
+            now,
+        )
+
     if backend_of(dialect).one_statement_writes:
         wanted = (
             func.unnest(
@@ -116,40 +150,14 @@ def _record_statement(dialect: str) -> Insert:
             .table_valued("order_id", "kind", "placed_items", "headers")
             .render_derived("w")
         )
-        source = select(
-            orders.c.id,
-            wanted.c.kind,
-            orders.c.version,
-            orders.c.customer_id,
-            orders.c.status,
-            orders.c.failure_reason,
-            orders.c.update_time,
-            wanted.c.placed_items,
-            wanted.c.headers,
-            literal(PENDING),
-            literal(0),
-            literal(0),
-            now,
-            now,
-            now,
-        ).join_from(wanted, orders, orders.c.id == wanted.c.order_id)
+        source = from_order(wanted.c.kind, wanted.c.placed_items, wanted.c.headers).join_from(
+            wanted, orders, orders.c.id == wanted.c.order_id
+        )
     else:
-        source = select(
-            orders.c.id,
+        source = from_order(
             bindparam("kind", type_=String),
-            orders.c.version,
-            orders.c.customer_id,
-            orders.c.status,
-            orders.c.failure_reason,
-            orders.c.update_time,
             bindparam("placed_items", type_=Text),
             bindparam("headers", type_=Text),
-            literal(PENDING),
-            literal(0),
-            literal(0),
-            now,
-            now,
-            now,
         ).where(orders.c.id == bindparam("order_id", type_=String))
     return insert(relay_events).from_select([relay_events.c[name] for name in _COLUMNS], source)
 
@@ -181,28 +189,6 @@ def record(connection: Connection, records: Sequence[Record], now: datetime) -> 
     return written
 
 
-class _RecordingOutbox(OutboxStore):
-    """The outbox store, recording beside every stored event that carries a change of an order."""
-
-    def __init__(
-        self, connection: Connection, recorded: Callable[[Sequence[Record], datetime], None]
-    ) -> None:
-        super().__init__(connection)
-        self._recorded = recorded
-
-    def add(
-        self,
-        events: Iterable[DomainEvent],
-        correlation_id: str | None,
-        now: datetime,
-        lease: Lease | None = None,
-    ) -> list[ClaimedEvent]:
-        events = list(events)
-        claimed = super().add(events, correlation_id, now, lease)
-        self._recorded(records_of(self.new_rows(events, correlation_id, now)), now)
-        return claimed
-
-
 class RecordingOrdersUnitOfWork(OrdersUnitOfWork):
     """`OrdersUnitOfWork` that records every change of an order for the relay (see the module)."""
 
@@ -213,9 +199,8 @@ class RecordingOrdersUnitOfWork(OrdersUnitOfWork):
         self._on_recorded = on_recorded
         self._wakes = False
 
-    def _started(self) -> None:
-        super()._started()
-        self.outbox = _RecordingOutbox(self.connection, self.record)
+    def _events_stored(self, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
+        self.record(records_of(rows), now)
 
     def record(self, records: Sequence[Record], now: datetime) -> None:
         """Record `records` in this transaction; the relay is woken after the commit."""
@@ -225,20 +210,6 @@ class RecordingOrdersUnitOfWork(OrdersUnitOfWork):
         if not self._wakes:
             self._wakes = True
             self.after_commit(self._on_recorded)
-
-    def add_order(
-        self,
-        order: Order,
-        request_fingerprint: str | None,
-        events: Sequence[DomainEvent],
-        correlation_id: str | None,
-        lease: Lease | None = None,
-    ) -> list[ClaimedEvent]:
-        leased = super().add_order(order, request_fingerprint, events, correlation_id, lease)
-        if backend_of(self.dialect).one_statement_writes:  # elsewhere the outbox store recorded
-            rows = OutboxStore.new_rows(events, correlation_id, order.create_time)
-            self.record(records_of(rows), order.create_time)
-        return leased
 
     def settle_and_complete(
         self, order_id: str, settlement: Settlement, event: ClaimedEvent, now: datetime

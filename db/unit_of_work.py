@@ -13,7 +13,7 @@ running.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -219,7 +219,11 @@ class OrdersUnitOfWork(UnitOfWork):
 
     def _started(self) -> None:
         self.orders = OrderRepository(self.connection)
-        self.outbox = OutboxStore(self.connection)
+        self.outbox = OutboxStore(self.connection, on_stored=self._events_stored)
+
+    def _events_stored(self, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
+        """Hook: this transaction stored the outbox rows `rows` (`OutboxStore.new_rows`), by the
+        outbox store or with their order (`add_order`); `db.recording` records what they carry."""
 
     def add_order(
         self,
@@ -243,6 +247,7 @@ class OrdersUnitOfWork(UnitOfWork):
         rows = OutboxStore.new_rows(events, correlation_id, order.create_time, lease, self.dialect)
         parts = [*OrderRepository.new_rows(order, request_fingerprint), (outbox_events, rows)]
         ids = insert_together(self.connection, parts, returning=lease is not None)
+        self._events_stored(rows, order.create_time)
         return [] if lease is None else OutboxStore.leased(rows, ids, lease, order.create_time)
 
     def settle_and_complete(
