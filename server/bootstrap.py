@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-import pybreaker
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from orders_service_api.v1 import orders_pb2, orders_pb2_grpc
@@ -38,14 +36,9 @@ from db.unit_of_work import OrdersUnitOfWork, OrdersUowFactory
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.housekeeping import Housekeeper
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
-from saga.resilience import (
-    ConcurrentCircuitBreaker,
-    FallbackBreakerStorage,
-    Guard,
-    RateLimiter,
-    SharedStateFallback,
-)
+from saga.resilience import Guard
 from saga.signals import CommitSignals, OrderChanges, WakeUp
+from server import guards
 from server.admission import Admission, HandlerThreads, stream_kinds
 from server.auth import METHOD_SCOPES, read_tokens_file
 from server.config import DEFAULT_PAGE_TOKEN_SECRET, Settings
@@ -483,29 +476,5 @@ def _tls(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 def build_guard(settings: Settings) -> Guard:
-    """Breaker and limiter of the inventory call; shared through Redis when `redis_url` is set, each
-    falling back to per-process state while Redis fails (`SharedStateFallback`)."""
-    storage: pybreaker.CircuitBreakerStorage | None = None
-    shared_state: SharedStateFallback | None = None
-    timeouts = {
-        "socket_connect_timeout": settings.redis_connect_timeout_s,
-        "socket_timeout": settings.redis_socket_timeout_s,
-    }
-    if settings.redis_url:
-        shared_state = SharedStateFallback(retry_s=settings.redis_retry_s)
-        client = redis.Redis.from_url(settings.redis_url, **timeouts)
-        storage = FallbackBreakerStorage(client, "orders-inventory", shared_state)
-    breaker = ConcurrentCircuitBreaker(
-        slow_call_s=settings.breaker_slow_call_s,
-        fail_max=settings.breaker_fail_max,
-        reset_timeout=settings.breaker_reset_s,
-        state_storage=storage,
-        name="inventory",
-    )
-    limiter = RateLimiter(
-        settings.inventory_rate,
-        settings.redis_url or "memory://",
-        fallback=shared_state,
-        storage_options=timeouts,
-    )
-    return Guard(breaker, limiter, shared_state)
+    """Breaker and limiter of the inventory call (server.guards)."""
+    return guards.build_guard(settings, "inventory", settings.inventory_rate, settings.breaker_slow_call_s)

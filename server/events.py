@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import pybreaker
-import redis
 from prometheus_client import Counter, Gauge
 from sqlalchemy import Engine
 
@@ -23,15 +22,10 @@ from relay.handler import EventRelay
 from relay.publisher import JetStreamPublisher, PublishRejectedError, StreamSettings
 from relay.service import EventRelayService, RelayHousekeeper
 from saga.dispatcher import DispatcherSettings, OutboxDispatcher
-from saga.resilience import (
-    ConcurrentCircuitBreaker,
-    FallbackBreakerStorage,
-    Guard,
-    RateLimiter,
-    SharedStateFallback,
-)
+from saga.resilience import Guard
 from saga.signals import WakeUp
 from saga.verdicts import Handler, Verdict
+from server import guards
 from server.config import Settings
 from server.faults import FaultSwitches
 from server.metrics import Metrics
@@ -113,34 +107,15 @@ def _crash_after_publish(handlers: Mapping[str, Handler], faults: FaultSwitches)
 def build_guard(settings: Settings) -> Guard:
     """The breaker and limiter of publishing, apart from the inventory's (a broker outage opens
     this breaker only), with the same `--breaker-*` settings; shared through Redis when
-    `--redis-url` is set, like the inventory's. A refusal of one message is no failure of the
-    broker: the breaker does not count it."""
-    storage: pybreaker.CircuitBreakerStorage | None = None
-    shared_state: SharedStateFallback | None = None
-    timeouts = {
-        "socket_connect_timeout": settings.redis_connect_timeout_s,
-        "socket_timeout": settings.redis_socket_timeout_s,
-    }
-    if settings.redis_url:
-        shared_state = SharedStateFallback(retry_s=settings.redis_retry_s)
-        client = redis.Redis.from_url(settings.redis_url, **timeouts)
-        storage = FallbackBreakerStorage(client, "orders-events", shared_state)
-    breaker = ConcurrentCircuitBreaker(
-        slow_call_s=settings.events_publish_timeout_s,
-        fail_max=settings.breaker_fail_max,
-        reset_timeout=settings.breaker_reset_s,
-        state_storage=storage,
-        exclude=[PublishRejectedError],
-        name="events",
-    )
-    limiter = RateLimiter(
+    `--redis-url` is set, like the inventory's (server.guards). A refusal of one message is no
+    failure of the broker: the breaker does not count it."""
+    return guards.build_guard(
+        settings,
+        "events",
         settings.events_rate,
-        settings.redis_url or "memory://",
-        key="events",
-        fallback=shared_state,
-        storage_options=timeouts,
+        settings.events_publish_timeout_s,
+        exclude=[PublishRejectedError],
     )
-    return Guard(breaker, limiter, shared_state)
 
 
 @dataclass
