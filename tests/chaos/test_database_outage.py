@@ -290,9 +290,11 @@ def test_a_database_outage_under_load_loses_no_order_and_the_service_recovers_on
     pauses = [pause for _, pause in claim_failures]
     assert len(pauses) >= 2, f"the dispatcher should have failed to claim more than once: {figures}"
     assert pauses == sorted(pauses) and pauses[-1] > pauses[0], f"pauses should grow: {figures}"
-    # The first second has one or two lines per saga step in flight (8 workers); after it, only the
-    # threads that retry on their own (dispatcher, listener, health, housekeeping) may warn.
-    assert per_second.get(0, 0) <= 2 * 8 + 10, f"too many warnings when the outage began: {figures}"
+    # The first second has one or two lines per saga step in flight: up to 8 workers' worth, and a
+    # worker running a batch holds up to a round's events (2 x 8), each with its line when its
+    # outcome cannot be recorded; after it, only the threads that retry on their own (dispatcher,
+    # listener, health, housekeeping) may warn.
+    assert per_second.get(0, 0) <= 2 * 8 + 2 * 8 + 10, f"too many warnings when the outage began: {figures}"
     assert max(v for k, v in per_second.items() if k >= 1) <= 6, f"warnings keep coming: {figures}"
 
     # Nothing acknowledged is lost; everything settles once the database is back.
