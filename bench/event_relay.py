@@ -15,8 +15,7 @@ import uuid
 from functools import partial
 from typing import Any
 
-from bench.relay import drain_row
-from tests.local_services import pg_connect
+from bench.relay import drain_row, insert_and_analyze, timed_drain
 
 # The local NATS server with JetStream (as the tests use it).
 NATS_URL = "nats://127.0.0.1:4222"
@@ -24,25 +23,19 @@ NATS_URL = "nats://127.0.0.1:4222"
 
 def insert_pending(url: str, events: int) -> None:
     """N PENDING `placed` changes, one order each (so the one-at-a-time rule per order holds none
-    back), then ANALYZE."""
-    connection = pg_connect(url)
-    try:
-        with connection, connection.cursor() as cursor:
-            cursor.execute(
-                """INSERT INTO relay_events (order_id, kind, version, customer_id, order_status,
-                     failure_reason, occurred_at, placed_items, headers, status, attempts, claims,
-                     available_at, created_at, updated_at)
-                   SELECT gen_random_uuid()::text, 'placed', 1, 'bench-customer', 'PENDING', '', now(),
-                     '[{"sku":"SKU-1","quantity":1}]', '{"correlation_id":"bench"}', 'PENDING', 0, 0,
-                     now(), now(), now()
-                   FROM generate_series(1, %s)""",
-                (events,),
-            )
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute("ANALYZE relay_events")
-    finally:
-        connection.close()
+    back)."""
+    insert_and_analyze(
+        url,
+        """INSERT INTO relay_events (order_id, kind, version, customer_id, order_status,
+             failure_reason, occurred_at, placed_items, headers, status, attempts, claims,
+             available_at, created_at, updated_at)
+           SELECT gen_random_uuid()::text, 'placed', 1, 'bench-customer', 'PENDING', '', now(),
+             '[{"sku":"SKU-1","quantity":1}]', '{"correlation_id":"bench"}', 'PENDING', 0, 0,
+             now(), now(), now()
+           FROM generate_series(1, %s)""",
+        events,
+        "relay_events",
+    )
 
 
 def nats_drain(database_url: str, events: int, in_flight: int, nats_url: str = NATS_URL) -> dict[str, Any]:
@@ -81,13 +74,7 @@ def nats_drain(database_url: str, events: int, in_flight: int, nats_url: str = N
         deadline = time.monotonic() + 10
         while not publisher.connected and time.monotonic() < deadline:
             time.sleep(0.01)
-        began = time.monotonic()
-        dispatcher.start()
-        # Capped, so that a relay that stalls shows as a low count instead of hanging the bench.
-        while dispatcher.stats.done < events and time.monotonic() - began < 600:
-            time.sleep(0.005)
-        elapsed = time.monotonic() - began
-        dispatcher.stop(10)
+        elapsed = timed_drain(dispatcher, events)
         stored = stream.count()
     finally:
         publisher.close()

@@ -17,7 +17,7 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from multiprocessing import get_context
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import grpc
 from orders_service_api.v1 import orders_pb2 as pb
@@ -27,6 +27,9 @@ from sqlalchemy.engine import make_url
 from bench import operations
 from bench.plan import PG_ADMIN_URL
 from tests.local_services import pg_connect
+
+if TYPE_CHECKING:  # the service's code is imported only in the spawned processes
+    from saga.dispatcher import OutboxDispatcher
 
 ENTRYPOINT = "relay"
 # Time for a spawned process to import and connect before the paced producer starts.
@@ -50,22 +53,29 @@ def asyncpg_dsn(dbname: str) -> str:
 
 
 def insert_pending(url: str, events: int) -> None:
-    """N PENDING ORDER_CREATED events, one aggregate each (so per-order ordering holds none back),
-    then ANALYZE, as autovacuum would have done on a table that grew this big."""
+    """N PENDING ORDER_CREATED events, one aggregate each (so per-order ordering holds none back)."""
+    insert_and_analyze(
+        url,
+        """INSERT INTO outbox_events (aggregate_id, event_type, payload, headers, status,
+             attempts, available_at, created_at, updated_at)
+           SELECT id, 'ORDER_CREATED', json_build_object('order_id', id)::text, '{}', 'PENDING',
+             0, now(), now(), now()
+           FROM (SELECT gen_random_uuid()::text AS id FROM generate_series(1, %s)) AS g""",
+        events,
+        "outbox_events",
+    )
+
+
+def insert_and_analyze(url: str, insert: str, rows: int, table: str) -> None:
+    """Run `insert` (its one parameter: `rows`) and commit, then ANALYZE `table`, as autovacuum
+    would have done on a table that grew this big."""
     connection = pg_connect(url)
     try:
         with connection, connection.cursor() as cursor:
-            cursor.execute(
-                """INSERT INTO outbox_events (aggregate_id, event_type, payload, headers, status,
-                     attempts, available_at, created_at, updated_at)
-                   SELECT id, 'ORDER_CREATED', json_build_object('order_id', id)::text, '{}', 'PENDING',
-                     0, now(), now(), now()
-                   FROM (SELECT gen_random_uuid()::text AS id FROM generate_series(1, %s)) AS g""",
-                (events,),
-            )
+            cursor.execute(insert, (rows,))
         connection.autocommit = True
         with connection.cursor() as cursor:
-            cursor.execute("ANALYZE outbox_events")
+            cursor.execute(f"ANALYZE {table}")
     finally:
         connection.close()
 
@@ -86,15 +96,21 @@ def our_drain(database_url: str, events: int, in_flight: int) -> dict[str, Any]:
     dispatcher = OutboxDispatcher(
         partial(OrdersUnitOfWork, engine), {"ORDER_CREATED": lambda _: Done()}, settings, wake=WakeUp()
     )
+    elapsed = timed_drain(dispatcher, events)
+    engine.dispose()
+    return drain_row(dispatcher.stats.done, elapsed, in_flight, f"poll interval {settings.poll_interval_s} s")
+
+
+def timed_drain(dispatcher: OutboxDispatcher, events: int) -> float:
+    """Start `dispatcher`, wait until it has done `events`, stop it: the seconds it took. Capped, so
+    that a dispatcher that stalls shows as a low count instead of hanging the bench."""
     began = time.monotonic()
     dispatcher.start()
-    # Capped, so that a dispatcher that stalls shows as a low count instead of hanging the bench.
     while dispatcher.stats.done < events and time.monotonic() - began < 600:
         time.sleep(0.005)
     elapsed = time.monotonic() - began
     dispatcher.stop(10)
-    engine.dispose()
-    return drain_row(dispatcher.stats.done, elapsed, in_flight, f"poll interval {settings.poll_interval_s} s")
+    return elapsed
 
 
 def drain_row(done: int, elapsed: float, in_flight: int, note: str) -> dict[str, Any]:
