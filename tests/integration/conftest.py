@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+from sqlalchemy import Engine
 
+from db.engine import make_engine
 from tests.conftest import InProcessServer
+
+
+@pytest.fixture
+def engine(migrated_url: str) -> Iterator[Engine]:
+    """An engine on a fresh, migrated database of each backend (a test file may define its own)."""
+    engine = make_engine(migrated_url)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture

@@ -7,9 +7,6 @@ import time
 from datetime import timedelta
 from functools import partial
 
-import pytest
-
-from db.engine import make_engine
 from db.outbox import ClaimedEvent, OutboxStore
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import utcnow
@@ -19,13 +16,6 @@ from saga.verdicts import Done
 from tests.support import wait_until
 
 LEASE = timedelta(seconds=30)
-
-
-@pytest.fixture
-def engine(migrated_url: str):
-    engine = make_engine(migrated_url)
-    yield engine
-    engine.dispose()
 
 
 def _add(engine, *aggregates: str) -> list[int]:

@@ -6,9 +6,6 @@ from __future__ import annotations
 import threading
 from functools import partial
 
-import pytest
-
-from db.engine import make_engine
 from db.outbox import OutboxRow
 from db.tables import outbox_events
 from db.unit_of_work import OrdersUnitOfWork
@@ -17,13 +14,6 @@ from saga.dispatcher import DispatcherSettings, OutboxDispatcher
 from saga.signals import WakeUp
 from saga.verdicts import Done
 from tests.support import wait_until
-
-
-@pytest.fixture
-def engine(migrated_url: str):
-    engine = make_engine(migrated_url)
-    yield engine
-    engine.dispose()
 
 
 def add_events(engine, count: int) -> list[int]:

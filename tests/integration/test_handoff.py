@@ -11,12 +11,10 @@ from functools import partial
 from typing import Any
 
 import grpc
-import pytest
 from orders_service_api.v1 import orders_pb2 as pb
 from sqlalchemy import update
 
 import db.outbox
-from db.engine import make_engine
 from db.outbox import ClaimedEvent, Lease, OutboxStore
 from db.tables import outbox_events
 from db.unit_of_work import OrdersUnitOfWork
@@ -27,13 +25,6 @@ from saga.verdicts import Completed, Done, Handler
 from tests.integration.helpers import place_request, rows_of, rpc_error
 from tests.integration.saga_support import wait_for_status
 from tests.support import wait_until
-
-
-@pytest.fixture
-def engine(migrated_url: str):
-    engine = make_engine(migrated_url)
-    yield engine
-    engine.dispose()
 
 
 def test_an_order_placed_while_a_worker_is_idle_runs_without_a_claim(server, monkeypatch):

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from functools import partial
 
-import pytest
 from sqlalchemy import Engine, func, select
 
-from db.engine import make_engine
 from db.inventory import InventoryUnitOfWork
 from db.tables import stock_reservations
 from domain.inventory import Rejected, Reserved
@@ -21,13 +19,6 @@ from domain.model import OrderItem, utcnow
 from saga.inventory import InventoryParticipant
 
 ITEMS = (OrderItem("SKU-HOT", 1),)
-
-
-@pytest.fixture
-def engine(migrated_url: str):
-    engine = make_engine(migrated_url)
-    yield engine
-    engine.dispose()
 
 
 def stock_of(engine: Engine, sku: str) -> tuple[int, int]:

@@ -11,12 +11,10 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select
 
 from application.orders import OrderApplication
 from application.paging import PageTokenCodec
-from db.engine import make_engine
 from db.inventory import InventoryUnitOfWork
 from db.recording import RecordingOrdersUnitOfWork
 from db.relay import RelayUnitOfWork
@@ -28,13 +26,6 @@ from domain.validation import PlaceOrderCommand
 from saga.housekeeping import Housekeeper
 
 LEASE = timedelta(seconds=30)
-
-
-@pytest.fixture
-def engine(migrated_url: str):
-    engine = make_engine(migrated_url)
-    yield engine
-    engine.dispose()
 
 
 def app_on(engine, recording: bool, woken: list[int] | None = None) -> OrderApplication:

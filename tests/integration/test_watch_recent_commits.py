@@ -16,7 +16,6 @@ from sqlalchemy import update
 from application.orders import OrderApplication
 from application.paging import PageTokenCodec
 from application.watching import OrderWatcher
-from db.engine import make_engine
 from db.inventory import InventoryUnitOfWork
 from db.tables import orders
 from db.unit_of_work import OrdersUnitOfWork
@@ -52,13 +51,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def engine(migrated_url: str) -> Iterator[object]:
-    engine = make_engine(migrated_url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
