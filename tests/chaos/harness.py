@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import grpc
 from orders_service_api.v1 import orders_pb2 as pb
@@ -323,6 +324,34 @@ class Cluster:
                 self.instances[slot] = None
             if process is not None:
                 process.stop(sig, timeout=15)
+
+
+class ClientLoad:
+    """Client threads, each running `run(index)` against the cluster until the `with` block ends
+    (`stop` is set then); a thread that does not finish within 30 s fails the test."""
+
+    def __init__(self, cluster: Cluster, ledger: Ledger, threads: int) -> None:
+        self.cluster = cluster
+        self.ledger = ledger
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self.run, args=(i,), name=f"client-{i}", daemon=True)
+            for i in range(threads)
+        ]
+
+    def __enter__(self) -> Self:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+        assert not any(t.is_alive() for t in self.threads), "a client thread hangs"
+
+    def run(self, index: int) -> None:
+        raise NotImplementedError
 
 
 def wait_settled(cluster: Cluster, engine: Engine, timeout: float) -> None:

@@ -40,6 +40,7 @@ from db.tables import orders, outbox_events
 from tests.chaos.harness import (
     LEASE_S,
     SKUS,
+    ClientLoad,
     Cluster,
     Ledger,
     basket,
@@ -80,29 +81,12 @@ def kill_plan(kills: int, rng: random.Random) -> list[str]:
     return plan
 
 
-class Load:
+class Load(ClientLoad):
     """Client threads placing (and sometimes cancelling) orders back to back on live instances."""
 
     def __init__(self, cluster: Cluster, ledger: Ledger, seed: int) -> None:
-        self.cluster = cluster
-        self.ledger = ledger
+        super().__init__(cluster, ledger, CLIENT_THREADS)
         self.seed = seed
-        self.stop = threading.Event()
-        self.threads = [
-            threading.Thread(target=self.run, args=(i,), name=f"client-{i}", daemon=True)
-            for i in range(CLIENT_THREADS)
-        ]
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
-        assert not any(t.is_alive() for t in self.threads), "a client thread hangs"
 
     def run(self, index: int) -> None:
         rng = random.Random(self.seed * 100 + index)

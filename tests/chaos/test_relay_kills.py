@@ -19,7 +19,6 @@ is there. The rows agree: every relay event DONE, and some were claimed again af
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,7 +30,17 @@ from sqlalchemy import func, select
 
 from db.engine import EngineSettings, make_engine
 from db.tables import orders, relay_events
-from tests.chaos.harness import SKUS, Cluster, Ledger, basket, env_int, migrate, verify, wait_settled
+from tests.chaos.harness import (
+    SKUS,
+    ClientLoad,
+    Cluster,
+    Ledger,
+    basket,
+    env_int,
+    migrate,
+    verify,
+    wait_settled,
+)
 from tests.events_support import EventStream, by_order
 from tests.support import wait_until
 
@@ -43,26 +52,8 @@ CANCEL_SHARE = 0.2
 pytestmark = [pytest.mark.chaos, pytest.mark.postgres, pytest.mark.timeout(120 + 10 * KILLS)]
 
 
-class Load:
+class Load(ClientLoad):
     """Client threads placing orders back to back on live instances, cancelling some."""
-
-    def __init__(self, cluster: Cluster, ledger: Ledger) -> None:
-        self.cluster = cluster
-        self.ledger = ledger
-        self.stop = threading.Event()
-        self.threads = [
-            threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(CLIENT_THREADS)
-        ]
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
 
     def run(self, index: int) -> None:
         rng = random.Random(SEED * 10 + index)
@@ -112,7 +103,7 @@ def test_relays_killed_while_publishing_lose_no_event_and_duplicate_none(
         stubs = cluster.live()[0].stubs
         for sku, quantity in stock.items():
             stubs.set_stock(sku, quantity)
-        with Load(cluster, ledger):
+        with Load(cluster, ledger, CLIENT_THREADS):
             for how in plan:
                 seen = stream.count()
 
