@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from types import TracebackType
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -125,11 +125,14 @@ class EventQueue(Protocol):
         ...
 
 
-class QueueUnitOfWork(Protocol):
-    """A transaction that reaches a queue as `outbox`: rolled back unless `commit()` is called."""
+Q = TypeVar("Q", covariant=True)
+
+
+class QueueUnitOfWork(Protocol[Q]):
+    """A transaction that reaches a queue (`Q`) as `outbox`: rolled back unless `commit()` is called."""
 
     @property
-    def outbox(self) -> EventQueue: ...
+    def outbox(self) -> Q: ...
 
     def commit(self) -> None: ...
 
@@ -141,7 +144,7 @@ class QueueUnitOfWork(Protocol):
 
 
 # Called with `single_statement=True` for the dispatcher's rounds and lease renewals.
-QueueUowFactory = Callable[..., QueueUnitOfWork]
+QueueUowFactory = Callable[..., QueueUnitOfWork[EventQueue]]
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: the statement builders' caches key on it

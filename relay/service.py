@@ -15,6 +15,7 @@ from db.relay import RelayUnitOfWork
 from domain.model import utcnow
 from relay.publisher import JetStreamPublisher
 from saga.dispatcher import OutboxDispatcher
+from saga.housekeeping import purge_done
 from saga.resilience import Guard
 from saga.verdicts import describe
 
@@ -54,15 +55,7 @@ class RelayHousekeeper:
 
     def once(self) -> tuple[int, int, float]:
         """(rows deleted, PENDING rows, age of the oldest PENDING in seconds)."""
-        deleted = 0
-        cutoff = self._clock() - self._retention
-        while not self._stop.is_set():
-            with self._uow() as uow:
-                count = uow.outbox.purge_done(cutoff, self._batch)
-                uow.commit()
-            deleted += count
-            if count < self._batch:
-                break
+        deleted = purge_done(self._uow, self._clock() - self._retention, self._batch, self._stop)
         with self._uow(write=False) as uow:
             pending, oldest_s = uow.outbox.backlog(self._clock())
         self._on_backlog(pending, oldest_s)

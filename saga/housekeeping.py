@@ -19,12 +19,30 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from db import statistics
+from db.queue import LeasedQueue, QueueUnitOfWork
 from db.unit_of_work import OrdersUnitOfWork
 from domain.model import utcnow
 
 log = logging.getLogger("orders.housekeeping")
 
 BacklogObserver = Callable[[int, float], None]  # (pending events, oldest pending age in seconds)
+
+
+def purge_done(
+    uow: Callable[..., QueueUnitOfWork[LeasedQueue]], older_than: datetime, batch: int, stop: threading.Event
+) -> int:
+    """Delete a queue's DONE rows last touched before `older_than`, at most `batch` per transaction,
+    until a batch comes back short or `stop` is set: the rows deleted (the outbox's here, the event
+    relay's in relay.service)."""
+    total = 0
+    while not stop.is_set():
+        with uow() as unit:
+            deleted = unit.outbox.purge_done(older_than, batch)
+            unit.commit()
+        total += deleted
+        if deleted < batch:
+            break
+    return total
 
 
 class Housekeeper:
@@ -63,15 +81,7 @@ class Housekeeper:
 
     def purge_once(self) -> int:
         """Delete DONE rows older than the retention, one bounded batch per transaction."""
-        total = 0
-        cutoff = self._clock() - self._retention
-        while not self._stop.is_set():
-            with self._uow() as uow:
-                deleted = uow.outbox.purge_done(cutoff, self._batch)
-                uow.commit()
-            total += deleted
-            if deleted < self._batch:
-                break
+        total = purge_done(self._uow, self._clock() - self._retention, self._batch, self._stop)
         if total:
             log.info("deleted %d DONE outbox events older than %s", total, self._retention)
         return total

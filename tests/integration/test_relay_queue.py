@@ -23,6 +23,7 @@ from db.unit_of_work import OrdersUnitOfWork
 from domain import correlation
 from domain.model import OrderItem, Settlement, utcnow
 from domain.validation import PlaceOrderCommand
+from relay.service import RelayHousekeeper
 from saga.housekeeping import Housekeeper
 
 LEASE = timedelta(seconds=30)
@@ -209,3 +210,28 @@ def test_a_deferral_gives_back_its_attempt_and_a_stale_lease_writes_nothing(engi
         uow.commit()
     with engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(relay_events)).scalar_one() == 1
+
+
+def test_the_relays_housekeeping_deletes_done_rows_a_batch_at_a_time_and_reports_the_backlog(engine):
+    app = app_on(engine, recording=True)
+    for _ in range(3):
+        place(app)
+    _done, claimed = claim(engine)
+    with RelayUnitOfWork(engine) as uow:
+        assert len(uow.outbox.complete_many(claimed[:2], utcnow())) == 2
+        uow.commit()
+    seen: list[tuple[int, float]] = []
+    keeper = RelayHousekeeper(
+        partial(RelayUnitOfWork, engine),
+        retention_s=0,
+        interval_s=3600,
+        on_backlog=lambda pending, oldest_s: seen.append((pending, oldest_s)),
+        batch=1,
+        clock=lambda: utcnow() + timedelta(seconds=1),
+    )
+
+    deleted, pending, _oldest_s = keeper.once()
+
+    assert (deleted, pending) == (2, 1)
+    assert [count for count, _ in seen] == [1]
+    assert [row.id for row in rows(engine)] == [claimed[2].id]
