@@ -115,8 +115,6 @@ class JetStreamPublisher:
         self._down_since: float | None = time.monotonic()  # until the first connection
         self._warned = False
         self._closed = False
-        self.published = 0
-        self.duplicates = 0
 
     @property
     def connected(self) -> bool:
@@ -198,8 +196,6 @@ class JetStreamPublisher:
             raise BrokerUnavailableError(f"{type(error).__name__}: {error}") from error
         except (nats.js.errors.APIError, nats.errors.MaxPayloadError, nats.errors.BadHeaderError) as error:
             raise PublishRejectedError(f"{type(error).__name__}: {error}") from error
-        self.published += 1
-        self.duplicates += bool(ack.duplicate)
         return Ack(ack.stream, ack.seq, bool(ack.duplicate))
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
