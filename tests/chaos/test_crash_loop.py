@@ -19,7 +19,6 @@ the BOOM order lose one attempt at most, to the first crash (the second test).
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -36,6 +35,7 @@ from db.engine import EngineSettings, make_engine
 from db.tables import orders, outbox_events
 from tests.chaos.harness import IN_TRANSIT, migrate, server_args
 from tests.invariants import check_invariants, settled
+from tests.local_services import free_port
 from tests.support import READY, ServerProcess, Stubs, server_command, server_env, wait_until
 
 MAX_ATTEMPTS = 3
@@ -47,14 +47,6 @@ CRASH_LINE = "fault crash_on_sku: killing the process"
 UNFINISHED = f"attempt {MAX_ATTEMPTS} did not finish: its lease ran out (the process died or stalled)"
 
 pytestmark = [pytest.mark.chaos, pytest.mark.postgres, pytest.mark.timeout(90)]
-
-
-def free_port() -> int:
-    """A port nothing listens on now; every incarnation binds it, so one client channel reaches
-    whichever process is up."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Supervisor:
@@ -204,7 +196,7 @@ def test_an_order_that_kills_its_process_every_time_ends_dead_and_the_others_flo
     migrate(url, tmp_path)
     fault_file = tmp_path / "faults.json"
     fault_file.write_text('{"crash_on_sku": "BOOM"}')
-    port = free_port()
+    port = free_port()  # every incarnation binds it: one client channel reaches whichever is up
     args = [
         *server_args(url, fault_file, lease_s=LEASE_S, port=port),
         "--max-attempts",
@@ -325,7 +317,7 @@ def test_orders_claimed_beside_a_crash_looping_one_are_not_buried_with_it(
     migrate(url, tmp_path)
     fault_file = tmp_path / "faults.json"
     fault_file.write_text('{"crash_on_sku": "BOOM"}')
-    port = free_port()
+    port = free_port()  # every incarnation binds it: one client channel reaches whichever is up
     flags = [*server_args(url, fault_file, lease_s=LEASE_S, port=port), "--max-attempts", str(MAX_ATTEMPTS)]
     placer = ServerProcess([*flags, "--saga-workers", "0"], server_env(), tmp_path, tmp_path / "placer.log")
     try:

@@ -1,6 +1,5 @@
 """The Prometheus endpoint: the numbers move as orders flow."""
 
-import socket
 import urllib.request
 
 import grpc
@@ -8,14 +7,8 @@ import pytest
 from orders_service_api.v1 import orders_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.local_services import free_port
 from tests.support import wait_until
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 # (name, sorted labels) -> value
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -35,7 +28,7 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_metrics_count_calls_saga_outcomes_and_dispatch_lag(start_server, database_url):
-    port = _free_port()
+    port = free_port()
     server = start_server(database_url=database_url, metrics_port=port, housekeeping_interval_s=0.2)
     before = _scrape(port)
     server.stubs.set_stock("M-1", 3)
@@ -67,7 +60,7 @@ def test_metrics_count_calls_saga_outcomes_and_dispatch_lag(start_server, databa
 
 
 def test_bad_requests_are_counted_with_their_code(start_server, sqlite_url):
-    port = _free_port()
+    port = free_port()
     server = start_server(database_url=sqlite_url, metrics_port=port, saga_workers=0)
     with pytest.raises(grpc.RpcError):
         server.stubs.orders.GetOrder(pb.GetOrderRequest(order_id="not-a-uuid"), timeout=5)

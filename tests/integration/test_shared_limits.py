@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -43,6 +42,7 @@ from server.bootstrap import build_guard
 from server.config import Settings
 from tests import support
 from tests.conftest import InProcessServer
+from tests.local_services import free_port
 from tests.support import ServerProcess, wait_until
 from tests.tcp_proxy import TcpProxy
 
@@ -121,12 +121,6 @@ def migrated(*urls: str) -> list[str]:
         output, _ = run.communicate(timeout=60)
         assert run.returncode == 0, f"orders-server migrate exited with {run.returncode}:\n{output}"
     return list(urls)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def metric(port: int, name: str, **labels: str) -> float:
@@ -328,9 +322,7 @@ class PrivateRedis:
         if binary is None:
             pytest.skip("no redis-server binary to start a private Redis")
         self._binary = binary
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
 
