@@ -320,7 +320,10 @@ class PrivateRedis:
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.skip("no redis-server binary to start a private Redis")
+            message = "no redis-server binary to start a private Redis"
+            if REQUIRE_REDIS:
+                pytest.fail(message + " (required under CI)")
+            pytest.skip(message)
         self._binary = binary
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
