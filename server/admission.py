@@ -38,7 +38,7 @@ from typing import Any, ParamSpec, TypeVar
 import grpc
 from prometheus_client import Counter
 
-from server.interceptors import Continuation, KeptHandlers
+from server.interceptors import Continuation, KeptHandlers, behaviour_name
 from server.metrics import Metrics
 
 log = logging.getLogger("orders.admission")
@@ -169,12 +169,6 @@ class _Slots:
             self.open -= 1
 
 
-def _behaviour_name(handler: grpc.RpcMethodHandler) -> str:
-    if handler.request_streaming:
-        return "stream_stream" if handler.response_streaming else "stream_unary"
-    return "unary_stream" if handler.response_streaming else "unary_unary"
-
-
 class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
     """The first interceptor of the server (outermost): decides on every call, on grpcio's polling
     thread, from a count it only reads. Handlers it makes are kept per method, as
@@ -258,12 +252,12 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         refuse.experimental_thread_pool = self._refusal_threads  # type: ignore[attr-defined]
         # A streaming method's refusal sends no message: grpcio need not hold a thread for it.
         refuse.experimental_non_blocking = handler.response_streaming  # type: ignore[attr-defined]
-        return handler._replace(**{_behaviour_name(handler): refuse})
+        return handler._replace(**{behaviour_name(handler): refuse})
 
     def _stream_handler(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         kind = self._kinds[method]
         slots = self._slots[method]
-        name = _behaviour_name(handler)
+        name = behaviour_name(handler)
         behaviour = getattr(handler, name)
 
         def refuse(context: grpc.ServicerContext) -> None:

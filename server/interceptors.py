@@ -34,16 +34,16 @@ CORRELATION_HEADER = "x-correlation-id"
 Around = Callable[[str, grpc.ServicerContext], AbstractContextManager[None]]
 
 
+def behaviour_name(handler: grpc.RpcMethodHandler) -> str:
+    """The field of `handler` that holds its behaviour (`unary_unary`, ..., `stream_stream`)."""
+    if handler.request_streaming:
+        return "stream_stream" if handler.response_streaming else "stream_unary"
+    return "unary_stream" if handler.response_streaming else "unary_unary"
+
+
 def wrap_handler(handler: grpc.RpcMethodHandler, method: str, around: Around) -> grpc.RpcMethodHandler:
     """The same handler whose behaviour runs inside `around(method, context)`."""
-    if handler.request_streaming and handler.response_streaming:
-        kind = "stream_stream"
-    elif handler.request_streaming:
-        kind = "stream_unary"
-    elif handler.response_streaming:
-        kind = "unary_stream"
-    else:
-        kind = "unary_unary"
+    kind = behaviour_name(handler)
     behaviour = getattr(handler, kind)
 
     if handler.response_streaming and not getattr(behaviour, "experimental_non_blocking", False):

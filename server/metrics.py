@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from db.outbox import ClaimedEvent
 from server.config import version
 from server.grpc_metrics import MethodCalls, StandardGrpcMetrics, grpc_type
-from server.interceptors import WrappingInterceptor
+from server.interceptors import WrappingInterceptor, behaviour_name
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BREAKER_STATES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
@@ -206,7 +206,7 @@ class MetricsInterceptor(WrappingInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         calls = self._metrics.method_calls(method, grpc_type(handler))
-        kind = _behaviour_name(handler)
+        kind = behaviour_name(handler)
         behaviour = getattr(handler, kind)
         wrapped: Callable[..., Any]
         if getattr(behaviour, "experimental_non_blocking", False):
@@ -216,12 +216,6 @@ class MetricsInterceptor(WrappingInterceptor):
         else:
             wrapped = _unary(behaviour, calls, handler.request_streaming)
         return handler._replace(**{kind: wrapped})
-
-
-def _behaviour_name(handler: grpc.RpcMethodHandler) -> str:
-    if handler.request_streaming:
-        return "stream_stream" if handler.response_streaming else "stream_unary"
-    return "unary_stream" if handler.response_streaming else "unary_unary"
 
 
 def _code_name(code: Any, default: str) -> str:

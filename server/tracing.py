@@ -60,7 +60,7 @@ from domain import correlation
 from domain.deadline import deadline_bound
 from saga.verdicts import BatchHandler, Completed, Defer, Done, Handler, Retry, Verdict
 from server.config import Settings, version
-from server.interceptors import CORRELATION_HEADER, CorrelationInterceptor, wrap_handler
+from server.interceptors import CORRELATION_HEADER, CorrelationInterceptor, behaviour_name, wrap_handler
 
 TRACE_RESPONSE_HEADER = "traceresponse"
 # Not traced: health probes, every few seconds from every prober.
@@ -286,7 +286,7 @@ def _non_blocking(
     tracing: Tracing, handler: grpc.RpcMethodHandler, method: str, attributes: Mapping[str, str]
 ) -> grpc.RpcMethodHandler:
     """A stream whose handler returns at once: its span ends when grpcio ends the call."""
-    kind = "stream_stream" if handler.request_streaming else "unary_stream"
+    kind = behaviour_name(handler)
     behaviour = getattr(handler, kind)
 
     @functools.wraps(behaviour)
