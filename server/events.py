@@ -10,7 +10,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
-import pybreaker
 from prometheus_client import Counter, Gauge
 from sqlalchemy import Engine
 
@@ -28,9 +27,7 @@ from saga.verdicts import Handler, Verdict
 from server import guards
 from server.config import Settings
 from server.faults import FaultSwitches
-from server.metrics import Metrics
-
-_BREAKER_STATES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
+from server.metrics import BREAKER_STATES, Metrics
 
 
 @dataclass
@@ -142,7 +139,7 @@ def _metrics(metrics: Metrics, guard: Guard) -> _Observers:
         "orders_events_breaker_state", "events breaker: 0 closed, 1 half-open, 2 open", registry=registry
     )
     breaker = guard.breaker
-    state.set_function(lambda: float(_BREAKER_STATES.get(breaker.current_state, 0)))
+    state.set_function(lambda: float(BREAKER_STATES.get(breaker.current_state, 0)))
     metrics.count_from(
         "orders_events_rate_limit_denials", "event publishes the rate limiter deferred", lambda: guard.denials
     )

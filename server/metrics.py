@@ -31,7 +31,8 @@ from server.grpc_metrics import MethodCalls, StandardGrpcMetrics, grpc_type
 from server.interceptors import WrappingInterceptor, behaviour_name
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_BREAKER_STATES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
+# A breaker's state as a gauge's value (the inventory's here, the event relay's in server.events).
+BREAKER_STATES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
 
 
 class _FunctionCounter(Collector):
@@ -159,7 +160,7 @@ class Metrics:
         self.registry.register(_FunctionCounter(name, documentation, read))
 
     def watch_breaker(self, breaker: pybreaker.CircuitBreaker) -> None:
-        self.breaker_state.set_function(lambda: float(_BREAKER_STATES.get(breaker.current_state, 0)))
+        self.breaker_state.set_function(lambda: float(BREAKER_STATES.get(breaker.current_state, 0)))
         metrics = self
 
         class _Transitions(pybreaker.CircuitBreakerListener):
