@@ -16,8 +16,8 @@ class WorkerPool:
 
     What the dispatcher needs of an executor, and no more: `ThreadPoolExecutor.submit` builds a
     future, its condition and a work item for every task and wakes a thread through a semaphore,
-    which the dispatcher never reads; on the dispatcher's thread that was a tenth of a drain's time
-    (a profile with `py-spy --gil`). Here a task is one put on a `queue.SimpleQueue`.
+    which the dispatcher never reads, all on the dispatcher's own thread (docs/performance.md has
+    the profile). Here a task is one put on a `queue.SimpleQueue`.
     """
 
     def __init__(self, workers: int, name: str) -> None:
