@@ -218,10 +218,7 @@ class OutboxDispatcher:
                     self._enter(event, leased_since)
         if stopping:
             for event in events:
-                try:
-                    self._count(self._record(event, Defer(0.0, "dispatcher stopping")), event, 0.0)
-                except Exception as error:
-                    log.warning("event %d left to its lease at stop: %s", event.id, describe(error))
+                self._hand_back_at_stop(event)
             return
         now = self._clock()
         for event in events:
@@ -481,14 +478,18 @@ class OutboxDispatcher:
         with self._lock:
             waiting, self._solo = list(self._solo), collections.deque()
         for event, _lag in waiting:
-            try:
-                self._count(self._record(event, Defer(0.0, "dispatcher stopping")), event, 0.0)
-            except Exception as error:
-                log.warning("event %d left to its lease at stop: %s", event.id, describe(error))
+            self._hand_back_at_stop(event)
             with self._idle:
                 self._in_flight -= 1
                 self._leave(event)
                 self._idle.notify_all()
+
+    def _hand_back_at_stop(self, event: ClaimedEvent) -> None:
+        """Give an unrun event back to the queue at stop (a deferral), or leave it to its lease."""
+        try:
+            self._count(self._record(event, Defer(0.0, "dispatcher stopping")), event, 0.0)
+        except Exception as error:
+            log.warning("event %d left to its lease at stop: %s", event.id, describe(error))
 
     def _handle(self, event: ClaimedEvent) -> None:
         correlation.set_current(event.correlation_id)
