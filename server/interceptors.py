@@ -72,6 +72,13 @@ def _metadata_value(context: grpc.ServicerContext, key: str) -> str | None:
     return None
 
 
+def call_deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on the monotonic clock; None when the client set none (grpcio then
+    reports a time remaining of centuries)."""
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None and remaining < 1e9 else None
+
+
 # What grpcio passes an interceptor: the next interceptor's (or the server's) handler lookup.
 Continuation = Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None]
 
@@ -134,9 +141,7 @@ class CorrelationInterceptor(WrappingInterceptor):
         correlation_id = correlation.accept_or_new(_metadata_value(context, CORRELATION_HEADER))
         correlation.set_current(correlation_id)
         context.send_initial_metadata(((CORRELATION_HEADER, correlation_id),))
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e9 else None
-        with deadline_bound(deadline):
+        with deadline_bound(call_deadline(context)):
             yield
 
 

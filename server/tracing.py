@@ -60,7 +60,13 @@ from domain import correlation
 from domain.deadline import deadline_bound
 from saga.verdicts import BatchHandler, Completed, Defer, Done, Handler, Retry, Verdict
 from server.config import Settings, version
-from server.interceptors import CORRELATION_HEADER, CorrelationInterceptor, behaviour_name, wrap_handler
+from server.interceptors import (
+    CORRELATION_HEADER,
+    CorrelationInterceptor,
+    behaviour_name,
+    call_deadline,
+    wrap_handler,
+)
 
 TRACE_RESPONSE_HEADER = "traceresponse"
 # Not traced: health probes, every few seconds from every prober.
@@ -163,8 +169,7 @@ class Tracing:
         trace_id, span_id = f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}"
         answer = f"00-{trace_id}-{span_id}-{span_context.trace_flags:02x}"
         context.send_initial_metadata(((CORRELATION_HEADER, correlation_id), (TRACE_RESPONSE_HEADER, answer)))
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e9 else None
+        deadline = call_deadline(context)
         code: grpc.StatusCode | None = None
         try:
             trace_context = correlation.TraceContext(trace_id, span_id, self._headers(bound))
