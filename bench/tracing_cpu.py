@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import threading
 import time
@@ -31,11 +30,12 @@ from orders_service_api.v1 import orders_pb2 as pb
 from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 
 from tests.local_services import (
+    ROOT,
+    OrdersServer,
     create_database,
     drop_databases,
     server_command,
     server_env,
-    wait_until,
     with_database,
 )
 
@@ -62,7 +62,6 @@ def one_round(extra: Sequence[str], env: dict[str, str], calls: int, threads: in
     """Microseconds of server CPU per PlaceOrder."""
     name = create_database(ADMIN_URL, "orders_bench_tracing")
     url = with_database(ADMIN_URL, name)
-    log_path = work / f"{name}.log"
     try:
         subprocess.run(
             [*server_command(), "migrate", "--database-url", url],
@@ -70,18 +69,11 @@ def one_round(extra: Sequence[str], env: dict[str, str], calls: int, threads: in
             check=True,
             capture_output=True,
         )
-        with open(log_path, "w") as log, open(os.devnull, "w") as devnull:
-            server = subprocess.Popen(
-                [*server_command(), "--port", "0", "--database-url", url, *extra],
-                env=server_env(env),
-                stdout=devnull,
-                stderr=log,
-            )
+        server = OrdersServer(
+            ["--port", "0", "--database-url", url, *extra], server_env(env), ROOT, work / f"{name}.log"
+        )
         try:
-            ready = wait_until(
-                lambda: re.search(r"ready on \S+:(\d+)", log_path.read_text()), timeout=30, what="ready"
-            )
-            with grpc.insecure_channel(f"127.0.0.1:{ready.group(1)}") as channel:
+            with grpc.insecure_channel(server.address) as channel:
                 orders = pb_grpc.OrderServiceStub(channel)
                 pb_grpc.InventoryServiceStub(channel).SetStock(
                     pb.SetStockRequest(sku="BENCH", available=10**9), timeout=10
@@ -92,7 +84,7 @@ def one_round(extra: Sequence[str], env: dict[str, str], calls: int, threads: in
                 for _ in range(200):  # warm-up: connections, caches
                     orders.PlaceOrder(request, timeout=10)
                 time.sleep(1)
-                before = _cpu_seconds(server.pid)
+                before = _cpu_seconds(server.proc.pid)
 
                 def place() -> None:
                     for _ in range(calls // threads):
@@ -104,10 +96,9 @@ def one_round(extra: Sequence[str], env: dict[str, str], calls: int, threads: in
                 for client in clients:
                     client.join()
                 time.sleep(2)  # the last sagas, and the last batch of spans
-                return (_cpu_seconds(server.pid) - before) / (calls // threads * threads) * 1e6
+                return (_cpu_seconds(server.proc.pid) - before) / (calls // threads * threads) * 1e6
         finally:
-            server.terminate()
-            server.wait(30)
+            server.stop()
     finally:
         drop_databases(ADMIN_URL, [name])
 
