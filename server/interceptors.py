@@ -6,8 +6,8 @@ attributes (`functools.wraps`): the health servicer's non-blocking `Watch` relie
 
 The wrapped handler of a method is made once and kept: grpcio asks every interceptor on every
 call, and wrapping anew per call (closures, `functools.wraps`, a new handler tuple, for each of
-the interceptors) was a tenth of a loaded server's CPU, on the polling thread that every call
-passes through. So nothing of one call may go into the wrapper: `around` reads the call's
+the interceptors) costs CPU on the polling thread that every call passes through (figures in
+docs/performance.md). So nothing of one call may go into the wrapper: `around` reads the call's
 metadata from its context, in the handler's thread.
 """
 

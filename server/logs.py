@@ -40,7 +40,7 @@ class TracingFilter(CorrelationFilter):
 
 class _SecondStamp:
     """The part of a timestamp down to the second, made once per second: one writer thread formats
-    every line, and `strftime` per line was most of its work at a few thousand lines a second."""
+    every line, and `strftime` per line dominated its work under load (docs/performance.md)."""
 
     def __init__(self, make: Callable[[int], str]) -> None:
         self._make = make
