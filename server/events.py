@@ -37,7 +37,6 @@ class Relay:
 
     service: EventRelayService
     orders_uow: Callable[..., OrdersUnitOfWork]
-    guard: Guard
 
 
 def build(settings: Settings, orders: Engine, metrics: Metrics) -> Relay:
@@ -82,7 +81,6 @@ def build(settings: Settings, orders: Engine, metrics: Metrics) -> Relay:
     return Relay(
         EventRelayService(publisher, dispatcher, housekeeper, guard),
         partial(RecordingOrdersUnitOfWork, orders, on_recorded=wake.set),
-        guard,
     )
 
 
