@@ -359,8 +359,8 @@ class StockRepository:
 
         With a `fence`, Superseded (nothing written) if a newer step of the order wrote before."""
         one_statement = backend_of(self._c).one_statement_writes
-        fenced_here = fence is not None and (check_first or not one_statement)
-        if fenced_here and fence is not None and not self.fence(order_id, fence, now):
+        in_statement = one_statement and not check_first  # `_reserve_all` records the fence itself
+        if fence is not None and not in_statement and not self.fence(order_id, fence, now):
             return Superseded()
         if check_first:
             settled = self._settled_reservation(order_id)
