@@ -9,7 +9,7 @@ DomainError
 │   └── IdempotencyKeyReusedError  request_id reused with another payload
 ├── UnauthenticatedError     no valid credentials for a protected service
 ├── PermissionDeniedError    valid credentials that do not allow this call
-    ├── OverloadedError          the service is over a concurrency or rate limit
+├── OverloadedError          the service is over a concurrency or rate limit
 ├── UnavailableError         storage unreachable, shutting down
 └── DeadlineExceededError    the caller's deadline passed before the work finished
 """
