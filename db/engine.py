@@ -203,7 +203,6 @@ def _sqlite_busy_timeout_ms(default_ms: int) -> int:
 
     A budget of a second or more is rounded down to a quarter second: every call's budget differs
     by a few milliseconds, and each new value cost a PRAGMA statement before the transaction."""
-
     budget = remaining_ms()
     if budget is None or budget >= default_ms:
         return int(default_ms)
@@ -225,7 +224,6 @@ def _install_wait_callback(settings: EngineSettings) -> None:
     server-side statement_timeout never arrives and connect_timeout only covers new connections."""
     import psycopg2
     import psycopg2.extensions as ext
-
 
     connect_s = float(settings.connect_timeout_s)
     other_s = settings.statement_timeout_ms / 1000 + 2.0
