@@ -67,7 +67,7 @@ def split_method(method: str) -> tuple[str, str]:
 
 class MethodCalls:
     """One method's counting, its label children bound once: `labels()` builds a key and takes a
-    lock on every call, a tenth of the interceptor's cost with two of them."""
+    lock on every call, a cost the interceptor would pay twice per call (docs/performance.md)."""
 
     __slots__ = (
         "_by_code",
