@@ -4,8 +4,8 @@ backend with `one_statement_writes`).
 `WITH w0 AS (INSERT INTO a ...), w1 AS (INSERT INTO b ...) INSERT INTO c ...` is one statement,
 so one round trip and atomic on its own. The statement is built once per shape (tables, row
 counts, columns) with named bind parameters and kept: SQLAlchemy then reuses its compiled form,
-where `insert().values(rows)` built anew per call is compiled anew per call too (a fifth of a
-PlaceOrder's CPU in a profile).
+where `insert().values(rows)` built anew per call is compiled anew per call too (its cost in a
+profile: docs/performance.md, "What was removed").
 
 A row's value may be `DB_NOW` or `DbLater(seconds)`: the column then takes the database's time
 (`db.clock`), now or that many seconds on (the seconds go in as a parameter).
