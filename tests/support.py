@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import grpc
 from orders_service_api.v1 import orders_pb2 as pb
 from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from server import bootstrap
 from server.config import Settings
@@ -54,6 +56,20 @@ def migrate_database(url: str, cwd: Path | None = None) -> subprocess.CompletedP
     done = run_cli("migrate", "--database-url", url, cwd=cwd)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
+
+
+# (name, sorted labels) -> value
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape_metrics(port: int) -> Samples:
+    """Every sample of the Prometheus endpoint on `port`, keyed by its name and sorted labels."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 @dataclass

@@ -5,35 +5,21 @@ service's own (docs/operations.md, "Metrics and alerts")."""
 from __future__ import annotations
 
 import platform
-import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from orders_service_api.v1 import orders_pb2 as pb
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.local_services import free_port
-from tests.support import run_cli, wait_until
+from tests.support import Samples, run_cli, scrape_metrics, wait_until
 
 pytestmark = pytest.mark.e2e
 
 ORDERS = "orders.v1.OrderService"
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
-
-# (name, sorted labels) -> value
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> Samples:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
@@ -77,7 +63,7 @@ def test_grpc_server_metrics_count_calls_codes_messages_and_latency(spawn_server
 
     def settled() -> Samples | None:
         # Streams are counted as handled when grpcio ends them, just after the client saw the end.
-        samples = scrape(metrics_port)
+        samples = scrape_metrics(metrics_port)
         watches_ended = value(samples, "grpc_server_handled_total", **watch, grpc_code="OK") == 1
         return samples if watches_ended and value(samples, "grpc_server_started_total", **reflect) else None
 
@@ -115,7 +101,7 @@ def test_process_gc_and_build_metrics_describe_the_running_server(spawn_server):
     server = spawn_server("--metrics-port", str(metrics_port))
     server.stubs.set_stock("STD-2", 1)
 
-    samples = scrape(metrics_port)
+    samples = scrape_metrics(metrics_port)
 
     assert (value(samples, "process_cpu_seconds_total") or 0) > 0
     assert (value(samples, "process_resident_memory_bytes") or 0) > 10_000_000

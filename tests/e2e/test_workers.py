@@ -9,17 +9,15 @@ import os
 import re
 import signal
 import socket
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from orders_service_api.v1 import orders_pb2 as pb
-from prometheus_client.parser import text_string_to_metric_families
 
 from server import supervisor
-from tests.support import ServerProcess, Stubs, run_cli, wait_until
+from tests.support import ServerProcess, Stubs, run_cli, scrape_metrics, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -66,13 +64,8 @@ def fresh_stubs(address: str) -> Stubs:
 
 
 def placed_calls(metrics_port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "orders_rpc_total" and sample.labels == {"method": PLACE, "code": "OK"}
-    )
+    labels = tuple(sorted({"method": PLACE, "code": "OK"}.items()))
+    return scrape_metrics(metrics_port).get(("orders_rpc_total", labels), 0.0)
 
 
 def place_over_fresh_channels(

@@ -1,26 +1,11 @@
 """The Prometheus endpoint: the numbers move as orders flow."""
 
-import urllib.request
-
 import grpc
 import pytest
 from orders_service_api.v1 import orders_pb2 as pb
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.local_services import free_port
-from tests.support import wait_until
-
-# (name, sorted labels) -> value
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def _scrape(port: int) -> Samples:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+from tests.support import Samples, scrape_metrics, wait_until
 
 
 def _value(samples: Samples, name: str, **labels: str) -> float:
@@ -30,7 +15,7 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
 def test_metrics_count_calls_saga_outcomes_and_dispatch_lag(start_server, database_url):
     port = free_port()
     server = start_server(database_url=database_url, metrics_port=port, housekeeping_interval_s=0.2)
-    before = _scrape(port)
+    before = scrape_metrics(port)
     server.stubs.set_stock("M-1", 3)
     placed = [server.stubs.place("metrics", [("M-1", 1)]) for _ in range(5)]
     wait_until(
@@ -39,7 +24,7 @@ def test_metrics_count_calls_saga_outcomes_and_dispatch_lag(start_server, databa
     )
 
     def with_both_failures() -> Samples | None:
-        samples = _scrape(port)
+        samples = scrape_metrics(port)
         return samples if _value(samples, "orders_saga_outcomes_total", outcome="failed") >= 2 else None
 
     after = wait_until(with_both_failures, what="saga outcomes scraped")
@@ -56,7 +41,7 @@ def test_metrics_count_calls_saga_outcomes_and_dispatch_lag(start_server, databa
     assert _value(after, "orders_breaker_state") == 0
     assert "orders_db_pool_in_use_orders" in {name for name, _ in after}
     # The backlog gauge is refreshed by housekeeping: nothing is pending once all settled.
-    wait_until(lambda: _value(_scrape(port), "orders_outbox_backlog") == 0, what="backlog drained")
+    wait_until(lambda: _value(scrape_metrics(port), "orders_outbox_backlog") == 0, what="backlog drained")
 
 
 def test_bad_requests_are_counted_with_their_code(start_server, sqlite_url):
@@ -64,6 +49,6 @@ def test_bad_requests_are_counted_with_their_code(start_server, sqlite_url):
     server = start_server(database_url=sqlite_url, metrics_port=port, saga_workers=0)
     with pytest.raises(grpc.RpcError):
         server.stubs.orders.GetOrder(pb.GetOrderRequest(order_id="not-a-uuid"), timeout=5)
-    samples = _scrape(port)
+    samples = scrape_metrics(port)
     method = "/orders.v1.OrderService/GetOrder"
     assert _value(samples, "orders_rpc_total", method=method, code="INVALID_ARGUMENT") == 1

@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import time
-import urllib.request
 import uuid
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +33,6 @@ import pybreaker
 import pytest
 import redis
 from orders_service_api.v1 import orders_pb2 as pb
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select
 
 from db.tables import orders, outbox_events
@@ -43,7 +41,7 @@ from server.config import Settings
 from tests import support
 from tests.conftest import InProcessServer
 from tests.local_services import free_port
-from tests.support import ServerProcess, wait_until
+from tests.support import ServerProcess, scrape_metrics, wait_until
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
@@ -125,12 +123,7 @@ def migrated(*urls: str) -> list[str]:
 
 def metric(port: int, name: str, **labels: str) -> float:
     """One sample of a process's metrics endpoint (0 when absent)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
+    return scrape_metrics(port).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @dataclass(frozen=True)
