@@ -4,7 +4,8 @@ Creates a throwaway PostgreSQL database, migrates it, starts one real `orders-se
 stock, drives closed-loop load from client processes, runs pgbench on the same SQL work (place;
 place plus saga; hot place plus saga), then the bare stack (bench/bare_stack.py: the same gRPC
 server and one psycopg2 write per call, nothing of ours) at its peak and at PlaceOrder's half-peak
-rate, then does baseline and place again on SQLite. Then the relay figures next to the peer,
+rate, then flow and place with the saga in a process of its own (an API-only server and a saga
+server), then does baseline and place again on SQLite. Then the relay figures next to the peer,
 pgqueuer: drain of queued events with a no-op handler, and pickup latency at a steady rate; a soak
 of closed-loop place that samples the server's RSS; and `--workers N` beside the bare stack with N
 processes. Writes bench/results/<time>.json and prints a markdown table that it also writes to
@@ -39,7 +40,7 @@ from bench.plan import FULL, MACHINE_NOTE, QUICK
 from bench.report.figures import figures
 from bench.report.page import markdown
 from bench.runner import Runner
-from bench.scenarios import bare_stack, drain_and_pickup, postgres, soak, sqlite, workers
+from bench.scenarios import bare_stack, drain_and_pickup, postgres, soak, split, sqlite, workers
 from tests.local_services import ROOT
 
 RESULTS = ROOT / "bench" / "results"
@@ -92,6 +93,8 @@ def main() -> int:
         section("The bare stack", began)
         half_rate = result["postgresql"]["place_half"]["offered_per_s"]
         result["bare_stack"] = bare_stack.run_bare_stack(runner, workdir, half_rate)
+        section("The saga in a process of its own", began)
+        result["split"] = split.run_split(runner, workdir, server_args, half_rate)
         if not args.no_sqlite:
             section("SQLite", began)
             result["sqlite"] = sqlite.run_sqlite(runner, workdir, server_args)

@@ -87,6 +87,30 @@ def bare_stack_figures(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             "-",
         ),
     ]
+    split = result.get("split") or {}
+    if split:
+        split_half = split.get("place_half") or {}
+        split_place = (split.get("place") or {}).get("per_s")
+        saga_tps = ((pg.get("pgbench") or {}).get("place_saga") or {}).get("tps")
+        rows += [
+            (
+                "saga in its own process (API-only server + saga server at nice 10): place / bare-stack "
+                "write throughput",
+                str(ratio(split_place, peak.get("per_s"))),
+                "-",
+            ),
+            (
+                "saga in its own process: place p99 at the same half-peak rate vs the bare stack's",
+                f"{split_half.get('p99_ms')} ms vs {bare_p99} ms = "
+                f"{ratio(split_half.get('p99_ms'), bare_p99)} x",
+                "-",
+            ),
+            (
+                "saga in its own process: flow orders/s / pgbench place-plus-saga tps",
+                str(ratio((split.get("flow") or {}).get("per_s"), saga_tps)),
+                "-",
+            ),
+        ]
     for count, row in (result.get("workers") or {}).items():
         place_n, bare_n = (row.get("place") or {}).get("per_s"), (row.get("bare_stack") or {}).get("per_s")
         rows.append(

@@ -77,6 +77,28 @@ def bare_stack_notes(bare: dict[str, Any]) -> list[str]:
     return [text + "."]
 
 
+def split_notes(split: dict[str, Any]) -> list[str]:
+    """What the saga process left behind place, and the API process's CPU at the half-peak rate."""
+    if not split:
+        return []
+    backlog = split.get("saga_backlog") or {}
+    text = (
+        "Saga in its own process (bench/scenarios/split.py): an API-only `orders-server --saga-workers 0` "
+        "takes the calls, a second `orders-server` on the same database takes none and runs the sagas, "
+        f"every thread at nice 10; when place ended {backlog.get('pending_at_end_of_place')} events were "
+        f"PENDING, drained at {backlog.get('saga_events_per_s')} events/s ({backlog.get('pending_left')} "
+        f"left after {backlog.get('pending_after_s')} s)"
+    )
+    half = split.get("place_half") or {}
+    used, rate = half.get("cpu") or {}, half.get("per_s")
+    if used and rate:
+        text += (
+            f"; at the half-peak rate, the API process: {cpu_text(used)}, "
+            f"{used['server_cores'] / rate * 1000:.2f} ms of its CPU per call"
+        )
+    return [text + "."]
+
+
 def relay_notes(result: dict[str, Any]) -> list[str]:
     """What the relay and soak runs did, and what quick shortened."""
     plan, relay_result, soak = result["plan"], result.get("relay") or {}, result.get("soak") or {}

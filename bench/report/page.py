@@ -6,7 +6,7 @@ from typing import Any
 
 from bench.plan import MACHINE_NOTE
 from bench.report.figures import ratio
-from bench.report.notes import bare_stack_notes, flow_cpu_notes, half_peak_notes, relay_notes
+from bench.report.notes import bare_stack_notes, flow_cpu_notes, half_peak_notes, relay_notes, split_notes
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -46,6 +46,11 @@ def markdown(result: dict[str, Any]) -> str:
     bare = result.get("bare_stack") or {}
     row("bare stack: PlaceOrder as one INSERT + COMMIT, no interceptors", "PostgreSQL", bare.get("peak"))
     row("bare stack, paced at place's half-peak rate", "PostgreSQL", bare.get("half"))
+    split = result.get("split") or {}
+    own = "saga in its own process"
+    row(f"flow, {own} (API-only server + saga server at nice 10)", "PostgreSQL", split.get("flow"))
+    row(f"place, {own}", "PostgreSQL", split.get("place"))
+    row(f"place, {own}, paced at place's half-peak rate", "PostgreSQL", split.get("place_half"))
     row("baseline (Health/Check)", "SQLite", lite.get("baseline"))
     row("place", "SQLite", lite.get("place"))
     titles = {
@@ -98,6 +103,7 @@ def markdown(result: dict[str, Any]) -> str:
         *flow_cpu_notes(pg),
         *half_peak_notes(pg),
         *bare_stack_notes(result.get("bare_stack") or {}),
+        *split_notes(split),
         *relay_notes(result),
         "",
         *workers_table(result),
