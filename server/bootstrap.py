@@ -145,7 +145,7 @@ class Service:
         and a few handlers use at once, so that the first calls after a start do not each wait
         for a new backend (milliseconds apiece). The pools open more on demand, up to their
         size. A database that is down fails nothing here: health reports it."""
-        want = min(self.settings.pool_size(), self.settings.saga_workers + 8)
+        want = min(self.settings.pool_size(), self.settings.sagas_here + 8)
         for engine in self.engines.distinct:
             if backend_of(engine).embedded:  # no server connections to open ahead
                 continue
@@ -344,7 +344,7 @@ def _dispatcher(
     """The inventory saga on its outbox dispatcher (None with `--saga-workers 0`), set-based with
     `batching`; with a fault file, the fault wrappers around the participant and the handlers
     (server.faults); with tracing, each step a span (server.tracing)."""
-    if settings.saga_workers <= 0:
+    if settings.sagas_here <= 0:
         return None
     faults = FaultSwitches(settings.fault_file) if settings.fault_file else None
     participant = InventoryParticipant(inventory_uow)
@@ -375,7 +375,7 @@ def _dispatcher(
         orders_uow,
         handlers,
         DispatcherSettings(
-            workers=settings.saga_workers,
+            workers=settings.sagas_here,
             poll_interval_s=settings.poll_interval_s,
             lease_s=settings.lease_s,
             max_attempts=settings.max_attempts,
@@ -425,7 +425,7 @@ def _grpc_server(
         options=[
             # A second server must not silently share the port (grpcio turns reuseport on by default);
             # only the processes of `--workers N` share it, on purpose (server/supervisor.py).
-            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+            ("grpc.so_reuseport", 1 if settings.supervised else 0),
             ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
             *connection_options(settings),
         ],

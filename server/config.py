@@ -141,6 +141,15 @@ class Settings:
     saga_workers: int = _setting(
         8, "saga executor threads (the bulkhead); 0 = this process does not dispatch"
     )
+    saga_processes: int = _setting(
+        0,
+        "PostgreSQL: processes the supervisor runs beside the --workers ones that run the sagas and "
+        "take no calls (each serves gRPC on a loopback port of its own); the --workers processes "
+        "then run none, so the saga's work stays out of the calls' processes",
+    )
+    saga_process_nice: int = _setting(
+        10, "CPU niceness of the --saga-processes processes (0-19): on a shared host the calls come first"
+    )
     poll_interval_s: float = _setting(1.0, "outbox poll interval, the safety net behind wake-ups")
     lease_s: float = _setting(30.0, "outbox claim lease; an event whose lease expires is re-run elsewhere")
     max_attempts: int = _setting(8, "failed attempts before an event is DEAD or its order FAILED")
@@ -206,6 +215,17 @@ class Settings:
         return self.otel_exporter != "none" or bool(self.otel_test_span_file)
 
     @property
+    def sagas_here(self) -> int:
+        """Saga executor threads this process runs: `saga_workers`, except in a --workers process of
+        a pool with --saga-processes (it keeps `saga_processes`; a saga process has it 0)."""
+        return 0 if self.saga_processes > 0 else self.saga_workers
+
+    @property
+    def supervised(self) -> bool:
+        """Started as a supervisor of worker processes (server.supervisor), not as one server."""
+        return self.workers > 1 or self.saga_processes > 0
+
+    @property
     def inventory_url(self) -> str:
         return self.inventory_database_url or self.database_url
 
@@ -215,7 +235,7 @@ class Settings:
         # gRPC handlers + saga workers + the dispatcher's two round threads, health, housekeeping;
         # with the event relay, its workers (a deferral is a write), round threads, housekeeping.
         relay = self.events_workers + 3 if self.events_url else 0
-        return self.max_workers + self.saga_workers + 4 + relay
+        return self.max_workers + self.sagas_here + 4 + relay
 
 
 def version() -> str:
@@ -469,13 +489,24 @@ def _check_tracing(settings: Settings, env: Mapping[str, str]) -> list[str]:
 
 
 def _check_workers(settings: Settings) -> list[str]:
-    """Several workers need SO_REUSEPORT, and one metrics port each above --metrics-port."""
-    if settings.workers <= 1:
-        return []
+    """Several workers need SO_REUSEPORT, and one metrics port each above --metrics-port; saga
+    processes need PostgreSQL (they wake each other through it) and saga workers to run."""
     problems = []
+    if settings.saga_processes < 0:
+        problems.append("--saga-processes: must not be negative")
+    if not 0 <= settings.saga_process_nice <= 19:
+        problems.append("--saga-process-nice: must be 0-19")
+    if settings.saga_processes > 0:
+        if not settings.database_url.startswith("postgresql"):
+            problems.append("--saga-processes: needs PostgreSQL (processes on one SQLite file only poll)")
+        if settings.saga_workers < 1:
+            problems.append("--saga-processes: needs --saga-workers of at least 1 (they run the sagas)")
+    if not settings.supervised:
+        return problems
     if not hasattr(socket, "SO_REUSEPORT"):
         problems.append("--workers: this platform has no SO_REUSEPORT; run one worker per port")
-    if settings.metrics_port and settings.metrics_port + settings.workers - 1 > 65535:
+    processes = settings.workers + max(settings.saga_processes, 0)
+    if settings.metrics_port and settings.metrics_port + processes - 1 > 65535:
         problems.append("--metrics-port: worker metrics ports (metrics_port + i) go past 65535")
     return problems
 

@@ -66,7 +66,7 @@ def serve(settings: Settings, link: supervisor.WorkerLink | None = None) -> int:
     backend = backend_of(service.engines.orders).name
     # A worker's line must not read "orders-server ready on": that one is the supervisor's, once
     # every worker serves.
-    who = "orders-server" if link is None else f"orders-server worker {link.index} (pid {os.getpid()})"
+    who = "orders-server" if link is None else f"orders-server {link.role} {link.index} (pid {os.getpid()})"
     log.info(
         "%s ready on %s:%d (database: %s, %s)", who, settings.host, service.port, backend, settings.security
     )
@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.logs import configure
 
     command, args, settings = parse(arguments)
+    if command == "serve" and supervisor.WorkerLink.sagas_only_from_env(os.environ):
+        # Before any thread starts: threads take their creator's niceness (Linux keeps it per thread).
+        os.nice(settings.saga_process_nice)
     if command == "health":
         # Server flags came first (`orders-server --port 1 health`): the probe has options of its own.
         print("orders-server: error: `health` comes first: orders-server health [options]", file=sys.stderr)
@@ -104,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "admin":
         return admin.run(settings, args)
     link = supervisor.WorkerLink.from_env(os.environ)
-    if link is None and settings.workers > 1:
+    if link is None and settings.supervised:
         return supervisor.run(settings)
     if link is not None:
         link.tag_logs()

@@ -1,4 +1,5 @@
-"""`orders-server --workers N`: N worker processes on one gRPC port, and the supervisor above them.
+"""`orders-server --workers N`: N worker processes on one gRPC port, and the supervisor above them;
+with `--saga-processes M`, M more that run the sagas and take no calls.
 
 Each worker is a whole `orders-server serve` (gRPC server, outbox dispatcher, health, metrics),
 started as a fresh interpreter because grpcio does not survive fork(). Their listening sockets
@@ -11,6 +12,14 @@ while a worker restarts. Each worker gets one end of a socket pair (`ORDERS_WORK
 writes a line once it serves, its end closing tells the supervisor at once that it died, and the
 supervisor's end closing (the supervisor was killed) tells the worker to shut down rather than
 serve on as an orphan.
+
+With `--saga-processes M` the supervisor starts M more workers (indexes N to N+M-1) that run the
+sagas and take no calls: each serves gRPC on a loopback port of its own (health, for nobody in
+particular) and runs at `--saga-process-nice`, and the N workers on the shared port run no saga
+(`--saga-workers 0`). In one process the saga's work shares the GIL with the calls and makes their
+tail (docs/performance.md); in processes of their own, the calls' processes hand their events over
+through the database's NOTIFY and a claim instead of in memory, and the saga processes run them in
+batches. The restart and stop rules are the same for every worker.
 
 Why one module of this size: the supervisor and the worker side of one protocol (start, ready,
 stop, restart) between processes.
@@ -56,12 +65,21 @@ WORKER_COMMAND = (sys.executable, "-P", "-m", "server.main", "serve")
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
+SAGAS_ONLY = "sagas"  # the link's third field for a worker of --saga-processes
+
+
 class WorkerLink:
     """A worker's end of the link to its supervisor."""
 
-    def __init__(self, index: int, link: socket.socket) -> None:
+    def __init__(self, index: int, link: socket.socket, sagas_only: bool = False) -> None:
         self.index = index
+        self.sagas_only = sagas_only
         self._link = link
+
+    @property
+    def role(self) -> str:
+        """How the worker names itself in its ready line."""
+        return "saga worker" if self.sagas_only else "worker"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerLink | None:
@@ -69,8 +87,13 @@ class WorkerLink:
         value = env.get(LINK_ENV)
         if not value:
             return None
-        index, fd = value.split(":")
-        return cls(int(index), socket.socket(fileno=int(fd)))
+        index, fd, *role = value.split(":")
+        return cls(int(index), socket.socket(fileno=int(fd)), role == [SAGAS_ONLY])
+
+    @staticmethod
+    def sagas_only_from_env(env: Mapping[str, str]) -> bool:
+        """Whether this process is a worker of --saga-processes (read before any socket is made)."""
+        return env.get(LINK_ENV, "").split(":")[2:] == [SAGAS_ONLY]
 
     def tag_logs(self) -> None:
         """Every log line names this worker in its thread field (`worker-1/grpc_3`), so that the
@@ -192,10 +215,15 @@ class _Pool:
         self._waker.setblocking(False)
         self._selector.register(self._wake, selectors.EVENT_READ)
 
+    @property
+    def _count(self) -> int:
+        """Workers in all: the --workers ones (0 to N-1), then the --saga-processes ones."""
+        return self._settings.workers + self._settings.saga_processes
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        for index in range(self._settings.workers):
+        for index in range(self._count):
             self._start(index)
         while self._stop_signal is None and not self._failed:
             self._poll(self._until_next_restart())
@@ -208,15 +236,28 @@ class _Pool:
         log.info("received %s: stopping %d workers", self._stop_signal.name, len(self._workers))
         self._waker.send(b"\0")
 
-    def _start(self, index: int) -> None:
-        ours, theirs = socket.socketpair()
+    def _worker_settings(self, index: int) -> Settings:
+        """A --workers worker serves the shared port (and runs no saga when saga processes do:
+        `Settings.sagas_here`);
+        a --saga-processes worker serves a loopback port of its own, which no client is told of,
+        and runs the sagas."""
         settings = replace(
             self._settings,
             port=self._port,
             migrate_on_start="never",
             metrics_port=self._settings.metrics_port + index if self._settings.metrics_port else 0,
         )
-        env = {**os.environ, **environment(settings), LINK_ENV: f"{index}:{theirs.fileno()}"}
+        if self._settings.saga_processes == 0 or index < self._settings.workers:
+            return settings  # with saga processes, its `sagas_here` is 0
+        return replace(settings, host="127.0.0.1", port=0, workers=1, saga_processes=0)
+
+    def _start(self, index: int) -> None:
+        ours, theirs = socket.socketpair()
+        settings = self._worker_settings(index)
+        link = f"{index}:{theirs.fileno()}"
+        if index >= self._settings.workers:
+            link += f":{SAGAS_ONLY}"
+        env = {**os.environ, **environment(settings), LINK_ENV: link}
         env["PYTHONPATH"] = worker_import_path(env)
         try:
             # Its own process group: a Ctrl-C in the terminal reaches the supervisor only, which
@@ -316,17 +357,19 @@ class _Pool:
 
     def _announce_when_ready(self) -> None:
         """The ready line, once, when every worker first serves: what scripts and tests wait for."""
-        if self._announced or len(self._workers) < self._settings.workers:
+        if self._announced or len(self._workers) < self._count:
             return
         if all(worker.ready for worker in self._workers.values()):
             self._announced = True
+            sagas = self._settings.saga_processes
             log.info(
-                "orders-server ready on %s:%d (database: %s, %s, %d workers)",
+                "orders-server ready on %s:%d (database: %s, %s, %d workers%s)",
                 self._settings.host,
                 self._port,
                 make_url(self._settings.database_url).get_backend_name(),
                 self._settings.security,
                 self._settings.workers,
+                f", {sagas} saga process{'es' if sagas > 1 else ''}" if sagas else "",
             )
 
     def _stop_all(self) -> int:

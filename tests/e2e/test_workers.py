@@ -101,8 +101,25 @@ def test_help_lists_workers(tmp_path: Path) -> None:
         ([], {"ORDERS_WORKERS": "-2"}, "--workers"),
         ([], {"ORDERS_WORKERS": "two"}, "ORDERS_WORKERS"),
         (["--workers", "2", "--metrics-port", "65535"], {}, "--metrics-port"),
+        (["--saga-processes", "1"], {}, "needs PostgreSQL"),
+        (["--saga-processes", "-1"], {}, "--saga-processes"),
+        (["--saga-process-nice", "20"], {}, "--saga-process-nice"),
+        (
+            ["--saga-processes", "1", "--saga-workers", "0", "--database-url", "postgresql://u@h/db"],
+            {},
+            "--saga-workers",
+        ),
     ],
-    ids=["zero", "negative-from-env", "not-a-number-from-env", "metrics-ports-past-65535"],
+    ids=[
+        "zero",
+        "negative-from-env",
+        "not-a-number-from-env",
+        "metrics-ports-past-65535",
+        "saga-processes-on-sqlite",
+        "negative-saga-processes",
+        "nice-past-19",
+        "saga-processes-without-saga-workers",
+    ],
 )
 def test_a_bad_workers_setting_exits_2_with_one_line(
     args: list[str], env: dict[str, str], named: str, tmp_path: Path
@@ -151,6 +168,72 @@ def test_two_workers_share_the_port_settle_orders_and_stop_on_sigterm(
     assert server.stop(signal.SIGTERM) == 0
     assert not [pid for pid in pids.values() if alive(pid)]
     assert server.log().rstrip().endswith("orders-server stopped")
+
+
+SAGA_LINE = re.compile(r"\[worker-(\d+)/saga_\d+\] orders\.saga .* stock reserved for order")
+
+
+def niceness(pid: int) -> set[int]:
+    """The niceness of every thread of `pid` (Linux keeps it per thread)."""
+    return {
+        int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
+
+
+@pytest.mark.postgres
+def test_saga_processes_run_every_saga_at_their_niceness_and_are_restarted_when_killed(
+    make_pg_database: Callable[[], str], spawn_server: Callable[..., ServerProcess]
+) -> None:
+    """`--saga-processes 1`: the worker on the port takes the calls and runs no saga; the saga
+    process takes no call, runs every saga, at nice 7 in all its threads, and comes back when
+    killed (docs/operations.md, "The saga in processes of its own")."""
+    url = make_pg_database()
+    server = spawn_server(
+        "--workers", "1", "--saga-processes", "1", "--saga-process-nice", "7",
+        "--database-url", url, "--migrate-on-start", "always", *FAST,
+    )  # fmt: skip
+    assert re.search(
+        r"orders-server ready on 127\.0\.0\.1:\d+ \(database: postgresql, plaintext, 1 workers, "
+        r"1 saga process\)",
+        server.log(),
+    )
+    assert re.search(r"orders-server saga worker 1 \(pid \d+\) ready on 127\.0\.0\.1:\d+", server.log())
+    pids = worker_pids(server)
+    assert niceness(pids[0]) == {0}
+    assert niceness(pids[1]) == {7}
+    server.stubs.set_stock("W-1", 1000)
+
+    def place_and_settle(count: int) -> list[str]:
+        order_ids = place_over_fresh_channels(server.address, count, 1, wait_for_ready=True)
+        wait_until(
+            lambda: all(server.stubs.get(o).status == pb.ORDER_STATUS_VALIDATED for o in order_ids),
+            timeout=20,
+            what="every order VALIDATED",
+        )
+        return order_ids
+
+    first = place_and_settle(8)
+    assert set(HANDLED_PLACE.findall(server.log())) == {"0"}  # only the worker on the port takes calls
+    assert set(SAGA_LINE.findall(server.log())) == {"1"}  # only the saga process runs sagas
+
+    os.kill(pids[1], signal.SIGKILL)
+    restarted = wait_until(
+        lambda: (
+            (pid := worker_pids(server)[1]) != pids[1]
+            and f"saga worker 1 (pid {pid}) ready on" in server.log()
+            and pid
+        ),
+        timeout=30,
+        what="the saga process restarted and ready",
+    )
+    assert niceness(restarted) == {7}
+    second = place_and_settle(4)
+    assert server.stubs.stock("W-1").available == 1000 - len(first) - len(second)
+    assert set(SAGA_LINE.findall(server.log())) == {"1"}
+
+    assert server.stop(signal.SIGTERM) == 0, server.log()[-4000:]
+    assert not alive(restarted)
 
 
 @pytest.mark.postgres
