@@ -94,8 +94,8 @@ def bare_stack_figures(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         saga_tps = ((pg.get("pgbench") or {}).get("place_saga") or {}).get("tps")
         rows += [
             (
-                "saga in its own process (API-only server + saga server at nice 10): place / bare-stack "
-                "write throughput",
+                "saga in its own process (`--workers 1 --saga-processes 1`): place / bare-stack write "
+                "throughput",
                 str(ratio(split_place, peak.get("per_s"))),
                 "-",
             ),

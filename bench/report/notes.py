@@ -83,9 +83,10 @@ def split_notes(split: dict[str, Any]) -> list[str]:
         return []
     backlog = split.get("saga_backlog") or {}
     text = (
-        "Saga in its own process (bench/scenarios/split.py): an API-only `orders-server --saga-workers 0` "
-        "takes the calls, a second `orders-server` on the same database takes none and runs the sagas, "
-        f"every thread at nice 10; when place ended {backlog.get('pending_at_end_of_place')} events were "
+        "Saga in its own process (bench/scenarios/split.py): `orders-server --workers 1 --saga-processes 1`, "
+        "whose worker on the port takes the calls and runs no saga, and whose saga process takes no call "
+        "and runs the sagas at nice 10; when place ended "
+        f"{backlog.get('pending_at_end_of_place')} events were "
         f"PENDING, drained at {backlog.get('saga_events_per_s')} events/s ({backlog.get('pending_left')} "
         f"left after {backlog.get('pending_after_s')} s)"
     )
@@ -93,7 +94,7 @@ def split_notes(split: dict[str, Any]) -> list[str]:
     used, rate = half.get("cpu") or {}, half.get("per_s")
     if used and rate:
         text += (
-            f"; at the half-peak rate, the API process: {cpu_text(used)}, "
+            f"; at the half-peak rate, the worker on the port: {cpu_text(used)}, "
             f"{used['server_cores'] / rate * 1000:.2f} ms of its CPU per call"
         )
     return [text + "."]

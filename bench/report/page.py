@@ -48,7 +48,7 @@ def markdown(result: dict[str, Any]) -> str:
     row("bare stack, paced at place's half-peak rate", "PostgreSQL", bare.get("half"))
     split = result.get("split") or {}
     own = "saga in its own process"
-    row(f"flow, {own} (API-only server + saga server at nice 10)", "PostgreSQL", split.get("flow"))
+    row(f"flow, {own} (`--workers 1 --saga-processes 1`)", "PostgreSQL", split.get("flow"))
     row(f"place, {own}", "PostgreSQL", split.get("place"))
     row(f"place, {own}, paced at place's half-peak rate", "PostgreSQL", split.get("place_half"))
     row("baseline (Health/Check)", "SQLite", lite.get("baseline"))

@@ -71,11 +71,14 @@ def paced(runner: Runner, workdir: Path, server_args: list[str], half_rate: floa
     return out
 
 
-def paced_place(runner: Runner, server: BenchServer, params: dict[str, Any], rate: float) -> dict[str, Any]:
+def paced_place(
+    runner: Runner, server: BenchServer, params: dict[str, Any], rate: float, pid: int | None = None
+) -> dict[str, Any]:
     """PlaceOrder at `rate`, with the server's own view of the calls (interceptor to reply), the
-    saga's commit-to-dispatch lag and the CPU of the server and of PostgreSQL over the run."""
+    saga's commit-to-dispatch lag and the CPU of the server (or of process `pid`, a worker of it)
+    and of PostgreSQL over the run."""
     before = server.metrics()
-    with runner.cpu_window(server.proc.pid) as window:
+    with runner.cpu_window(pid or server.proc.pid) as window:
         row = runner.scenario("place at half peak", server.address, operations.place_op, params, rate=rate)
     after = server.metrics()
     row["in_server"] = histogram(
