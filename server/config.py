@@ -46,8 +46,8 @@ class Settings:
     port: int = _setting(50051, "gRPC port (0 = any free port, printed in the ready line)")
     workers: int = _setting(
         1,
-        "server processes sharing the gRPC port (SO_REUSEPORT), each with its own dispatcher; "
-        "worker i (0 to N-1) serves metrics on metrics_port + i",
+        "server processes sharing the gRPC port (SO_REUSEPORT), each with its own dispatcher (none "
+        "with --saga-processes); worker i (0 to N-1) serves metrics on metrics_port + i",
     )
     database_url: str = _setting(
         DEFAULT_DATABASE_URL,
