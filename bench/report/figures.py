@@ -97,18 +97,18 @@ def bare_stack_figures(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                 "saga in its own process (`--workers 1 --saga-processes 1`): place / bare-stack write "
                 "throughput",
                 str(ratio(split_place, peak.get("per_s"))),
-                "-",
+                ">= 0.50",
             ),
             (
                 "saga in its own process: place p99 at the same half-peak rate vs the bare stack's",
                 f"{split_half.get('p99_ms')} ms vs {bare_p99} ms = "
                 f"{ratio(split_half.get('p99_ms'), bare_p99)} x",
-                "-",
+                "<= 25 ms and <= 3 x",
             ),
             (
                 "saga in its own process: flow orders/s / pgbench place-plus-saga tps",
                 str(ratio((split.get("flow") or {}).get("per_s"), saga_tps)),
-                "-",
+                ">= 0.50",
             ),
         ]
     for count, row in (result.get("workers") or {}).items():
