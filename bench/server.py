@@ -183,6 +183,8 @@ class BareStackServer:
     def _start(self, database_url: str, log_path: Path, reuseport: bool) -> None:
         command = [sys.executable, "-m", "bench.bare_stack", "--database-url", database_url]
         command += ["--port", str(self.port), *(["--reuseport"] if reuseport else [])]
+        # The log is appended to: only what this start writes holds its ready line.
+        before = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(command, env=server_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
@@ -192,7 +194,9 @@ class BareStackServer:
         def ready() -> re.Match[str] | None:
             if proc.poll() is not None:
                 raise AssertionError(f"bare stack exited with {proc.returncode}:\n{self.log()}")
-            return pattern.search(log_path.read_text(errors="replace"))
+            with open(log_path, "rb") as written:
+                written.seek(before)
+                return pattern.search(written.read().decode(errors="replace"))
 
         self.port = int(wait_until(ready, timeout=30, what="the bare stack's ready line").group(1))
 

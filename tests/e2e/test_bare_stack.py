@@ -33,3 +33,22 @@ def test_the_bare_stack_answers_place_order_with_the_row_it_committed(make_pg_da
         assert rows == [(int(reply.order.order_id), "bench-1", "request-1")]
     finally:
         assert server.stop() == [0]
+
+
+def test_a_bare_stack_started_again_in_the_same_folder_waits_for_its_own_ready_line(
+    make_pg_database, tmp_path: Path
+):
+    """The log is appended to: the second start must not take the first one's port from it."""
+    url = make_pg_database()
+    first = BareStackServer(url, tmp_path, "again")
+    assert first.stop() == [0]
+
+    second = BareStackServer(url, tmp_path, "again")
+    try:
+        # On the first one's port nothing listens any more: the call would be UNAVAILABLE.
+        with grpc.insecure_channel(second.address) as channel:
+            item = pb.OrderItem(sku="SKU-1", quantity=1)
+            request = pb.PlaceOrderRequest(customer_id="bench-2", items=[item])
+            assert pb_grpc.OrderServiceStub(channel).PlaceOrder(request, timeout=10).order.order_id
+    finally:
+        assert second.stop() == [0]
