@@ -488,6 +488,14 @@ def _check_tracing(settings: Settings, env: Mapping[str, str]) -> list[str]:
     return []
 
 
+def _is_sqlite(url: str) -> bool:
+    """The URL names SQLite (a URL that is no database at all is reported on its own)."""
+    try:
+        return normalise_url(url).drivername.startswith("sqlite")
+    except UnsupportedDatabaseError:
+        return False
+
+
 def _check_workers(settings: Settings) -> list[str]:
     """Several workers need SO_REUSEPORT, and one metrics port each above --metrics-port; saga
     processes need PostgreSQL (they wake each other through it) and saga workers to run."""
@@ -497,7 +505,7 @@ def _check_workers(settings: Settings) -> list[str]:
     if not 0 <= settings.saga_process_nice <= 19:
         problems.append("--saga-process-nice: must be 0-19")
     if settings.saga_processes > 0:
-        if not settings.database_url.startswith("postgresql"):
+        if _is_sqlite(settings.database_url):
             problems.append("--saga-processes: needs PostgreSQL (processes on one SQLite file only poll)")
         if settings.saga_workers < 1:
             problems.append("--saga-processes: needs --saga-workers of at least 1 (they run the sagas)")

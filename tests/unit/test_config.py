@@ -117,6 +117,20 @@ def test_pool_size_zero_is_sized_from_the_thread_counts() -> None:
     assert load(["--db-pool-size", "7"], env={})[1].pool_size() == 7
 
 
+@pytest.mark.parametrize(
+    "url", ["postgresql://u@h/orders", "postgres://u@h/orders", "postgresql+psycopg2://u@h/o"]
+)
+def test_saga_processes_take_any_spelling_of_postgresql_and_leave_the_port_processes_no_saga(
+    url: str,
+) -> None:
+    _, settings = load(["--database-url", url, "--saga-processes", "2", "--saga-workers", "3"], env={})
+    assert settings.supervised
+    assert settings.sagas_here == 0  # a --workers process of the pool; a saga process has 0 of them
+    assert settings.pool_size() == settings.max_workers + 4
+    _, saga_process = load(["--database-url", url, "--saga-workers", "3"], env={})
+    assert saga_process.sagas_here == 3
+
+
 def test_settings_are_frozen() -> None:
     _, settings = load([], env={})
     with pytest.raises(dataclasses.FrozenInstanceError):
