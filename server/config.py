@@ -216,8 +216,9 @@ class Settings:
 
     @property
     def sagas_here(self) -> int:
-        """Saga executor threads this process runs: `saga_workers`, except in a --workers process of
-        a pool with --saga-processes (it keeps `saga_processes`; a saga process has it 0)."""
+        """Saga executor threads this process runs: none where the settings ask for saga processes
+        (the supervisor, and its workers on the port, which get its settings), else `saga_workers`
+        (a saga process is started with `saga_processes` 0)."""
         return 0 if self.saga_processes > 0 else self.saga_workers
 
     @property

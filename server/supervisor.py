@@ -16,7 +16,7 @@ serve on as an orphan.
 With `--saga-processes M` the supervisor starts M more workers (indexes N to N+M-1) that run the
 sagas and take no calls: each serves gRPC on a loopback port of its own (health, for nobody in
 particular) and runs at `--saga-process-nice`, and the N workers on the shared port run no saga
-(`--saga-workers 0`). In one process the saga's work shares the GIL with the calls and makes their
+(`Settings.sagas_here`). In one process the saga's work shares the GIL with the calls and makes their
 tail (docs/performance.md); in processes of their own, the calls' processes hand their events over
 through the database's NOTIFY and a claim instead of in memory, and the saga processes run them in
 batches. The restart and stop rules are the same for every worker.
@@ -237,10 +237,9 @@ class _Pool:
         self._waker.send(b"\0")
 
     def _worker_settings(self, index: int) -> Settings:
-        """A --workers worker serves the shared port (and runs no saga when saga processes do:
-        `Settings.sagas_here`);
-        a --saga-processes worker serves a loopback port of its own, which no client is told of,
-        and runs the sagas."""
+        """A --workers worker serves the shared port (and runs no saga when there are saga
+        processes: `Settings.sagas_here`); a --saga-processes worker serves a loopback port of its
+        own, which no client is told of, and runs the sagas."""
         settings = replace(
             self._settings,
             port=self._port,
