@@ -21,6 +21,7 @@ from tests.local_services import (
     create_database,
     drop_databases,
     free_port,
+    log_since,
     pg_connect,
     server_command,
     server_env,
@@ -194,9 +195,7 @@ class BareStackServer:
         def ready() -> re.Match[str] | None:
             if proc.poll() is not None:
                 raise AssertionError(f"bare stack exited with {proc.returncode}:\n{self.log()}")
-            with open(log_path, "rb") as written:
-                written.seek(before)
-                return pattern.search(written.read().decode(errors="replace"))
+            return pattern.search(log_since(log_path, before))
 
         self.port = int(wait_until(ready, timeout=30, what="the bare stack's ready line").group(1))
 

@@ -94,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.logs import configure
 
     command, args, settings = parse(arguments)
-    if command == "serve" and supervisor.WorkerLink.sagas_only_from_env(os.environ):
+    link = supervisor.WorkerLink.from_env(os.environ)
+    if link is not None and link.sagas_only:
         # Before any thread starts: threads take their creator's niceness (Linux keeps it per thread).
         os.nice(settings.saga_process_nice)
     if command == "health":
@@ -106,7 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return migrate(settings)
     if command == "admin":
         return admin.run(settings, args)
-    link = supervisor.WorkerLink.from_env(os.environ)
     if link is None and settings.supervised:
         return supervisor.run(settings)
     if link is not None:

@@ -90,11 +90,6 @@ class WorkerLink:
         index, fd, *role = value.split(":")
         return cls(int(index), socket.socket(fileno=int(fd)), role == [SAGAS_ONLY])
 
-    @staticmethod
-    def sagas_only_from_env(env: Mapping[str, str]) -> bool:
-        """Whether this process is a worker of --saga-processes (read before any socket is made)."""
-        return env.get(LINK_ENV, "").split(":")[2:] == [SAGAS_ONLY]
-
     def tag_logs(self) -> None:
         """Every log line names this worker in its thread field (`worker-1/grpc_3`), so that the
         interleaved output of N workers can be told apart without changing the log format."""

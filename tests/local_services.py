@@ -66,6 +66,16 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+WORKER_STARTED = re.compile(r"worker (?P<index>\d+) started \(pid (?P<pid>\d+)\)")
+
+
+def log_since(path: Path, offset: int) -> str:
+    """What was written to the log at `path` from byte `offset` on (a log appended to across starts)."""
+    with open(path, "rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
+
+
 class OrdersServer:
     """A real `orders-server` process, started and waited for until its ready line; its output (the
     log) goes to a file that `log()` reads."""
@@ -87,12 +97,15 @@ class OrdersServer:
     def _ready(self) -> re.Match[str] | None:
         if self.proc.poll() is not None:
             raise AssertionError(f"orders-server exited with {self.proc.returncode}:\n{self.log()}")
-        with open(self.log_path, "rb") as log:
-            log.seek(self._log_start)
-            return READY.search(log.read().decode(errors="replace"))
+        return READY.search(log_since(self.log_path, self._log_start))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> dict[int, int]:
+        """A supervisor's workers (`--workers`, `--saga-processes`): the latest pid of each, by
+        index, from its `worker I started (pid P)` lines."""
+        return {int(m.group("index")): int(m.group("pid")) for m in WORKER_STARTED.finditer(self.log())}
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signal the process, kill it if it is still running after `timeout`; its exit code."""

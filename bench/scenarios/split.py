@@ -10,7 +10,6 @@ own", says when to deploy this way.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from bench.scenarios.postgres import paced_place, watch_backlog
 from bench.server import pending_events, postgres_server
 
 SPLIT = ["--workers", "1", "--saga-processes", "1"]
-STARTED = re.compile(r"worker 0 started \(pid (\d+)\)")
 
 
 def run_split(runner: Runner, workdir: Path, server_args: list[str], half_rate: float) -> dict[str, Any]:
@@ -37,8 +35,7 @@ def run_split(runner: Runner, workdir: Path, server_args: list[str], half_rate: 
         out["saga_backlog"] = watch_backlog(dbname, min(runner.duration / 2, 3.0))
         print(f"  saga backlog after place (own process): {out['saga_backlog']}", flush=True)
     with postgres_server(workdir, "split-paced", [*server_args, *SPLIT]) as (server, dbname):
-        found = STARTED.search(server.log())
-        pid = int(found.group(1)) if found else None
+        pid = server.worker_pids().get(0)  # the worker on the port
         out["place_half"] = paced_place(runner, server, params, half_rate, pid)
         out["place_half"]["backlog_after"] = pending_events(dbname)
     return out

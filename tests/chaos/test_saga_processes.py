@@ -33,15 +33,9 @@ from tests.support import ServerProcess, Stubs, wait_until
 KILLS = min(env_int("CHAOS_SAGA_KILLS", 3), 4)
 SEED = env_int("CHAOS_SEED", 20261207)
 CLIENT_THREADS = 4
-STARTED = re.compile(r"worker 1 started \(pid (?P<pid>\d+)\)")
 SAGA_LINE = re.compile(r"\[worker-(\d+)/saga_\d+\] orders\.saga ")
 
 pytestmark = [pytest.mark.chaos, pytest.mark.postgres, pytest.mark.timeout(120 + 20 * KILLS)]
-
-
-def saga_pid(server: ServerProcess) -> int:
-    """The saga process's latest pid, from the supervisor's `worker 1 started (pid P)` lines."""
-    return int(STARTED.findall(server.log())[-1])
 
 
 def test_killing_the_saga_process_under_load_loses_no_order(
@@ -87,12 +81,12 @@ def test_killing_the_saga_process_under_load_loses_no_order(
         for _ in range(KILLS):
             wait_for_more(30)
             stop.wait(rng.uniform(0.0, 0.5))
-            pid = saga_pid(server)
+            pid = server.worker_pids()[1]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
             def restarted(old: int = pid) -> bool:
-                new = saga_pid(server)
+                new = server.worker_pids()[1]
                 return new != old and f"saga worker 1 (pid {new}) ready on" in server.log()
 
             wait_until(restarted, timeout=30, what="the saga process started again")

@@ -22,7 +22,6 @@ from tests.support import ServerProcess, Stubs, run_cli, scrape_metrics, wait_un
 pytestmark = pytest.mark.e2e
 
 FAST = ("--poll-interval-s", "0.2", "--health-interval-s", "0.2", "--grace-period-s", "2")
-STARTED = re.compile(r"worker (?P<index>\d+) started \(pid (?P<pid>\d+)\)")
 PLACE = "/orders.v1.OrderService/PlaceOrder"
 HANDLED_PLACE = re.compile(
     r"\[worker-(\d+)/grpc_\d+\] orders\.rpc .* rpc /orders\.v1\.OrderService/PlaceOrder code=OK"
@@ -42,11 +41,6 @@ def free_port_pair() -> int:
                     continue
         return port
     raise AssertionError("no two consecutive free ports")
-
-
-def worker_pids(server: ServerProcess) -> dict[int, int]:
-    """The latest pid of every worker, from the supervisor's `worker I started (pid P)` lines."""
-    return {int(m.group("index")): int(m.group("pid")) for m in STARTED.finditer(server.log())}
 
 
 def alive(pid: int) -> bool:
@@ -146,7 +140,7 @@ def test_two_workers_share_the_port_settle_orders_and_stop_on_sigterm(
         r"orders-server ready on 127\.0\.0\.1:\d+ \(database: postgresql, plaintext, 2 workers\)",
         server.log(),
     )
-    pids = worker_pids(server)
+    pids = server.worker_pids()
     assert sorted(pids) == [0, 1]
     server.stubs.set_stock("W-1", 1000)
 
@@ -199,7 +193,7 @@ def test_saga_processes_run_every_saga_at_their_niceness_and_are_restarted_when_
         server.log(),
     )
     assert re.search(r"orders-server saga worker 1 \(pid \d+\) ready on 127\.0\.0\.1:\d+", server.log())
-    pids = worker_pids(server)
+    pids = server.worker_pids()
     assert niceness(pids[0]) == {0}
     assert niceness(pids[1]) == {7}
     server.stubs.set_stock("W-1", 1000)
@@ -220,7 +214,7 @@ def test_saga_processes_run_every_saga_at_their_niceness_and_are_restarted_when_
     os.kill(pids[1], signal.SIGKILL)
     restarted = wait_until(
         lambda: (
-            (pid := worker_pids(server)[1]) != pids[1]
+            (pid := server.worker_pids()[1]) != pids[1]
             and f"saga worker 1 (pid {pid}) ready on" in server.log()
             and pid
         ),
@@ -243,7 +237,7 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
     url = make_pg_database()
     server = spawn_server("--workers", "2", "--database-url", url, "--migrate-on-start", "always", *FAST)
     server.stubs.set_stock("W-1", 1000)
-    killed = worker_pids(server)[0]
+    killed = server.worker_pids()[0]
 
     os.kill(killed, signal.SIGKILL)
     wait_until(lambda: not alive(killed), what="the killed worker gone")
@@ -252,7 +246,7 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
     assert len(place_over_fresh_channels(server.address, 4, 1, wait_for_ready=True)) == 4
     restarted = wait_until(
         lambda: (
-            (pid := worker_pids(server)[0]) != killed
+            (pid := server.worker_pids()[0]) != killed
             and f"worker 0 (pid {pid}) ready on" in server.log()
             and pid
         ),
@@ -290,7 +284,7 @@ def test_workers_shut_down_when_their_supervisor_is_killed(
     server = spawn_server(
         "--workers", "2", "--database-url", make_pg_database(), "--migrate-on-start", "always", *FAST
     )
-    pids = worker_pids(server)
+    pids = server.worker_pids()
 
     server.stop(signal.SIGKILL)
 
@@ -319,7 +313,7 @@ def test_workers_run_the_installed_package_from_a_folder_that_has_its_own_server
         "--workers", "2", "--database-url", f"sqlite:///{tmp_path / 'pool.db'}", *FAST, env=env, cwd=folder
     )
 
-    assert sorted(worker_pids(server)) == [0, 1]
+    assert sorted(server.worker_pids()) == [0, 1]
     server.stubs.set_stock("W-1", 100)
     order_ids = place_over_fresh_channels(server.address, channels=6, per_channel=1)
     wait_until(
