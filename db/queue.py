@@ -228,13 +228,18 @@ def _held_by(table: Table, dialect: str) -> tuple[ColumnElement[bool], ...]:
             table.c.id == any_(bindparam("ids", type_=postgresql.ARRAY(BigInteger))),
             table.c.lease_token == any_(bindparam("tokens", type_=postgresql.ARRAY(String))),
         )
-    return (tuple_(table.c.id, table.c.lease_token).in_(bindparam("leases", expanding=True)),)
+    # `id IN` first: SQLite's planner does not look up a row-value IN by the primary key, and took
+    # the status index instead, reading every PENDING event for each completion.
+    return (
+        table.c.id.in_(bindparam("ids", expanding=True)),
+        tuple_(table.c.id, table.c.lease_token).in_(bindparam("leases", expanding=True)),
+    )
 
 
 def _lease_parameters(dialect: str, events: Sequence[ClaimedEvent]) -> dict[str, Any]:
     if backend_of(dialect).one_statement_writes:
         return {"ids": [e.id for e in events], "tokens": list({e.lease_token for e in events})}
-    return {"leases": [(e.id, e.lease_token) for e in events]}
+    return {"ids": [e.id for e in events], "leases": [(e.id, e.lease_token) for e in events]}
 
 
 def done_values() -> dict[str, Any]:
@@ -257,6 +262,23 @@ def complete_many_statement(queue: QueueTable, dialect: str) -> Update:
     return (
         update(table)
         .where(*_held_by(table, dialect), table.c.status == PENDING)
+        .values(done_values())
+        .returning(table.c.id)
+    )
+
+
+@lru_cache(maxsize=4)
+def complete_one_statement(queue: QueueTable) -> Update:
+    """`complete_many_statement` for one event (parameters `event_id`, `token`, `now`): no array and
+    no expanding list, so either database runs it from SQL compiled once (db.precompiled)."""
+    table = queue.table
+    return (
+        update(table)
+        .where(
+            table.c.id == bindparam("event_id", type_=table.c.id.type),
+            table.c.lease_token == bindparam("token", type_=String),
+            table.c.status == PENDING,
+        )
         .values(done_values())
         .returning(table.c.id)
     )
@@ -376,7 +398,9 @@ class LeasedQueue:
 
     def complete(self, event: ClaimedEvent, now: datetime) -> bool:
         """Mark DONE if this lease still holds the event; False means another process took it over."""
-        return event.id in self.complete_many([event], now)
+        parameters = {"event_id": event.id, "token": event.lease_token, "now": now}
+        done = precompiled.execute(self._c, complete_one_statement(self.queue), parameters).first()
+        return done is not None
 
     def complete_many(self, events: Sequence[ClaimedEvent], now: datetime) -> set[int]:
         """`complete` for a batch in one statement: the ids that were still this process's to mark."""
