@@ -27,6 +27,7 @@ class Backend:
     one_statement_writes: bool  # data-modifying WITH, array parameters: hot paths in one statement
     keeps_statistics: bool  # planner statistics matter (ANALYZE when autovacuum is off)
     upsert: Callable[[Table], Any]  # INSERT ... ON CONFLICT for this dialect
+    typed_results: bool  # the driver returns dates as datetimes, not text (db.precompiled relies on it)
 
     @property
     def database_clock(self) -> bool:
@@ -41,6 +42,7 @@ POSTGRESQL = Backend(
     one_statement_writes=True,
     keeps_statistics=True,
     upsert=postgresql.insert,
+    typed_results=True,
 )
 SQLITE = Backend(
     name="sqlite",
@@ -49,6 +51,7 @@ SQLITE = Backend(
     one_statement_writes=False,
     keeps_statistics=False,
     upsert=sqlite.insert,
+    typed_results=False,
 )
 _BY_DIALECT = {backend.name: backend for backend in (POSTGRESQL, SQLITE)}
 

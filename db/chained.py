@@ -1,11 +1,12 @@
-"""Rows for several tables in one INSERT statement (PostgreSQL's data-modifying CTEs; for a
-backend with `one_statement_writes`).
+"""Rows for several tables in as few INSERT statements as the backend allows.
 
-`WITH w0 AS (INSERT INTO a ...), w1 AS (INSERT INTO b ...) INSERT INTO c ...` is one statement,
-so one round trip and atomic on its own. The statement is built once per shape (tables, row
-counts, columns) with named bind parameters and kept: SQLAlchemy then reuses its compiled form,
-where `insert().values(rows)` built anew per call is compiled anew per call too (its cost in a
-profile: docs/performance.md, "What was removed").
+On PostgreSQL (`one_statement_writes`), one statement of data-modifying CTEs:
+`WITH w0 AS (INSERT INTO a ...), w1 AS (INSERT INTO b ...) INSERT INTO c ...` is one round trip and
+atomic on its own. On SQLite, one multi-row INSERT per table, in the caller's transaction. Each
+statement is built once per shape (tables, row counts, columns) with named bind parameters and
+kept, and runs from SQL compiled once (`db.precompiled`), where `insert().values(rows)` built anew
+per call is compiled anew per call too (its cost in a profile: docs/performance.md, "What was
+removed").
 
 A row's value may be `DB_NOW` or `DbLater(seconds)`: the column then takes the database's time
 (`db.clock`), now or that many seconds on (the seconds go in as a parameter).
@@ -21,6 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, Insert, Table, bindparam, insert
 
 from db import clock, precompiled
+from db.backend import backend_of
 
 
 class _DbNow:
@@ -53,13 +55,44 @@ def _kind(value: Any) -> str:
 def insert_together(
     connection: Connection, parts: Sequence[tuple[Table, Rows]], returning: bool = False
 ) -> list[int]:
-    """Insert every part's rows, in order, in one statement; parts without rows are skipped. With
-    `returning`, the primary key of the last row of the last part (one row is what needs it)."""
+    """Insert every part's rows, in order: in one statement on PostgreSQL, one per part on SQLite;
+    parts without rows are skipped. With `returning`, the primary key of the last row of the last
+    part (one row is what needs it)."""
+    if not backend_of(connection).one_statement_writes:
+        return _insert_each(connection, parts, returning)
     prepared = statement_for(parts, returning)
     if prepared is None:
         return []
     result = precompiled.execute(connection, *prepared)
     return [int(key) for key in result.scalars()] if returning else []
+
+
+def _insert_each(connection: Connection, parts: Sequence[tuple[Table, Rows]], returning: bool) -> list[int]:
+    """`insert_together` where a statement writes one table: a multi-row INSERT per part. Row values
+    are parameters only (on SQLite the times are the process's, see `db.clock`)."""
+    parts = [(table, rows) for table, rows in parts if rows]
+    keys: list[int] = []
+    for index, (table, rows) in enumerate(parts):
+        columns = tuple(rows[0])
+        if any(_kind(value) != "bind" for row in rows for value in row.values()):
+            raise ValueError("the database's clock is written by one-statement backends only")
+        last = returning and index == len(parts) - 1
+        parameters = {f"p{r}_{column}": value for r, row in enumerate(rows) for column, value in row.items()}
+        result = precompiled.execute(connection, _rows_statement(table, len(rows), columns, last), parameters)
+        if last:
+            keys = [int(key) for key in result.scalars()][-1:]
+    return keys
+
+
+@lru_cache(maxsize=128)
+def _rows_statement(table: Table, count: int, columns: tuple[str, ...], returning: bool) -> Insert:
+    statement = insert(table).values(
+        [
+            {column: bindparam(f"p{r}_{column}", type_=table.c[column].type) for column in columns}
+            for r in range(count)
+        ]
+    )
+    return statement.returning(*table.primary_key.columns) if returning else statement
 
 
 def statement_for(

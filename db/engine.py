@@ -4,6 +4,7 @@ PostgreSQL (sized pool, a ping for connections that sat idle, server-side timeou
 from __future__ import annotations
 
 import select
+import sqlite3
 import threading
 import time
 import weakref
@@ -184,18 +185,28 @@ def _sqlite_engine(url: URL, settings: EngineSettings) -> Engine:
     def _on_begin(conn: Any) -> None:
         # A writer waits for SQLite's lock no longer than the caller's deadline allows: past it, the
         # client has gone and the work must be abandoned, not done once the lock comes free.
+        # Both on the driver's connection: SQLAlchemy's execution around a statement cost more CPU
+        # than SQLite's own work for these two; errors reach the caller wrapped as SQLAlchemy's.
         busy_ms = _sqlite_busy_timeout_ms(settings.sqlite_busy_timeout_ms)
-        info = conn.connection.info
-        if info.get(_SQLITE_BUSY_MS) != busy_ms:
-            conn.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
-            info[_SQLITE_BUSY_MS] = busy_ms
+        pooled = conn.connection
+        if pooled.info.get(_SQLITE_BUSY_MS) != busy_ms:
+            _sqlite_command(pooled.dbapi_connection, f"PRAGMA busy_timeout={busy_ms}")
+            pooled.info[_SQLITE_BUSY_MS] = busy_ms
         immediate = conn.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        _sqlite_command(pooled.dbapi_connection, "BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 
 
 _SQLITE_BUSY_MS = "orders_sqlite_busy_timeout_ms"
+
+
+def _sqlite_command(dbapi_connection: Any, command: str) -> None:
+    """Run `command` on sqlite3's connection; its error as SQLAlchemy would have raised it."""
+    try:
+        dbapi_connection.execute(command).close()
+    except sqlite3.Error as error:
+        raise exc.DBAPIError.instance(command, None, error, sqlite3.Error) from error
 
 
 def _sqlite_busy_timeout_ms(default_ms: int) -> int:

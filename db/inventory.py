@@ -44,6 +44,7 @@ from sqlalchemy.dialects import postgresql
 
 from db import precompiled
 from db.backend import backend_of
+from db.chained import insert_together
 from db.tables import reservation_fences, stock, stock_reservations
 from db.unit_of_work import UnitOfWork
 from domain.allocation import ReservationRequest, allocate
@@ -332,7 +333,10 @@ class StockRepository:
         """Record `fence` as the order's newest writer; False (and nothing written) if a newer step
         of the order wrote before. Fenced writes call it first, in their own transaction."""
         statement = _fence_statement(self._c.dialect.name)
-        return self._c.execute(statement, _fence_parameters(order_id, fence, now)).first() is not None
+        return (
+            precompiled.execute(self._c, statement, _fence_parameters(order_id, fence, now)).first()
+            is not None
+        )
 
     def reserve(
         self,
@@ -368,23 +372,21 @@ class StockRepository:
                 return settled
         elif one_statement:
             return self._reserve_first_delivery(order_id, items, now, fence)
-        self._c.execute(
-            insert(stock_reservations),
-            [
-                {
-                    "order_id": order_id,
-                    "sku": item.sku,
-                    "quantity": item.quantity,
-                    "status": ACTIVE,
-                    "create_time": now,
-                    "update_time": now,
-                }
-                for item in items
-            ],
-        )
+        rows = [
+            {
+                "order_id": order_id,
+                "sku": item.sku,
+                "quantity": item.quantity,
+                "status": ACTIVE,
+                "create_time": now,
+                "update_time": now,
+            }
+            for item in items
+        ]
+        insert_together(self._c, [(stock_reservations, rows)])
         for item in sorted(items, key=lambda i: i.sku):
-            taken = self._c.execute(
-                _guarded_decrement(), {"b_sku": item.sku, "quantity": item.quantity, "now": now}
+            taken = precompiled.execute(
+                self._c, _guarded_decrement(), {"b_sku": item.sku, "quantity": item.quantity, "now": now}
             ).rowcount
             if taken != 1:
                 return self._why_not(item)

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, Select, Table, Update, and_, bindparam, insert, or_, select, update
 
-from db import clock
+from db import clock, precompiled
 from db.tables import order_items, orders
 from domain.model import Order, OrderItem, OrderStatus, Settlement
 
@@ -89,7 +89,7 @@ class OrderRepository:
         compare-and-set (PostgreSQL re-checks it after waiting on a concurrent writer), and the
         version still moves, so a client holding the old version sees the change."""
         parameters = self.settle_parameters(order_id, settlement, now)
-        return self._c.execute(settle_pending_statement(), parameters).rowcount == 1
+        return precompiled.execute(self._c, settle_pending_statement(), parameters).rowcount == 1
 
     @staticmethod
     def settle_parameters(order_id: str, settlement: Settlement, now: datetime) -> dict[str, Any]:

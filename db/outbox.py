@@ -109,23 +109,14 @@ class OutboxStore(LeasedQueue):
         lease: Lease | None = None,
     ) -> list[ClaimedEvent]:
         """Store `events`; with a `lease`, already leased, and returned as claimed (else [])."""
-        dialect = self._c.dialect.name
-        one_statement = backend_of(dialect).one_statement_writes
-        rows = self.new_rows(events, correlation_id, now, lease, dialect)
+        rows = self.new_rows(events, correlation_id, now, lease, self._c.dialect.name)
         if not rows:
             return []
         claimed: list[ClaimedEvent] = []
         if lease is None:
-            if one_statement:
-                insert_together(self._c, [(outbox, rows)])
-            else:
-                self._c.execute(insert(outbox), rows)
-        else:
-            if one_statement:  # its RETURNING gives one key: one statement a row
-                ids = [insert_together(self._c, [(outbox, [row])], returning=True)[0] for row in rows]
-            else:
-                one = insert(outbox).returning(outbox.c.id)
-                ids = [int(self._c.execute(one, row).scalar_one()) for row in rows]
+            insert_together(self._c, [(outbox, rows)])
+        else:  # its RETURNING gives one key: one statement a row
+            ids = [insert_together(self._c, [(outbox, [row])], returning=True)[0] for row in rows]
             claimed = self.leased(rows, ids, lease, now)
         if self._on_stored is not None:
             self._on_stored(rows, now)

@@ -1,5 +1,7 @@
 """Statements run from SQL compiled once (db.precompiled) reach the driver exactly as
-`connection.execute` would send them: the same SQL, the same processed parameters."""
+`connection.execute` would send them: the same SQL, the same processed parameters (by name to
+psycopg2, as a tuple in placeholder order to sqlite3); what cannot be precompiled runs the usual
+way and answers as it would."""
 
 from __future__ import annotations
 
@@ -10,18 +12,34 @@ import pytest
 from sqlalchemy import Connection, Engine, event
 
 from db import clock, precompiled
-from db.chained import statement_for
+from db.chained import _rows_statement, statement_for
 from db.engine import make_engine
-from db.inventory import _apply_allocation, _earlier_reservations, _fence_many, _locked_levels, _reserve_all
-from db.orders import OrderRepository
+from db.inventory import (
+    _apply_allocation,
+    _earlier_reservations,
+    _fence_many,
+    _fence_parameters,
+    _fence_statement,
+    _guarded_decrement,
+    _locked_levels,
+    _reserve_all,
+)
+from db.orders import OrderRepository, settle_pending_statement
 from db.outbox import OUTBOX, Lease, OutboxStore
-from db.queue import claim_statement, complete_and_claim_statement, complete_many_statement, renew_statement
+from db.queue import (
+    claim_statement,
+    complete_and_claim_statement,
+    complete_many_statement,
+    complete_one_statement,
+    renew_statement,
+)
 from db.settlement import settle_and_complete_many_statement, settle_and_complete_statement
 from db.tables import order_items, orders, outbox_events
+from domain.fencing import Fence
 from domain.model import Order, OrderItem, Settlement, utcnow
 from tests.support import apply_schema
 
-pytestmark = pytest.mark.postgres
+postgres = pytest.mark.postgres
 
 
 @pytest.fixture
@@ -31,12 +49,25 @@ def engine(make_pg_database: Callable[[], str]) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _sent(engine: Engine, run: Callable[[Connection], object]) -> tuple[str, dict[str, Any]]:
+@pytest.fixture
+def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
+    engine = make_engine(apply_schema(sqlite_url))
+    yield engine
+    engine.dispose()
+
+
+def _sent(engine: Engine, run: Callable[[Connection], object]) -> tuple[str, Any]:
     """What reached the driver when `run` executed one statement (rolled back afterwards)."""
-    seen: list[tuple[str, dict[str, Any]]] = []
+    (sent,) = _sent_all(engine, run)
+    return sent
+
+
+def _sent_all(engine: Engine, run: Callable[[Connection], object]) -> list[tuple[str, Any]]:
+    """What reached the driver when `run` executed its statements (rolled back afterwards)."""
+    seen: list[tuple[str, Any]] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        seen.append((statement, dict(parameters)))
+        seen.append((statement, dict(parameters) if isinstance(parameters, Mapping) else tuple(parameters)))
 
     event.listen(engine, "before_cursor_execute", capture)
     try:
@@ -45,34 +76,42 @@ def _sent(engine: Engine, run: Callable[[Connection], object]) -> tuple[str, dic
             transaction.rollback()
     finally:
         event.remove(engine, "before_cursor_execute", capture)
-    (sent,) = seen
-    return sent
+    return seen
 
 
 def _same_either_way(engine: Engine, statement: Any, parameters: Mapping[str, Any]) -> None:
     usual_sql, usual = _sent(engine, lambda c: c.execute(statement, dict(parameters)))
     once_sql, once = _sent(engine, lambda c: precompiled.execute(c, statement, parameters))
     assert once_sql == usual_sql
+    if isinstance(usual, tuple):  # sqlite3: by position
+        assert once == usual
+        return
     # Parameters the SQL does not name may ride along (the driver ignores them; `db.clock` gives
     # both databases' parameters): what it names must be the same.
     assert {name: once.get(name) for name in usual} == usual
 
 
+@postgres
 def test_the_claim_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
     parameters = {"limit": 8, "token": "t-1", **clock.parameters(utcnow(), lease_s=30.0)}
     _same_either_way(engine, claim_statement(OUTBOX, "postgresql"), parameters)
 
 
+@postgres
 def test_a_lease_renewal_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
     parameters = {"ids": [1, 2], "tokens": ["t-1"], **clock.parameters(utcnow(), lease_s=30.0)}
     _same_either_way(engine, renew_statement(OUTBOX, "postgresql"), parameters)
 
 
+@postgres
 def test_the_batch_completion_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
     parameters = {"now": utcnow(), "ids": [1, 2, 3], "tokens": ["t-1", "t-2"]}
     _same_either_way(engine, complete_many_statement(OUTBOX, "postgresql"), parameters)
+    one = {"now": parameters["now"], "event_id": 1, "token": "t-1"}
+    _same_either_way(engine, complete_one_statement(OUTBOX), one)
 
 
+@postgres
 def test_the_place_statement_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
     order, placed = Order.place("ann", (OrderItem("SKU-1", 2), OrderItem("SKU-2", 1)), "req-1", now=utcnow())
     parts = [
@@ -90,18 +129,21 @@ def test_the_place_statement_goes_out_as_sqlalchemy_would_send_it(engine: Engine
     _same_either_way(engine, *prepared)
 
 
+@postgres
 def test_the_reservation_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
     parameters = {"order_id": "o-1", "skus": ["SKU-1", "SKU-2"], "quantities": [2, 1], "now": utcnow()}
     _same_either_way(engine, _reserve_all(), parameters)
     _same_either_way(engine, _reserve_all(fenced=True), {**parameters, "fence_event": 7, "fence_claim": 2})
 
 
+@postgres
 def test_the_settle_and_completion_go_out_as_sqlalchemy_would_send_them(engine: Engine) -> None:
     parameters = OrderRepository.settle_parameters("o-1", Settlement.validated(), utcnow())
     parameters.update(event_id=7, token="t-1")
     _same_either_way(engine, settle_and_complete_statement(), parameters)
 
 
+@postgres
 def test_the_batch_statements_of_the_saga_go_out_as_sqlalchemy_would_send_them(engine: Engine) -> None:
     now = utcnow()
     fences = {"order_ids": ["o-1", "o-2"], "fence_events": [7, 8], "fence_claims": [1, 2], "now": now}
@@ -131,6 +173,7 @@ def test_the_batch_statements_of_the_saga_go_out_as_sqlalchemy_would_send_them(e
     _same_either_way(engine, settle_and_complete_many_statement(), settles)
 
 
+@postgres
 def test_the_completion_with_a_claim_goes_out_as_sqlalchemy_would_send_it(engine: Engine) -> None:
     parameters = {
         "ids": [1, 2],
@@ -142,6 +185,7 @@ def test_the_completion_with_a_claim_goes_out_as_sqlalchemy_would_send_it(engine
     _same_either_way(engine, complete_and_claim_statement(OUTBOX), parameters)
 
 
+@postgres
 def test_a_statement_let_go_of_takes_its_compiled_form_with_it(engine: Engine) -> None:
     import gc
 
@@ -154,3 +198,65 @@ def test_a_statement_let_go_of_takes_its_compiled_form_with_it(engine: Engine) -
     del statement
     gc.collect()
     assert len(precompiled._compiled) == held - 1
+
+
+# SQLite: the saga's one-order path and the place statements run precompiled there too.
+
+
+def test_the_sqlite_place_statements_go_out_as_sqlalchemy_would_send_them(sqlite_engine: Engine) -> None:
+    order, placed = Order.place("ann", (OrderItem("SKU-1", 2), OrderItem("SKU-2", 1)), "req-1", now=utcnow())
+    parts = [
+        *OrderRepository.new_rows(order, "fingerprint"),
+        (outbox_events, OutboxStore.new_rows([placed], "corr-1", order.create_time, Lease("t-1", 30.0))),
+    ]
+    statements = []
+    for index, (table, rows) in enumerate(parts):
+        statement = _rows_statement(table, len(rows), tuple(rows[0]), index == len(parts) - 1)
+        parameters = {f"p{r}_{column}": value for r, row in enumerate(rows) for column, value in row.items()}
+        assert precompiled.precompile(statement, sqlite_engine.dialect) is not None
+        statements.append((statement, parameters))
+
+    def usual(connection: Connection) -> None:
+        for statement, parameters in statements:
+            connection.execute(statement, parameters)
+
+    def once(connection: Connection) -> None:
+        for statement, parameters in statements:
+            precompiled.execute(connection, statement, parameters)
+
+    # One transaction each way (the items refer to the order), rolled back.
+    assert _sent_all(sqlite_engine, once) == _sent_all(sqlite_engine, usual)
+    assert len(_sent_all(sqlite_engine, once)) == 3
+
+
+def test_the_sqlite_saga_statements_go_out_as_sqlalchemy_would_send_them(sqlite_engine: Engine) -> None:
+    now = utcnow()
+    fence = _fence_parameters("o-1", Fence(event_id=7, claim=2), now)
+    settle = OrderRepository.settle_parameters("o-1", Settlement.failed("insufficient stock"), now)
+    for statement, parameters in (
+        (_fence_statement("sqlite"), fence),
+        (_guarded_decrement(), {"b_sku": "SKU-1", "quantity": 2, "now": now}),
+        (settle_pending_statement(), settle),
+        (complete_one_statement(OUTBOX), {"event_id": 7, "token": "t-1", "now": now}),
+    ):
+        assert precompiled.precompile(statement, sqlite_engine.dialect) is not None
+        _same_either_way(sqlite_engine, statement, parameters)
+
+
+def test_sqlite_runs_the_usual_way_what_returns_dates_or_takes_a_list(sqlite_engine: Engine) -> None:
+    """sqlite3 returns a date as text, which only SQLAlchemy's result processing turns back into a
+    datetime; an expanding list is rewritten per call."""
+    claim = claim_statement(OUTBOX, "sqlite")
+    many = complete_many_statement(OUTBOX, "sqlite")
+    assert precompiled.precompile(claim, sqlite_engine.dialect) is None
+    assert precompiled.precompile(many, sqlite_engine.dialect) is None
+    at = utcnow()
+    with sqlite_engine.begin() as connection:
+        OutboxStore(connection).add_raw("o-1", "TEST", "{}", {}, at)
+        parameters = {"limit": 1, "token": "t-1", **clock.parameters(at, lease_s=30.0)}
+        (row,) = precompiled.execute(connection, claim, parameters).all()
+        assert row.claimed_at == at
+        done = precompiled.execute(
+            connection, many, {"now": at, "ids": [row.id], "leases": [(row.id, "t-1")]}
+        )
+        assert done.scalars().all() == [row.id]
