@@ -134,19 +134,56 @@ def _ping_when_idle(engine: Engine, after_s: float) -> None:
             raise exc.DisconnectionError(f"pooled connection is dead: {error}") from error
 
 
-@dataclass(frozen=True)
 class WriterGate:
-    """One writer at a time in this process, queued on a lock instead of SQLite's busy handler.
+    """One writer at a time in this process, queued here instead of in SQLite's busy handler.
 
     SQLite lets one connection write. A writer that finds the lock taken sleeps in SQLite's busy
     handler (1, 2, 5, 10 ... 100 ms between tries), so under concurrent writes the lock sat free
     while its waiters slept: throughput fell and the tail grew to most of a second. Writers of
     this process wait here instead and are woken the moment the previous one ends; other
     processes on the same file still meet SQLite's own busy timeout. Reentrant, so a thread that
-    nests writers fails in SQLite as before rather than hanging here."""
+    nests writers fails in SQLite as before rather than hanging here.
 
-    lock: threading.RLock
-    timeout_s: float
+    The calls' writers pass a lock of their own first, so at the gate itself one of them at most
+    meets the writers of background threads (`background_writer`: the saga and the outbox
+    dispatcher). With every writer at the gate, the calls' threads outnumbered the saga's and took
+    most turns: under a closed loop of PlaceOrder the sagas fell behind without bound (5,000 of
+    7,000 orders still PENDING when the load stopped; past `--saga-timeout-s` an order fails).
+    Now the saga finishes the work earlier commits made about as fast as new calls add more, and
+    under overload the calls wait at the gate (and meet their deadlines there)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._gate = threading.RLock()
+        self._calls = threading.RLock()  # the calls' writers, one of whom goes on to the gate
+
+    def acquire(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the gate; False if it did not come free in time."""
+        if getattr(_thread_role, "background", False):
+            return self._gate.acquire(timeout=timeout_s)
+        give_up = time.monotonic() + timeout_s
+        if not self._calls.acquire(timeout=timeout_s):
+            return False
+        if self._gate.acquire(timeout=max(give_up - time.monotonic(), 0.0)):
+            return True
+        self._calls.release()
+        return False
+
+    def release(self) -> None:
+        """After `acquire` returned True, on the same thread."""
+        self._gate.release()
+        if not getattr(_thread_role, "background", False):
+            self._calls.release()
+
+
+_thread_role = threading.local()
+
+
+def background_writer() -> None:
+    """Mark this thread's SQLite writes as background work: at the writer gate they meet one of the
+    calls' writers at most, not all of them (see `WriterGate`). For the threads of the saga and
+    the outbox dispatcher."""
+    _thread_role.background = True
 
 
 _WRITER_GATES: weakref.WeakKeyDictionary[Engine, WriterGate] = weakref.WeakKeyDictionary()
@@ -167,7 +204,7 @@ def _sqlite_engine(url: URL, settings: EngineSettings) -> Engine:
         pool_timeout=settings.pool_timeout_s,
         connect_args={"check_same_thread": False, "timeout": settings.sqlite_busy_timeout_ms / 1000},
     )
-    _WRITER_GATES[engine] = WriterGate(threading.RLock(), settings.sqlite_busy_timeout_ms / 1000)
+    _WRITER_GATES[engine] = WriterGate(settings.sqlite_busy_timeout_ms / 1000)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:

@@ -143,7 +143,7 @@ class UnitOfWork:
         if gate is None:
             return
         wait_s = gate.timeout_s if budget_ms is None else min(gate.timeout_s, budget_ms / 1000)
-        if not gate.lock.acquire(timeout=max(wait_s, 0.0)):
+        if not gate.acquire(max(wait_s, 0.0)):
             if budget_ms is not None:
                 raise DeadlineExceededError("deadline exceeded while waiting for the database")
             raise UnavailableError("database is busy: other writers held it too long")
@@ -206,7 +206,7 @@ class UnitOfWork:
         finally:
             self._connection = None
             if self._gate is not None:
-                self._gate.lock.release()
+                self._gate.release()
                 self._gate = None
         self._transaction = None
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from db.engine import background_writer
 from db.outbox import ClaimedEvent, Lease
 from db.queue import QueueUowFactory
 from domain import correlation
@@ -136,8 +137,12 @@ class OutboxDispatcher:
         self._solo_running = False
         self._stopping = threading.Event()
         prefix = f"{settings.name}-" if settings.name else ""
-        self._executor = WorkerPool(settings.workers, settings.name or "saga")
-        self._round_threads = WorkerPool(rounds.ROUNDS, f"{prefix}dispatcher-round")
+        # The handlers' and the rounds' writes finish what earlier commits started: on SQLite they
+        # pass the writer gate before the calls' (db.engine.WriterGate).
+        self._executor = WorkerPool(settings.workers, settings.name or "saga", on_start=background_writer)
+        self._round_threads = WorkerPool(
+            rounds.ROUNDS, f"{prefix}dispatcher-round", on_start=background_writer
+        )
         self._thread = threading.Thread(target=self._run, name=f"{prefix}dispatcher", daemon=True)
         self.stats = DispatcherStats()
 

@@ -20,7 +20,10 @@ class WorkerPool:
     the profile). Here a task is one put on a `queue.SimpleQueue`.
     """
 
-    def __init__(self, workers: int, name: str) -> None:
+    def __init__(self, workers: int, name: str, on_start: Callable[[], None] | None = None) -> None:
+        """`on_start`: run first in each thread (the dispatcher marks its threads' writes, see
+        `db.engine.background_writer`)."""
+        self._on_start = on_start
         self._tasks: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}_{n}", daemon=True) for n in range(workers)
@@ -63,6 +66,8 @@ class WorkerPool:
                 thread.join()
 
     def _work(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while (task := self._tasks.get()) is not None:
             if self._closed:
                 continue  # taken from the queue before the shutdown could drop it

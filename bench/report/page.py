@@ -94,6 +94,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"place ended; the saga (8 workers, real handler) drained them at "
         f"{backlog.get('saga_events_per_s')} events/s ({backlog.get('pending_left')} left after "
         f"{backlog.get('pending_after_s')} s).",
+        *sqlite_backlog_notes(lite),
         f"During flow (server metrics, interpolated in the histogram buckets): commit-to-dispatch lag "
         f"p50 {lag.get('p50_ms')} ms, p95 {lag.get('p95_ms')} ms, p99 {lag.get('p99_ms')} ms over "
         f"{lag.get('count')} events; saga handler (claim to outcome) p50 {handler.get('p50_ms')} ms, "
@@ -176,3 +177,17 @@ def relay_rows(lines: list[str], relay_result: dict[str, Any]) -> None:
                 f"{row['sent'] / row['duration_s']:.0f} | {cells} | "
                 f"{row['paired']} of {row['sent']} paired | 0 |"
             )
+
+
+def sqlite_backlog_notes(lite: dict[str, Any]) -> list[str]:
+    """What SQLite's closed-loop place left to its saga (one writer: the place transactions and the
+    saga's take turns)."""
+    backlog = lite.get("saga_backlog")
+    if not backlog:
+        return []
+    return [
+        f"SQLite: {backlog.get('pending_at_end_of_place')} outbox events were PENDING when place ended "
+        f"(of {(lite.get('place') or {}).get('completed')} orders placed); the saga drained them at "
+        f"{backlog.get('saga_events_per_s')} events/s ({backlog.get('pending_left')} left after "
+        f"{backlog.get('pending_after_s')} s)."
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def closed_loop(runner: Runner, workdir: Path, server_args: list[str]) -> dict[s
         print(f"  flow saga handler: {out['flow']['saga_handler']}", flush=True)
         out["hot"] = run_hot(runner, server.address, out["flow"]["per_s"])
         out["place"] = runner.scenario("place", server.address, operations.place_op, params)
-        out["saga_backlog"] = watch_backlog(dbname, min(runner.duration / 2, 3.0))
+        out["saga_backlog"] = watch_backlog(lambda: pending_events(dbname), min(runner.duration / 2, 3.0))
         print(f"  saga backlog after place: {out['saga_backlog']}", flush=True)
         out["memory_kb"] = server.memory_kb()
         out["server_log_errors"] = server.log_errors()
@@ -90,14 +91,15 @@ def paced_place(
     return row
 
 
-def watch_backlog(dbname: str, limit_s: float) -> dict[str, Any]:
-    """The PENDING outbox events place left behind, and how fast the real saga drains them."""
+def watch_backlog(pending: Callable[[], int], limit_s: float) -> dict[str, Any]:
+    """The PENDING outbox events place left behind (`pending` counts them), and how fast the real
+    saga drains them."""
     began = time.monotonic()
-    first = pending_events(dbname)
+    first = pending()
     left = first
     while left and time.monotonic() - began < limit_s:
         time.sleep(0.25)
-        left = pending_events(dbname)
+        left = pending()
     elapsed = time.monotonic() - began
     return {
         "pending_at_end_of_place": first,

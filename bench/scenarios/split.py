@@ -32,7 +32,7 @@ def run_split(runner: Runner, workdir: Path, server_args: list[str], half_rate: 
     with postgres_server(workdir, "split", [*server_args, *SPLIT]) as (server, dbname):
         out["flow"] = runner.scenario(f"flow, {own}", server.address, operations.flow_op, params)
         out["place"] = runner.scenario(f"place, {own}", server.address, operations.place_op, params)
-        out["saga_backlog"] = watch_backlog(dbname, min(runner.duration / 2, 3.0))
+        out["saga_backlog"] = watch_backlog(lambda: pending_events(dbname), min(runner.duration / 2, 3.0))
         print(f"  saga backlog after place (own process): {out['saga_backlog']}", flush=True)
     with postgres_server(workdir, "split-paced", [*server_args, *SPLIT]) as (server, dbname):
         pid = server.worker_pids().get(0)  # the worker on the port
