@@ -58,30 +58,32 @@ def insert_together(
     """Insert every part's rows, in order: in one statement on PostgreSQL, one per part on SQLite;
     parts without rows are skipped. With `returning`, the primary key of the last row of the last
     part (one row is what needs it)."""
-    if not backend_of(connection).one_statement_writes:
-        return _insert_each(connection, parts, returning)
-    prepared = statement_for(parts, returning)
-    if prepared is None:
-        return []
-    result = precompiled.execute(connection, *prepared)
-    return [int(key) for key in result.scalars()] if returning else []
-
-
-def _insert_each(connection: Connection, parts: Sequence[tuple[Table, Rows]], returning: bool) -> list[int]:
-    """`insert_together` where a statement writes one table: a multi-row INSERT per part. Row values
-    are parameters only (on SQLite the times are the process's, see `db.clock`)."""
-    parts = [(table, rows) for table, rows in parts if rows]
     keys: list[int] = []
+    for statement, parameters, returns in statements_for(connection.dialect.name, parts, returning):
+        result = precompiled.execute(connection, statement, parameters)
+        if returns:
+            keys = [int(key) for key in result.scalars()][-1:]
+    return keys
+
+
+def statements_for(
+    dialect: str, parts: Sequence[tuple[Table, Rows]], returning: bool = False
+) -> list[tuple[Insert, dict[str, Any], bool]]:
+    """What `insert_together` runs, in order: (statement, parameters, whether it returns the key)."""
+    if backend_of(dialect).one_statement_writes:
+        prepared = statement_for(parts, returning)
+        return [] if prepared is None else [(*prepared, returning)]
+    # A statement writes one table: a multi-row INSERT per part. Row values are parameters only
+    # (on SQLite the times are the process's, see `db.clock`).
+    parts = [(table, rows) for table, rows in parts if rows]
+    statements = []
     for index, (table, rows) in enumerate(parts):
-        columns = tuple(rows[0])
         if any(_kind(value) != "bind" for row in rows for value in row.values()):
             raise ValueError("the database's clock is written by one-statement backends only")
         last = returning and index == len(parts) - 1
         parameters = {f"p{r}_{column}": value for r, row in enumerate(rows) for column, value in row.items()}
-        result = precompiled.execute(connection, _rows_statement(table, len(rows), columns, last), parameters)
-        if last:
-            keys = [int(key) for key in result.scalars()][-1:]
-    return keys
+        statements.append((_rows_statement(table, len(rows), tuple(rows[0]), last), parameters, last))
+    return statements
 
 
 @lru_cache(maxsize=128)

@@ -18,7 +18,7 @@ the lock order (fence, reservations, stock rows by SKU) that keeps concurrent st
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -44,7 +44,7 @@ from sqlalchemy.dialects import postgresql
 
 from db import precompiled
 from db.backend import backend_of
-from db.chained import insert_together
+from db.chained import insert_together, statements_for
 from db.tables import reservation_fences, stock, stock_reservations
 from db.unit_of_work import UnitOfWork
 from domain.allocation import ReservationRequest, allocate
@@ -117,6 +117,45 @@ def _newest_fence_wins(statement: Any) -> Any:
         where=tuple_(reservation_fences.c.event_id, reservation_fences.c.claim)
         <= tuple_(newer.event_id, newer.claim),
     ).returning(reservation_fences.c.order_id)
+
+
+def _reservation_rows(order_id: str, items: Sequence[OrderItem], now: datetime) -> list[dict[str, Any]]:
+    """The ACTIVE reservation rows of the per-item path (`StockRepository.reserve`)."""
+    return [
+        {
+            "order_id": order_id,
+            "sku": item.sku,
+            "quantity": item.quantity,
+            "status": ACTIVE,
+            "create_time": now,
+            "update_time": now,
+        }
+        for item in items
+    ]
+
+
+def hot_statements(dialect: str, most_items: int) -> list[Any]:
+    """The statements of a saga's reservation on this dialect, for `db.warm` to compile at start:
+    the per-order and the batch path on PostgreSQL, the per-item path (orders of up to
+    `most_items` items) on SQLite."""
+    if backend_of(dialect).one_statement_writes:
+        return [
+            _reserve_all(),
+            _reserve_all(fenced=True),
+            _fence_many(),
+            _earlier_reservations(),
+            _locked_levels(),
+            _apply_allocation(),
+        ]
+    now = datetime.now(UTC)
+    rows = [
+        statement
+        for count in range(1, most_items + 1)
+        for statement, _, _ in statements_for(
+            dialect, [(stock_reservations, _reservation_rows("o", [OrderItem("s", 1)] * count, now))]
+        )
+    ]
+    return [_fence_statement(dialect), _guarded_decrement(), *rows]
 
 
 def _fence_parameters(order_id: str, fence: Fence, now: datetime) -> dict[str, Any]:
@@ -372,18 +411,7 @@ class StockRepository:
                 return settled
         elif one_statement:
             return self._reserve_first_delivery(order_id, items, now, fence)
-        rows = [
-            {
-                "order_id": order_id,
-                "sku": item.sku,
-                "quantity": item.quantity,
-                "status": ACTIVE,
-                "create_time": now,
-                "update_time": now,
-            }
-            for item in items
-        ]
-        insert_together(self._c, [(stock_reservations, rows)])
+        insert_together(self._c, [(stock_reservations, _reservation_rows(order_id, items, now))])
         for item in sorted(items, key=lambda i: i.sku):
             taken = precompiled.execute(
                 self._c, _guarded_decrement(), {"b_sku": item.sku, "quantity": item.quantity, "now": now}

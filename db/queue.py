@@ -303,6 +303,19 @@ def complete_and_claim_statement(queue: QueueTable) -> Select[Any]:
     return select(done_ids, *columns).select_from(one.outerjoin(claimed, true()))
 
 
+def hot_statements(queue: QueueTable, dialect: str) -> list[Any]:
+    """The statements every dispatcher round or saga step of `queue` runs, for `db.warm`."""
+    statements: list[Any] = [
+        claim_statement(queue, dialect),
+        complete_many_statement(queue, dialect),
+        complete_one_statement(queue),
+        renew_statement(queue, dialect),
+    ]
+    if backend_of(dialect).one_statement_writes:
+        statements.append(complete_and_claim_statement(queue))
+    return statements
+
+
 @lru_cache(maxsize=4)
 def renew_statement(queue: QueueTable, dialect: str) -> Update:
     """Extend leases still held and not run out (matched as in `complete_many_statement`):

@@ -22,12 +22,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from orders_service_api.v1 import orders_pb2, orders_pb2_grpc
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from application.orders import OrderApplication
 from application.paging import PageTokenCodec
 from application.watching import OrderWatcher
-from db import migrate
+from db import migrate, warm
 from db.backend import backend_of
 from db.engine import EngineSettings, make_engine, normalise_url
 from db.inventory import InventoryUnitOfWork, InventoryUowFactory
@@ -126,6 +126,9 @@ class Service:
 
     def start(self) -> None:
         threading.Thread(target=self._warm_pools, name="pool-warm", daemon=True).start()
+        # Before the first call: the first orders would otherwise compile them (db.warm).
+        compiled = warm.compile_hot_statements(self.engines.orders, self.engines.inventory)
+        log.debug("compiled %d hot statements", compiled)
         if self.settings.metrics_port:
             self._stop_metrics = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         if self.notifier is not None:
@@ -143,16 +146,22 @@ class Service:
     def _warm_pools(self) -> None:
         """Open PostgreSQL connections at start, in the background: as many as the saga workers
         and a few handlers use at once, so that the first calls after a start do not each wait
-        for a new backend (milliseconds apiece). The pools open more on demand, up to their
-        size. A database that is down fails nothing here: health reports it."""
+        for a new backend (milliseconds apiece), nor for its first look at the tables
+        (`db.warm.look_at_tables`). The pools open more on demand, up to their size. A database
+        that is down fails nothing here: health reports it."""
         want = min(self.settings.pool_size(), self.settings.sagas_here + 8)
         for engine in self.engines.distinct:
             if backend_of(engine).embedded:  # no server connections to open ahead
                 continue
-            opened = []
+            opened: list[Connection] = []
             try:
-                for _ in range(want):
-                    opened.append(engine.connect())
+                names: list[str] = []
+                for n in range(want):
+                    connection = engine.connect()
+                    opened.append(connection)
+                    names = warm.service_tables(connection) if n == 0 else names
+                    warm.look_at_tables(connection, names)
+                    connection.rollback()
             except Exception as error:
                 log.warning("could not open database connections ahead (%s)", type(error).__name__)
             finally:
