@@ -28,6 +28,7 @@ class Backend:
     keeps_statistics: bool  # planner statistics matter (ANALYZE when autovacuum is off)
     upsert: Callable[[Table], Any]  # INSERT ... ON CONFLICT for this dialect
     typed_results: bool  # the driver returns dates as datetimes, not text (db.precompiled relies on it)
+    prepares: bool  # server-side prepared statements (PREPARE / EXECUTE), db.precompiled
 
     @property
     def database_clock(self) -> bool:
@@ -43,6 +44,7 @@ POSTGRESQL = Backend(
     keeps_statistics=True,
     upsert=postgresql.insert,
     typed_results=True,
+    prepares=True,
 )
 SQLITE = Backend(
     name="sqlite",
@@ -52,6 +54,7 @@ SQLITE = Backend(
     keeps_statistics=False,
     upsert=sqlite.insert,
     typed_results=False,
+    prepares=False,  # sqlite3 keeps its own cache of prepared statements per connection
 )
 _BY_DIALECT = {backend.name: backend for backend in (POSTGRESQL, SQLITE)}
 

@@ -60,7 +60,7 @@ def insert_together(
     part (one row is what needs it)."""
     keys: list[int] = []
     for statement, parameters, returns in statements_for(connection.dialect.name, parts, returning):
-        result = precompiled.execute(connection, statement, parameters)
+        result = precompiled.execute(connection, statement, parameters, prepare=True)
         if returns:
             keys = [int(key) for key in result.scalars()][-1:]
     return keys

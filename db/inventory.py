@@ -434,10 +434,10 @@ class StockRepository:
             "now": now,
         }
         if fence is None:
-            taken = set(precompiled.execute(self._c, _reserve_all(), parameters).scalars())
+            taken = set(precompiled.execute(self._c, _reserve_all(), parameters, prepare=True).scalars())
         else:
             parameters.update(fence_event=fence.event_id, fence_claim=fence.claim)
-            rows = precompiled.execute(self._c, _reserve_all(fenced=True), parameters).all()
+            rows = precompiled.execute(self._c, _reserve_all(fenced=True), parameters, prepare=True).all()
             if not rows[0].fenced:
                 return Superseded()
             taken = {row.sku for row in rows if row.sku is not None}
@@ -478,13 +478,16 @@ class StockRepository:
                     "fence_claims": [r.fence.claim for r in by_order],
                     "now": now,
                 },
+                prepare=True,
             ).scalars()
         )
         outcomes: dict[str, ReservationOutcome] = {
             r.order_id: Superseded() for r in requests if r.order_id not in accepted
         }
         if check_first and accepted:
-            earlier = precompiled.execute(self._c, _earlier_reservations(), {"order_ids": sorted(accepted)})
+            earlier = precompiled.execute(
+                self._c, _earlier_reservations(), {"order_ids": sorted(accepted)}, prepare=True
+            )
             for row in earlier:
                 outcomes[row.order_id] = _earlier_outcome(row.active, row.closed_reason)
         to_allocate = [r for r in requests if r.order_id not in outcomes]
@@ -497,7 +500,7 @@ class StockRepository:
     ) -> dict[str, ReservationOutcome]:
         """`reserve_many`'s allocation of orders with no reservation yet, and its writes."""
         skus = sorted({item.sku for request in requests for item in request.items})
-        levels = precompiled.execute(self._c, _locked_levels(), {"skus": skus})
+        levels = precompiled.execute(self._c, _locked_levels(), {"skus": skus}, prepare=True)
         allocation = allocate(requests, {row.sku: row.available for row in levels})
         booking: list[tuple[str, str, int, str]] = []
         closing: list[tuple[str, str]] = []
@@ -516,7 +519,7 @@ class StockRepository:
         ):
             columns = list(zip(*rows, strict=True)) or [()] * len(names)
             parameters.update({name: list(column) for name, column in zip(names, columns, strict=True)})
-        written = precompiled.execute(self._c, _apply_allocation(), parameters).one()
+        written = precompiled.execute(self._c, _apply_allocation(), parameters, prepare=True).one()
         if written.taken != len(totals):  # the rows were locked: only a bug gets here
             raise RuntimeError(f"the allocation took {written.taken} of {len(totals)} SKUs: rolled back")
         return dict(allocation.outcomes)

@@ -412,7 +412,8 @@ class LeasedQueue:
     def complete(self, event: ClaimedEvent, now: datetime) -> bool:
         """Mark DONE if this lease still holds the event; False means another process took it over."""
         parameters = {"event_id": event.id, "token": event.lease_token, "now": now}
-        done = precompiled.execute(self._c, complete_one_statement(self.queue), parameters).first()
+        statement = complete_one_statement(self.queue)
+        done = precompiled.execute(self._c, statement, parameters, prepare=True).first()
         return done is not None
 
     def complete_many(self, events: Sequence[ClaimedEvent], now: datetime) -> set[int]:

@@ -260,7 +260,8 @@ class OrdersUnitOfWork(UnitOfWork):
             return settled, settled and self.outbox.complete(event, now)
         parameters = OrderRepository.settle_parameters(order_id, settlement, now)
         parameters.update(event_id=event.id, token=event.lease_token)
-        row = precompiled.execute(self.connection, settle_and_complete_statement(), parameters).one()
+        statement = settle_and_complete_statement()
+        row = precompiled.execute(self.connection, statement, parameters, prepare=True).one()
         return bool(row.settled), bool(row.completed)
 
     def settle_and_complete_many(
@@ -282,7 +283,8 @@ class OrdersUnitOfWork(UnitOfWork):
             "s_tokens": [event.lease_token for _, event in settlements],
             "now": now,
         }
-        row = precompiled.execute(self.connection, settle_and_complete_many_statement(), parameters).one()
+        statement = settle_and_complete_many_statement()
+        row = precompiled.execute(self.connection, statement, parameters, prepare=True).one()
         leased, settled, completed = set(row.leased or ()), set(row.settled or ()), set(row.completed or ())
         answers = {}
         for _, event in settlements:

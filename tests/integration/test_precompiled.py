@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import IntegrityError
 
 from db import clock, precompiled
 from db.chained import _rows_statement, statement_for
@@ -260,3 +261,51 @@ def test_sqlite_runs_the_usual_way_what_returns_dates_or_takes_a_list(sqlite_eng
             connection, many, {"now": at, "ids": [row.id], "leases": [(row.id, "t-1")]}
         )
         assert done.scalars().all() == [row.id]
+
+
+# Prepared on PostgreSQL: parsed and planned once per connection.
+
+
+def _place_statement() -> tuple[Any, dict[str, Any]]:
+    order, placed = Order.place("ann", (OrderItem("SKU-1", 2),), None, now=utcnow())
+    rows = OutboxStore.new_rows([placed], "corr-1", order.create_time, dialect="postgresql")
+    prepared = statement_for([*OrderRepository.new_rows(order, None), (outbox_events, rows)])
+    assert prepared is not None
+    return prepared
+
+
+@postgres
+def test_a_prepared_statement_is_prepared_once_per_connection(engine: Engine) -> None:
+    statement, _ = _place_statement()
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda _c, _k, sql, *_: sent.append(sql))
+    with engine.connect() as connection:
+        connection.connection.info.clear()  # a connection that prepared nothing yet
+        for _ in range(3):
+            with connection.begin():
+                precompiled.execute(connection, statement, _place_statement()[1], prepare=True)
+        prepared = connection.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars().all()
+    kinds = [sql.split()[0] for sql in sent if "pg_prepared_statements" not in sql]
+    assert kinds == ["PREPARE", "EXECUTE", "EXECUTE"], sent
+    assert len(prepared) == 1
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM orders").scalar() == 3
+
+
+@postgres
+def test_a_statement_whose_first_run_failed_is_prepared_again_under_a_new_name(engine: Engine) -> None:
+    """A prepared statement outlives the rollback of the query that prepared it; whether the PREPARE
+    ran before an error is not known, so the next run must not reuse the name."""
+    statement, parameters = _place_statement()
+    with engine.connect() as connection:
+        connection.connection.info.clear()
+        with connection.begin():
+            precompiled.execute(connection, statement, parameters)  # the order, not prepared
+        connection.connection.info.clear()
+        with pytest.raises(IntegrityError), connection.begin():  # the same order again: its key
+            precompiled.execute(connection, statement, parameters, prepare=True)
+        with connection.begin():
+            precompiled.execute(connection, statement, _place_statement()[1], prepare=True)
+        assert connection.exec_driver_sql("SELECT count(*) FROM orders").scalar() == 2
+        names = connection.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars().all()
+    assert len(names) == 2  # the first PREPARE stayed, unused
