@@ -147,8 +147,9 @@ class WriterGate:
     The calls' writers pass a lock of their own first, so at the gate itself one of them at most
     meets the writers of background threads (`background_writer`: the saga and the outbox
     dispatcher). With every writer at the gate, the calls' threads outnumbered the saga's and took
-    most turns: under a closed loop of PlaceOrder the sagas fell behind without bound (5,000 of
-    7,000 orders still PENDING when the load stopped; past `--saga-timeout-s` an order fails).
+    most turns: under a closed loop of PlaceOrder the sagas fell behind without bound (most orders
+    still PENDING when the load stopped, docs/performance.md; past `--saga-timeout-s` an order
+    fails).
     Now the saga finishes the work earlier commits made about as fast as new calls add more, and
     under overload the calls wait at the gate (and meet their deadlines there)."""
 

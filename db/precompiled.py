@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, CursorResult, Dialect
+from sqlalchemy import Connection, CursorResult, Dialect, exc
 from sqlalchemy.sql import ClauseElement
 
 from db.backend import backend_of
@@ -138,7 +138,7 @@ def _prepared(sql: str, binds: Mapping[str, Any], dialect: Dialect) -> Prepared:
 def _type_name(bind: Any, dialect: Dialect) -> str:
     try:
         return str(bind.type.compile(dialect=dialect))
-    except Exception:  # a type with no SQL name (NullType): PostgreSQL infers it from the statement
+    except exc.CompileError:  # a type with no SQL name (NullType): PostgreSQL infers it from the statement
         return "unknown"
 
 
@@ -176,9 +176,9 @@ _ATTEMPTS = "orders_prepare_attempts"
 
 def _run_prepared(connection: Connection, prepared: Prepared, values: Mapping[str, Any]) -> CursorResult[Any]:
     """EXECUTE the statement prepared on this connection, or PREPARE it first in the same query
-    string. PostgreSQL then parses and plans it once per connection: for the per-order statements
-    (a few CTEs each) that was more than half of the server's CPU per statement and a third of
-    a millisecond of its latency.
+    string. PostgreSQL then parses and plans it once per connection, not on every call: for the
+    per-order statements (a few CTEs each) the larger part of its CPU per statement
+    (docs/performance.md, "Fourth round").
 
     A name is kept (on the pooled connection's `info`, which a new connection starts empty) only
     once its PREPARE has run: after a failure the next try prepares under a new name, since it is

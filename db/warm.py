@@ -1,17 +1,14 @@
 """What the first calls after a start would otherwise pay for: the hot statements compiled, and
 each pooled PostgreSQL connection's first look at the tables.
 
-Each hot statement is compiled once, on first use (`db.precompiled`): a millisecond or two apiece,
-on the first calls and saga steps after a start, under the GIL they share. On a fresh server the
-first orders took 4-12 ms from PlaceOrder to their saga's start against about 2 ms later, and in
-the benchmark's 5-second pickup they were most of the 99th percentile. `compile_hot_statements`
-compiles what PlaceOrder, a saga step and a dispatcher round run, for orders of up to `MOST_ITEMS`
-items (a larger order compiles its own shape on first use, as before). No database is touched.
-
-A new PostgreSQL backend also loads each table and index it meets into its own caches the first
-time, and the first saga steps on fresh connections took 5-15 ms against about 2; the pool's
-warm-up (`server.bootstrap`) has each connection it opens look at every table first
-(`look_at_tables`).
+Each hot statement is compiled once, on first use (`db.precompiled`), and a new PostgreSQL backend
+loads each table and index it meets into its own caches the first time: both were paid by the
+first calls and saga steps after a start, under the GIL they share, which made a fresh server's
+first orders several times slower than the rest (docs/performance.md, "Fourth round").
+`compile_hot_statements` compiles what PlaceOrder, a saga step and a dispatcher round run, for
+orders of up to `MOST_ITEMS` items (a larger order compiles its own shape on first use, as
+before), touching no database; the pool's warm-up (`server.bootstrap`) has each connection it
+opens look at every table first (`look_at_tables`).
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@ key, whatever the backlog.
 
 The completion was matched on `(id, lease_token) IN (...)`, a row value that SQLite's planner does
 not look up by key: it searched the status index instead and read every PENDING event, so a saga
-step's completion cost in proportion to the backlog (3.5 ms of CPU per order with 2,000 events
-pending, 0.4 ms once found by key). The plans below are SQLite's own account of each statement the
-queue sent.
+step's completion cost in proportion to the backlog (docs/performance.md, "Fourth round"). The
+plans below are SQLite's own account of each statement the queue sent.
 """
 
 from __future__ import annotations
