@@ -155,11 +155,10 @@ class Service:
                 continue
             opened: list[Connection] = []
             try:
-                names: list[str] = []
-                for n in range(want):
-                    connection = engine.connect()
-                    opened.append(connection)
-                    names = warm.service_tables(connection) if n == 0 else names
+                for _ in range(want):
+                    opened.append(engine.connect())
+                names = warm.service_tables(opened[0])
+                for connection in opened:
                     warm.look_at_tables(connection, names)
                     connection.rollback()
             except Exception as error:

@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 from limits import parse as parse_rate
 from sqlalchemy.engine import make_url
 
+from db.backend import backend_of
 from db.engine import UnsupportedDatabaseError, normalise_url
 from server.auth import TokenFileError, parse_tokens
 
@@ -489,12 +490,13 @@ def _check_tracing(settings: Settings, env: Mapping[str, str]) -> list[str]:
     return []
 
 
-def _is_sqlite(url: str) -> bool:
-    """The URL names SQLite (a URL that is no database at all is reported on its own)."""
+def _notifies(url: str) -> bool:
+    """The URL's database wakes other processes (`Backend.notifies`); a URL that is no database at
+    all is reported on its own."""
     try:
-        return normalise_url(url).drivername.startswith("sqlite")
+        return backend_of(normalise_url(url).get_backend_name()).notifies
     except UnsupportedDatabaseError:
-        return False
+        return True
 
 
 def _check_workers(settings: Settings) -> list[str]:
@@ -506,7 +508,7 @@ def _check_workers(settings: Settings) -> list[str]:
     if not 0 <= settings.saga_process_nice <= 19:
         problems.append("--saga-process-nice: must be 0-19")
     if settings.saga_processes > 0:
-        if _is_sqlite(settings.database_url):
+        if not _notifies(settings.database_url):
             problems.append("--saga-processes: needs PostgreSQL (processes on one SQLite file only poll)")
         if settings.saga_workers < 1:
             problems.append("--saga-processes: needs --saga-workers of at least 1 (they run the sagas)")

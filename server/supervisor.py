@@ -241,15 +241,19 @@ class _Pool:
             migrate_on_start="never",
             metrics_port=self._settings.metrics_port + index if self._settings.metrics_port else 0,
         )
-        if self._settings.saga_processes == 0 or index < self._settings.workers:
+        if not self._runs_sagas_only(index):
             return settings  # with saga processes, its `sagas_here` is 0
         return replace(settings, host="127.0.0.1", port=0, workers=1, saga_processes=0)
+
+    def _runs_sagas_only(self, index: int) -> bool:
+        """Worker `index` is one of --saga-processes (they come after the --workers ones)."""
+        return index >= self._settings.workers
 
     def _start(self, index: int) -> None:
         ours, theirs = socket.socketpair()
         settings = self._worker_settings(index)
         link = f"{index}:{theirs.fileno()}"
-        if index >= self._settings.workers:
+        if self._runs_sagas_only(index):
             link += f":{SAGAS_ONLY}"
         env = {**os.environ, **environment(settings), LINK_ENV: link}
         env["PYTHONPATH"] = worker_import_path(env)

@@ -77,6 +77,27 @@ def bare_stack_notes(bare: dict[str, Any]) -> list[str]:
     return [text + "."]
 
 
+def backlog_text(backlog: dict[str, Any]) -> str:
+    """How fast the saga drained what place left PENDING (`bench.scenarios.postgres.watch_backlog`)."""
+    return (
+        f"{backlog.get('saga_events_per_s')} events/s ({backlog.get('pending_left')} left "
+        f"after {backlog.get('pending_after_s')} s)"
+    )
+
+
+def sqlite_backlog_notes(lite: dict[str, Any]) -> list[str]:
+    """What SQLite's closed-loop place left to its saga (one writer: the place transactions and the
+    saga's take turns)."""
+    backlog = lite.get("saga_backlog")
+    if not backlog:
+        return []
+    return [
+        f"SQLite: {backlog.get('pending_at_end_of_place')} outbox events were PENDING when place ended "
+        f"(of {(lite.get('place') or {}).get('completed')} orders placed); the saga drained them at "
+        f"{backlog_text(backlog)}."
+    ]
+
+
 def split_notes(split: dict[str, Any]) -> list[str]:
     """What the saga process left behind place, and the API process's CPU at the half-peak rate."""
     if not split:
@@ -86,9 +107,7 @@ def split_notes(split: dict[str, Any]) -> list[str]:
         "Saga in its own process (bench/scenarios/split.py): `orders-server --workers 1 --saga-processes 1`, "
         "whose worker on the port takes the calls and runs no saga, and whose saga process takes no call "
         "and runs the sagas at nice 10; when place ended "
-        f"{backlog.get('pending_at_end_of_place')} events were "
-        f"PENDING, drained at {backlog.get('saga_events_per_s')} events/s ({backlog.get('pending_left')} "
-        f"left after {backlog.get('pending_after_s')} s)"
+        f"{backlog.get('pending_at_end_of_place')} events were PENDING, drained at {backlog_text(backlog)}"
     )
     half = split.get("place_half") or {}
     used, rate = half.get("cpu") or {}, half.get("per_s")

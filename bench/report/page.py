@@ -6,7 +6,15 @@ from typing import Any
 
 from bench.plan import MACHINE_NOTE
 from bench.report.figures import ratio
-from bench.report.notes import bare_stack_notes, flow_cpu_notes, half_peak_notes, relay_notes, split_notes
+from bench.report.notes import (
+    backlog_text,
+    bare_stack_notes,
+    flow_cpu_notes,
+    half_peak_notes,
+    relay_notes,
+    split_notes,
+    sqlite_backlog_notes,
+)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -91,9 +99,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Server (PostgreSQL) memory: peak RSS (VmHWM) {memory.get('VmHWM', 0) / 1024:.0f} MB, "
         f"RSS at the end {memory.get('VmRSS', 0) / 1024:.0f} MB.",
         f"Place outruns the saga: {backlog.get('pending_at_end_of_place')} outbox events were PENDING when "
-        f"place ended; the saga (8 workers, real handler) drained them at "
-        f"{backlog.get('saga_events_per_s')} events/s ({backlog.get('pending_left')} left after "
-        f"{backlog.get('pending_after_s')} s).",
+        f"place ended; the saga (8 workers, real handler) drained them at {backlog_text(backlog)}.",
         *sqlite_backlog_notes(lite),
         f"During flow (server metrics, interpolated in the histogram buckets): commit-to-dispatch lag "
         f"p50 {lag.get('p50_ms')} ms, p95 {lag.get('p95_ms')} ms, p99 {lag.get('p99_ms')} ms over "
@@ -177,17 +183,3 @@ def relay_rows(lines: list[str], relay_result: dict[str, Any]) -> None:
                 f"{row['sent'] / row['duration_s']:.0f} | {cells} | "
                 f"{row['paired']} of {row['sent']} paired | 0 |"
             )
-
-
-def sqlite_backlog_notes(lite: dict[str, Any]) -> list[str]:
-    """What SQLite's closed-loop place left to its saga (one writer: the place transactions and the
-    saga's take turns)."""
-    backlog = lite.get("saga_backlog")
-    if not backlog:
-        return []
-    return [
-        f"SQLite: {backlog.get('pending_at_end_of_place')} outbox events were PENDING when place ended "
-        f"(of {(lite.get('place') or {}).get('completed')} orders placed); the saga drained them at "
-        f"{backlog.get('saga_events_per_s')} events/s ({backlog.get('pending_left')} left after "
-        f"{backlog.get('pending_after_s')} s)."
-    ]
