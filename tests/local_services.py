@@ -67,6 +67,8 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 WORKER_STARTED = re.compile(r"worker (?P<index>\d+) started \(pid (?P<pid>\d+)\)")
+# A saga step's line from a supervisor's worker (`[worker-1/saga_3] orders.saga ...`).
+WORKER_SAGA_LINE = re.compile(r"\[worker-(\d+)/saga_\d+\] orders\.saga ")
 
 
 def log_since(path: Path, offset: int) -> str:
@@ -106,6 +108,18 @@ class OrdersServer:
         """A supervisor's workers (`--workers`, `--saga-processes`): the latest pid of each, by
         index, from its `worker I started (pid P)` lines."""
         return {int(m.group("index")): int(m.group("pid")) for m in WORKER_STARTED.finditer(self.log())}
+
+    def workers_running_sagas(self) -> set[int]:
+        """The indexes of a supervisor's workers that logged a saga step."""
+        return {int(index) for index in WORKER_SAGA_LINE.findall(self.log())}
+
+    def restarted(self, index: int, old_pid: int) -> int | None:
+        """Worker `index`'s pid once a process other than `old_pid` has taken its place and written
+        its ready line (`worker I (pid P) ready on`, any role); None until then."""
+        pid = self.worker_pids().get(index)
+        if pid is None or pid == old_pid or f"worker {index} (pid {pid}) ready on" not in self.log():
+            return None
+        return pid
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signal the process, kill it if it is still running after `timeout`; its exit code."""

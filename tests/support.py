@@ -62,6 +62,11 @@ def migrate_database(url: str, cwd: Path | None = None) -> subprocess.CompletedP
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of the sample `name` with exactly these labels, None if the endpoint had none."""
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
 def scrape_metrics(port: int) -> Samples:
     """Every sample of the Prometheus endpoint on `port`, keyed by its name and sorted labels."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()

@@ -13,17 +13,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from orders_service_api.v1 import orders_pb2 as pb
 
 from tests.local_services import free_port
-from tests.support import Samples, run_cli, scrape_metrics, wait_until
+from tests.support import Samples, run_cli, sample, scrape_metrics, wait_until
 
 pytestmark = pytest.mark.e2e
 
 ORDERS = "orders.v1.OrderService"
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 def grpc_labels(kind: str, service: str, method: str) -> dict[str, str]:
@@ -64,36 +60,36 @@ def test_grpc_server_metrics_count_calls_codes_messages_and_latency(spawn_server
     def settled() -> Samples | None:
         # Streams are counted as handled when grpcio ends them, just after the client saw the end.
         samples = scrape_metrics(metrics_port)
-        watches_ended = value(samples, "grpc_server_handled_total", **watch, grpc_code="OK") == 1
-        return samples if watches_ended and value(samples, "grpc_server_started_total", **reflect) else None
+        watches_ended = sample(samples, "grpc_server_handled_total", **watch, grpc_code="OK") == 1
+        return samples if watches_ended and sample(samples, "grpc_server_started_total", **reflect) else None
 
     samples = wait_until(settled, what="the streams counted as handled")
 
-    assert value(samples, "grpc_server_started_total", **place) == 1
-    assert value(samples, "grpc_server_handled_total", **place, grpc_code="OK") == 1
-    assert value(samples, "grpc_server_msg_received_total", **place) == 1
-    assert value(samples, "grpc_server_msg_sent_total", **place) == 1
-    assert value(samples, "grpc_server_handling_seconds_count", **place) == 1
-    assert value(samples, "grpc_server_handling_seconds_bucket", **place, le="+Inf") == 1
-    assert (value(samples, "grpc_server_handling_seconds_sum", **place) or 0) > 0
+    assert sample(samples, "grpc_server_started_total", **place) == 1
+    assert sample(samples, "grpc_server_handled_total", **place, grpc_code="OK") == 1
+    assert sample(samples, "grpc_server_msg_received_total", **place) == 1
+    assert sample(samples, "grpc_server_msg_sent_total", **place) == 1
+    assert sample(samples, "grpc_server_handling_seconds_count", **place) == 1
+    assert sample(samples, "grpc_server_handling_seconds_bucket", **place, le="+Inf") == 1
+    assert (sample(samples, "grpc_server_handling_seconds_sum", **place) or 0) > 0
     # Status codes are spelled as Go spells them, for the dashboards written for go-grpc-prometheus.
-    assert (value(samples, "grpc_server_started_total", **get) or 0) >= 2
-    assert value(samples, "grpc_server_handled_total", **get, grpc_code="InvalidArgument") == 1
-    assert value(samples, "grpc_server_handled_total", **get, grpc_code="NotFound") == 1
-    assert value(samples, "grpc_server_msg_sent_total", **get) == value(
+    assert (sample(samples, "grpc_server_started_total", **get) or 0) >= 2
+    assert sample(samples, "grpc_server_handled_total", **get, grpc_code="InvalidArgument") == 1
+    assert sample(samples, "grpc_server_handled_total", **get, grpc_code="NotFound") == 1
+    assert sample(samples, "grpc_server_msg_sent_total", **get) == sample(
         samples, "grpc_server_handled_total", **get, grpc_code="OK"
     )
-    assert value(samples, "grpc_server_started_total", **watch) == 1
-    assert value(samples, "grpc_server_msg_sent_total", **watch) == 1
+    assert sample(samples, "grpc_server_started_total", **watch) == 1
+    assert sample(samples, "grpc_server_msg_sent_total", **watch) == 1
     # The refused Health/Watch started and ended ResourceExhausted, as a Go server counts it.
-    assert value(samples, "grpc_server_started_total", **health_watch) == 2
-    assert value(samples, "grpc_server_handled_total", **health_watch, grpc_code="ResourceExhausted") == 1
-    assert (value(samples, "grpc_server_msg_sent_total", **health_watch) or 0) >= 1
-    assert value(samples, "grpc_server_msg_received_total", **reflect) == 2
-    assert value(samples, "grpc_server_msg_sent_total", **reflect) == 2
+    assert sample(samples, "grpc_server_started_total", **health_watch) == 2
+    assert sample(samples, "grpc_server_handled_total", **health_watch, grpc_code="ResourceExhausted") == 1
+    assert (sample(samples, "grpc_server_msg_sent_total", **health_watch) or 0) >= 1
+    assert sample(samples, "grpc_server_msg_received_total", **reflect) == 2
+    assert sample(samples, "grpc_server_msg_sent_total", **reflect) == 2
     # The service's own names are still there, with Python's spelling of the codes.
     own = {"method": f"/{ORDERS}/GetOrder", "code": "INVALID_ARGUMENT"}
-    assert value(samples, "orders_rpc_total", **own) == 1
+    assert sample(samples, "orders_rpc_total", **own) == 1
 
 
 def test_process_gc_and_build_metrics_describe_the_running_server(spawn_server):
@@ -103,11 +99,11 @@ def test_process_gc_and_build_metrics_describe_the_running_server(spawn_server):
 
     samples = scrape_metrics(metrics_port)
 
-    assert (value(samples, "process_cpu_seconds_total") or 0) > 0
-    assert (value(samples, "process_resident_memory_bytes") or 0) > 10_000_000
-    assert (value(samples, "process_open_fds") or 0) > 0
-    assert (value(samples, "process_start_time_seconds") or 0) > 0
-    assert value(samples, "python_gc_objects_collected_total", generation="0") is not None
+    assert (sample(samples, "process_cpu_seconds_total") or 0) > 0
+    assert (sample(samples, "process_resident_memory_bytes") or 0) > 10_000_000
+    assert (sample(samples, "process_open_fds") or 0) > 0
+    assert (sample(samples, "process_start_time_seconds") or 0) > 0
+    assert sample(samples, "python_gc_objects_collected_total", generation="0") is not None
     version = run_cli("--version").stdout.split()[-1]
     build = {"version": version, "python": platform.python_version(), "grpcio": grpc.__version__}
-    assert value(samples, "orders_build_info", **build) == 1
+    assert sample(samples, "orders_build_info", **build) == 1

@@ -17,7 +17,7 @@ import pytest
 from orders_service_api.v1 import orders_pb2 as pb
 
 from server import supervisor
-from tests.support import ServerProcess, Stubs, run_cli, scrape_metrics, wait_until
+from tests.support import ServerProcess, Stubs, run_cli, sample, scrape_metrics, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -58,8 +58,7 @@ def fresh_stubs(address: str) -> Stubs:
 
 
 def placed_calls(metrics_port: int) -> float:
-    labels = tuple(sorted({"method": PLACE, "code": "OK"}.items()))
-    return scrape_metrics(metrics_port).get(("orders_rpc_total", labels), 0.0)
+    return sample(scrape_metrics(metrics_port), "orders_rpc_total", method=PLACE, code="OK") or 0.0
 
 
 def place_over_fresh_channels(
@@ -164,9 +163,6 @@ def test_two_workers_share_the_port_settle_orders_and_stop_on_sigterm(
     assert server.log().rstrip().endswith("orders-server stopped")
 
 
-SAGA_LINE = re.compile(r"\[worker-(\d+)/saga_\d+\] orders\.saga .* stock reserved for order")
-
-
 def niceness(pid: int) -> set[int]:
     """The niceness of every thread of `pid` (Linux keeps it per thread)."""
     return {
@@ -209,22 +205,17 @@ def test_saga_processes_run_every_saga_at_their_niceness_and_are_restarted_when_
 
     first = place_and_settle(8)
     assert set(HANDLED_PLACE.findall(server.log())) == {"0"}  # only the worker on the port takes calls
-    assert set(SAGA_LINE.findall(server.log())) == {"1"}  # only the saga process runs sagas
+    assert server.workers_running_sagas() == {1}  # only the saga process runs sagas
 
     os.kill(pids[1], signal.SIGKILL)
     restarted = wait_until(
-        lambda: (
-            (pid := server.worker_pids()[1]) != pids[1]
-            and f"saga worker 1 (pid {pid}) ready on" in server.log()
-            and pid
-        ),
-        timeout=30,
-        what="the saga process restarted and ready",
+        lambda: server.restarted(1, pids[1]), timeout=30, what="the saga process restarted and ready"
     )
+    assert f"saga worker 1 (pid {restarted}) ready on" in server.log()
     assert niceness(restarted) == {7}
     second = place_and_settle(4)
     assert server.stubs.stock("W-1").available == 1000 - len(first) - len(second)
-    assert set(SAGA_LINE.findall(server.log())) == {"1"}
+    assert server.workers_running_sagas() == {1}
 
     assert server.stop(signal.SIGTERM) == 0, server.log()[-4000:]
     assert not alive(restarted)
@@ -245,13 +236,7 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(
     # A connection caught by the dying listener is reset, so these calls wait for ready.
     assert len(place_over_fresh_channels(server.address, 4, 1, wait_for_ready=True)) == 4
     restarted = wait_until(
-        lambda: (
-            (pid := server.worker_pids()[0]) != killed
-            and f"worker 0 (pid {pid}) ready on" in server.log()
-            and pid
-        ),
-        timeout=30,
-        what="worker 0 restarted and ready",
+        lambda: server.restarted(0, killed), timeout=30, what="worker 0 restarted and ready"
     )
     assert f"worker 0 (pid {killed}) was killed by SIGKILL: restarting it" in server.log()
     assert not alive(killed) and alive(restarted)

@@ -5,11 +5,11 @@ import pytest
 from orders_service_api.v1 import orders_pb2 as pb
 
 from tests.local_services import free_port
-from tests.support import Samples, scrape_metrics, wait_until
+from tests.support import Samples, sample, scrape_metrics, wait_until
 
 
 def _value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    return sample(samples, name, **labels) or 0.0
 
 
 def test_metrics_count_calls_saga_outcomes_and_dispatch_lag(start_server, database_url):
