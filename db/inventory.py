@@ -83,6 +83,16 @@ def _taking(quantity: Any, now: Any) -> dict[str, Any]:
     }
 
 
+def _giving_back(quantity: Any, now: Any) -> dict[str, Any]:
+    """What handing `quantity` back to a stock row writes (the reverse of `_taking`)."""
+    return {
+        "available": stock.c.available + quantity,
+        "reserved": stock.c.reserved - quantity,
+        "version": stock.c.version + 1,
+        "update_time": now,
+    }
+
+
 @lru_cache(maxsize=1)
 def _guarded_decrement() -> Update:
     quantity = bindparam("quantity", type_=Integer)
@@ -142,6 +152,7 @@ def hot_statements(dialect: str, most_items: int) -> list[Any]:
         return [
             _reserve_all(),
             _reserve_all(fenced=True),
+            _close_refused(),
             _fence_many(),
             _earlier_reservations(),
             _locked_levels(),
@@ -155,7 +166,8 @@ def hot_statements(dialect: str, most_items: int) -> list[Any]:
             dialect, [(stock_reservations, _reservation_rows("o", [OrderItem("s", 1)] * count, now))]
         )
     ]
-    return [_fence_statement(dialect), _guarded_decrement(), *rows]
+    closing = [_give_back(), _release_booked(), _record_closed()]
+    return [_fence_statement(dialect), _guarded_decrement(), *closing, *rows]
 
 
 def _fence_parameters(order_id: str, fence: Fence, now: datetime) -> dict[str, Any]:
@@ -166,22 +178,25 @@ def _fence_parameters(order_id: str, fence: Fence, now: datetime) -> dict[str, A
 def _reserve_all(fenced: bool = False) -> Select[Any]:
     """A first delivery's whole reservation on PostgreSQL in one statement, where the per-item path
     runs 1 + N (each costs SQLAlchemy a few hundred microseconds of CPU, and a multi-row insert
-    more): the SKUs of the order that were decremented.
+    more): per stock row of the order, its SKU, what was available when it was locked, and whether
+    it was decremented.
 
         WITH booked AS (INSERT INTO stock_reservations ... SELECT FROM unnest(:skus, :quantities)
                         RETURNING sku, quantity),
-             locked AS (SELECT sku FROM stock WHERE sku = ANY(:skus)
+             locked AS (SELECT sku, available FROM stock WHERE sku = ANY(:skus)
                         ORDER BY sku COLLATE "C" FOR UPDATE),
              taken  AS (UPDATE stock SET <guarded decrement> FROM booked, locked
                         WHERE stock.sku = booked.sku AND locked.sku = booked.sku
                           AND stock.available >= booked.quantity RETURNING stock.sku)
-        SELECT sku FROM taken
+        SELECT locked.sku, locked.available, taken.sku IS NOT NULL AS taken
+        FROM locked LEFT JOIN taken ON taken.sku = locked.sku
 
     `locked` takes the row locks in SKU order, each before its row is decremented; the UPDATE joins
-    it because PostgreSQL runs a SELECT in WITH only as far as it is read. The guard is checked
-    again on the newest row after a lock wait, as in the per-item UPDATE. A duplicate reservation
-    key fails the whole statement, as the per-item insert does. A SKU without a stock row is booked
-    (reservations do not reference stock) but not taken, and the caller rolls the booking back.
+    it because PostgreSQL runs a SELECT in WITH only as far as it is read. After a lock wait both
+    read the newest row: the guard is checked again on it, as in the per-item UPDATE, and a row not
+    taken answers the `available` a refusal names (no read of the stock after it). A duplicate
+    reservation key fails the whole statement, as the per-item insert does. A SKU without a stock
+    row is booked (reservations do not reference stock) but neither locked nor taken.
 
     `fenced`: the step's fence goes in first as a CTE of its own (`_fence_statement`), nothing is
     booked unless it was accepted, and the statement answers `fenced` (1 or 0) beside each SKU."""
@@ -210,7 +225,7 @@ def _reserve_all(fenced: bool = False) -> Select[Any]:
         .cte("booked")
     )
     locked = (
-        select(stock.c.sku)
+        select(stock.c.sku, stock.c.available)
         .where(stock.c.sku == any_(skus))
         .order_by(stock.c.sku.collate("C"))
         .with_for_update()
@@ -227,11 +242,75 @@ def _reserve_all(fenced: bool = False) -> Select[Any]:
         .returning(stock.c.sku)
         .cte("taken")
     )
+    levels = locked.outerjoin(taken, taken.c.sku == locked.c.sku)
+    columns = (locked.c.sku, locked.c.available, taken.c.sku.is_not(None).label("taken"))
     if fence is None:
-        return select(taken.c.sku)
+        return select(*columns).select_from(levels)
     accepted = select(func.count()).select_from(fence).scalar_subquery().label("fenced")
     one = select(literal(1).label("one")).subquery("one")
-    return select(accepted, taken.c.sku).select_from(one.outerjoin(taken, true()))
+    return select(accepted, *columns).select_from(one.outerjoin(levels, true()))
+
+
+# A fenced refusal closes the order in the reservation's own transaction (`StockRepository._refuse`).
+
+
+@lru_cache(maxsize=1)
+def _close_refused() -> Select[Any]:
+    """On PostgreSQL, a refused order's close in one statement, on rows the reservation locked:
+
+        WITH returned AS (UPDATE stock SET <give back> FROM unnest(:g_skus, :g_quantities) ...),
+             released AS (UPDATE stock_reservations SET status = 'RELEASED'
+                          WHERE order_id = :order_id AND status = 'ACTIVE'),
+             closed   AS (UPDATE reservation_fences SET closed_reason = :reason
+                          WHERE order_id = :order_id)
+        SELECT count(returned), count(released), count(closed)"""
+    now = bindparam("now", type_=stock.c.update_time.type)
+    given = _arrays(g_skus=String, g_quantities=Integer).render_derived("given")
+    returned = (
+        update(stock)
+        .where(stock.c.sku == given.c.g_skus)
+        .values(_giving_back(given.c.g_quantities, now))
+        .returning(stock.c.sku)
+        .cte("returned")
+    )
+    released = _release_booked().returning(stock_reservations.c.sku).cte("released")
+    closed = _record_closed().returning(reservation_fences.c.order_id).cte("closed")
+    return select(
+        *(
+            select(func.count()).select_from(cte).scalar_subquery().label(cte.name)
+            for cte in (returned, released, closed)
+        )
+    )
+
+
+@lru_cache(maxsize=1)
+def _give_back() -> Update:
+    """SQLite's give-back of one SKU a refused order had taken."""
+    quantity = bindparam("quantity", type_=Integer)
+    now = bindparam("now", type_=stock.c.update_time.type)
+    return update(stock).where(stock.c.sku == bindparam("b_sku")).values(_giving_back(quantity, now))
+
+
+@lru_cache(maxsize=1)
+def _release_booked() -> Update:
+    """The order's ACTIVE reservation rows RELEASED."""
+    r = stock_reservations
+    return (
+        update(r)
+        .where(r.c.order_id == bindparam("order_id", type_=String), r.c.status == ACTIVE)
+        .values(status=RELEASED, update_time=bindparam("now", type_=r.c.update_time.type))
+    )
+
+
+@lru_cache(maxsize=1)
+def _record_closed() -> Update:
+    """Why the saga closed the order, on its fence row (see `StockRepository.release`)."""
+    f = reservation_fences
+    return (
+        update(f)
+        .where(f.c.order_id == bindparam("order_id", type_=String))
+        .values(closed_reason=bindparam("reason", type_=String))
+    )
 
 
 # The set-based reservation of a batch of orders (`StockRepository.reserve_many`), PostgreSQL only:
@@ -385,7 +464,14 @@ class StockRepository:
         check_first: bool = True,
         fence: Fence | None = None,
     ) -> ReservationOutcome:
-        """Reserve every item; the caller commits a fresh Reserved and rolls back anything else.
+        """Reserve every item, or refuse the order.
+
+        What the caller commits: with a `fence` (a saga step), anything but Superseded; without
+        one, a fresh Reserved only, and it rolls back anything else. A fenced refusal closes the
+        order in the same transaction, as `release` with the reason would (the saga fails a
+        refused order, and a late step of its saga then finds it closed): what was taken goes back,
+        the reservation rows are RELEASED and the reason is recorded. One transaction, where a
+        rollback and a release took two, and on PostgreSQL one statement more than a reservation.
 
         An order that reserved before is Reserved again, not fresh (a redelivery); one closed by a
         release (see `release`) is Rejected, so a late step of its saga cannot take stock any more.
@@ -412,12 +498,14 @@ class StockRepository:
         elif one_statement:
             return self._reserve_first_delivery(order_id, items, now, fence)
         insert_together(self._c, [(stock_reservations, _reservation_rows(order_id, items, now))])
+        taken: list[OrderItem] = []
         for item in sorted(items, key=lambda i: i.sku):
-            taken = precompiled.execute(
+            decremented = precompiled.execute(
                 self._c, _guarded_decrement(), {"b_sku": item.sku, "quantity": item.quantity, "now": now}
             ).rowcount
-            if taken != 1:
-                return self._why_not(item)
+            if decremented != 1:
+                return self._refuse(order_id, taken, self._why_not(item), now, fence)
+            taken.append(item)
         return Reserved()
 
     def _reserve_first_delivery(
@@ -434,17 +522,45 @@ class StockRepository:
             "now": now,
         }
         if fence is None:
-            taken = set(precompiled.execute(self._c, _reserve_all(), parameters, prepare=True).scalars())
+            rows = precompiled.execute(self._c, _reserve_all(), parameters, prepare=True).all()
         else:
             parameters.update(fence_event=fence.event_id, fence_claim=fence.claim)
             rows = precompiled.execute(self._c, _reserve_all(fenced=True), parameters, prepare=True).all()
             if not rows[0].fenced:
                 return Superseded()
-            taken = {row.sku for row in rows if row.sku is not None}
-        for item in ordered:
-            if item.sku not in taken:
-                return self._why_not(item)
-        return Reserved()
+        levels = {row.sku: row.available for row in rows if row.sku is not None}
+        taken_skus = {row.sku for row in rows if row.taken}
+        missing = [item for item in ordered if item.sku not in taken_skus]
+        if not missing:
+            return Reserved()
+        short, available = missing[0], levels.get(missing[0].sku)
+        refusal = (
+            unknown_sku(short.sku)
+            if available is None
+            else insufficient_stock(short.sku, short.quantity, available)
+        )
+        taken = [item for item in ordered if item.sku in taken_skus]
+        return self._refuse(order_id, taken, refusal, now, fence)
+
+    def _refuse(
+        self, order_id: str, taken: Sequence[OrderItem], refusal: Rejected, now: datetime, fence: Fence | None
+    ) -> Rejected:
+        """`refusal`, after closing the order in this transaction when the step is fenced (see
+        `reserve`): `taken` (what this transaction decremented) goes back, the order's ACTIVE
+        rows are RELEASED and the reason is recorded. Unfenced, the caller rolls back instead."""
+        if fence is None:
+            return refusal
+        given = {"order_id": order_id, "reason": refusal.reason, "now": now}
+        if backend_of(self._c).one_statement_writes:
+            given.update(g_skus=[item.sku for item in taken], g_quantities=[item.quantity for item in taken])
+            precompiled.execute(self._c, _close_refused(), given, prepare=True)
+            return refusal
+        for item in taken:
+            back = {"b_sku": item.sku, "quantity": item.quantity, "now": now}
+            precompiled.execute(self._c, _give_back(), back)
+        precompiled.execute(self._c, _release_booked(), given)
+        precompiled.execute(self._c, _record_closed(), given)
+        return refusal
 
     def reserve_many(
         self, requests: Sequence[ReservationRequest], now: datetime, check_first: bool = True
@@ -563,11 +679,7 @@ class StockRepository:
         if fence is not None and not self.fence(order_id, fence, now):
             return Superseded()
         if fence is not None and reason:  # why it is closed, for a later step that finds it so
-            self._c.execute(
-                update(reservation_fences)
-                .where(reservation_fences.c.order_id == order_id)
-                .values(closed_reason=reason)
-            )
+            precompiled.execute(self._c, _record_closed(), {"order_id": order_id, "reason": reason})
         if items:
             self._c.execute(
                 backend_of(self._c).upsert(stock_reservations).on_conflict_do_nothing(),

@@ -59,7 +59,7 @@ from domain.allocation import ReservationRequest
 from domain.errors import ConflictError
 from domain.events import OrderCancelled, OrderExpired, OrderPlaced
 from domain.fencing import Fence
-from domain.inventory import ReservationOutcome, Reserved, Superseded
+from domain.inventory import Rejected, ReservationOutcome, Reserved, Superseded
 from domain.model import Order, OrderItem, OrderStatus, Settlement, utcnow
 from saga.resilience import BreakerOpenError, Guard, RateLimitedError
 from saga.verdicts import BatchHandler, Completed, Defer, Done, Handler, Retry, Verdict, describe
@@ -115,7 +115,9 @@ class Participant(Protocol):
 
     def reserve(
         self, order_id: str, items: tuple[OrderItem, ...], fence: Fence | None = None
-    ) -> ReservationOutcome: ...
+    ) -> ReservationOutcome:
+        """All items or none; with a `fence`, a Rejected order is closed in the inventory already."""
+        ...
 
     def release(
         self, order_id: str, items: tuple[OrderItem, ...] = (), fence: Fence | None = None, reason: str = ""
@@ -142,7 +144,9 @@ class InventoryParticipant:
     def reserve(
         self, order_id: str, items: tuple[OrderItem, ...], fence: Fence | None = None
     ) -> ReservationOutcome:
-        """Reserve all items or none; with a `fence`, Superseded if a newer step of the order wrote."""
+        """Reserve all items or none; with a `fence`, Superseded if a newer step of the order wrote,
+        and a refused order (Rejected) closed in the inventory in the same transaction, as
+        `release` with the reason would close it (see `StockRepository.reserve`)."""
         tries = itertools.count()
 
         def attempt() -> ReservationOutcome:
@@ -151,8 +155,8 @@ class InventoryParticipant:
             with self._uow() as uow:
                 now = self._clock()
                 outcome = uow.stock.reserve(order_id, items, now, check_first=check_first, fence=fence)
-                if isinstance(outcome, Reserved):
-                    uow.commit()  # a fresh reservation, or (a redelivery) the fence alone
+                if isinstance(outcome, Reserved) or (fence is not None and isinstance(outcome, Rejected)):
+                    uow.commit()  # a reservation, a redelivery's fence, or a fenced refusal's close
                 return outcome  # otherwise leaving the block rolls back what was taken
 
         return self._with_conflict_retries(attempt)
@@ -344,11 +348,9 @@ class InventorySaga:
             log.info("stock reserved for order %s", order_id)
             return self._settle(order_id, items, event, Settlement.validated())
         log.info("order %s cannot be reserved: %s", order_id, outcome.reason)
-        # Close the order in the inventory before failing it, so that no step of this saga still
-        # running elsewhere (a lost lease) can reserve for an order that is already FAILED.
-        closed = self._release(order_id, items, event, reason=outcome.reason)
-        if not isinstance(closed, Done):
-            return closed
+        # The fenced refusal closed the order in the inventory (the participant's `reserve`) before
+        # it is failed here, so that no step of this saga still running elsewhere (a lost lease)
+        # can reserve for an order that is already FAILED.
         return self._settle(order_id, items, event, Settlement.failed(outcome.reason))
 
     def on_order_cancelled(self, event: ClaimedEvent) -> Verdict:

@@ -28,6 +28,7 @@ from db.inventory import InventoryUnitOfWork
 from db.outbox import DONE, PENDING, ClaimedEvent
 from db.tables import orders, outbox_events, stock_reservations
 from db.unit_of_work import OrdersUnitOfWork
+from domain.fencing import Fence
 from domain.inventory import Rejected, ReservationOutcome, Reserved, insufficient_stock, unknown_sku
 from domain.model import Order, OrderItem, Settlement, utcnow
 from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
@@ -147,6 +148,67 @@ def test_one_short_item_reserves_nothing_and_names_the_first_short_sku(engine):
         "SKU-B": (3, 0),
         "SKU-C": (1, 0),
     }
+    assert reservations(engine) == []
+
+
+@contextmanager
+def transactions(engine: Engine) -> Iterator[list[str]]:
+    """On PostgreSQL, the first statement of each transaction sent on `engine` inside the block
+    (the unit of work sends BEGIN in front of it; COMMIT and ROLLBACK go on the driver's cursor)."""
+    begun: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("BEGIN; "):
+            begun.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield begun
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.mark.parametrize(
+    ("items", "refusal"),
+    [
+        (
+            (OrderItem("SKU-C", 2), OrderItem("SKU-A", 1), OrderItem("SKU-B", 4)),
+            insufficient_stock("SKU-B", 4, 3),
+        ),
+        ((OrderItem("SKU-A", 1), OrderItem("NO-SUCH", 1)), unknown_sku("NO-SUCH")),
+    ],
+    ids=["short", "unknown"],
+)
+def test_a_fenced_refusal_gives_back_what_it_took_and_closes_the_order_in_the_same_transaction(
+    engine, items, refusal
+):
+    initial = {"SKU-A": 5, "SKU-B": 3, "SKU-C": 1}
+    set_stock(engine, initial)
+    participant = InventoryParticipant(partial(InventoryUnitOfWork, engine))
+
+    with statements(engine) as sent, transactions(engine) as begun:
+        outcome = participant.reserve("order-refused", items, Fence(1, 1))
+
+    assert outcome == refusal
+    # SKU-A was taken before the refusal (first in SKU order) and is back.
+    assert stock_levels(engine, list(initial)) == {sku: (level, 0) for sku, level in initial.items()}
+    assert reservations(engine) == sorted(("order-refused", i.sku, i.quantity, "RELEASED") for i in items)
+    if is_postgres(engine):
+        assert (len(sent), len(begun)) == (2, 1), "the reservation and the close, in one transaction"
+    # Closed: a later step of the order is refused for the same reason, even with stock enough.
+    set_stock(engine, {"SKU-B": 100, "SKU-C": 100, "NO-SUCH": 100})
+    assert participant.reserve("order-refused", items, Fence(1, 2)) == refusal
+    assert stock_levels(engine, ["SKU-A", "SKU-B"]) == {"SKU-A": (5, 0), "SKU-B": (100, 0)}
+
+
+def test_an_unfenced_refusal_writes_nothing(engine):
+    set_stock(engine, {"SKU-A": 5, "SKU-B": 3})
+    participant = InventoryParticipant(partial(InventoryUnitOfWork, engine))
+
+    outcome = participant.reserve("order-unfenced", (OrderItem("SKU-A", 1), OrderItem("SKU-B", 4)))
+
+    assert outcome == insufficient_stock("SKU-B", 4, 3)
+    assert stock_levels(engine, ["SKU-A", "SKU-B"]) == {"SKU-A": (5, 0), "SKU-B": (3, 0)}
     assert reservations(engine) == []
 
 
@@ -334,3 +396,22 @@ def test_an_order_created_event_validates_the_order_in_two_statements_on_postgre
     # On PostgreSQL the fence rides in the reservation statement; SQLite sends it first: fence,
     # reservation insert, decrement, settle, completion.
     assert len(sent) == (2 if is_postgres(engine) else 5), sent
+
+
+def test_a_refused_order_is_closed_and_failed_in_two_transactions_on_postgres(engine):
+    set_stock(engine, {"SKU-A": 0})
+    order, claimed = placed_and_claimed(engine)
+    handler: Callable[[ClaimedEvent], Any] = saga_on(engine).handlers()["ORDER_CREATED"]
+
+    with statements(engine) as sent, transactions(engine) as begun:
+        verdict = handler(claimed)
+
+    assert verdict == Completed()
+    row = order_row(engine, order.order_id)
+    assert (row.status, row.failure_reason) == ("FAILED", insufficient_stock("SKU-A", 1, 0).reason)
+    assert event_row(engine, claimed.id).status == DONE
+    assert reservations(engine) == [(order.order_id, "SKU-A", 1, "RELEASED")]
+    assert stock_levels(engine, ["SKU-A"]) == {"SKU-A": (0, 0)}
+    if is_postgres(engine):
+        # The reservation and its close in the inventory's transaction, the settle in the orders'.
+        assert (len(sent), len(begun)) == (3, 2), sent

@@ -12,6 +12,8 @@ second takes the event over and settles the order. Then the first resumes, stale
 
 Both ended with a VALIDATED order holding nothing. Now every inventory write is fenced on the
 step's (event, claim) and every order write on its lease token: the stale step writes nothing.
+A refusal now closes the order in its own transaction (`StockRepository.reserve`), so the second
+finds the order closed and fails it for the first's reason, with nothing held.
 
 Also here: a dispatcher whose clock runs a minute ahead steals no lease (PostgreSQL decides expiry
 with its own clock), a slow step that is alive keeps its lease (renewed), an event whose lease ran
@@ -244,18 +246,26 @@ def test_a_stale_step_that_gives_up_releases_nothing_of_the_order_another_step_v
     assert_validated_with_its_reservation(migrated_url, order_id, 10)
 
 
-def test_a_stale_step_refused_stock_releases_nothing_of_the_order_another_step_validated(
+def test_a_stale_step_refused_stock_closed_the_order_with_its_refusal_and_writes_nothing_more(
     migrated_url: str, instances: Callable[..., Instance]
 ) -> None:
     set_stock(migrated_url, 0)
-    # A is refused the stock and pauses before closing the order and failing it; meanwhile the
-    # stock is refilled and B reserves.
+    # A is refused the stock, which closes the order in the same transaction, and pauses before
+    # failing it; meanwhile the stock is refilled and B takes the event over.
     stale = Hooks(pause_at="after_reserve")
 
     order_id, a, b = run_stale_step_against_a_live_one(migrated_url, instances, stale, 10)
 
     assert a.outcomes[0][0] == "fenced" and b.outcomes[0][0] == "done"
-    assert_validated_with_its_reservation(migrated_url, order_id, 10)
+    order, event, held, level = rows(migrated_url, order_id)
+    # B found the order closed by A's refusal and failed it for A's reason (not "already
+    # released"), though the stock was back: it took none.
+    assert (order.status, order.version) == ("FAILED", 2)
+    assert order.failure_reason == f"insufficient stock for SKU {SKU!r}: requested 3, available 0"
+    assert event.status == "DONE"
+    assert held == [(SKU, 3, "RELEASED")]
+    assert level == (10, 0)
+    check_invariants(migrated_url, migrated_url, {SKU: 10})
 
 
 def test_a_live_slow_step_keeps_its_lease_by_renewing_it(
@@ -406,24 +416,3 @@ def test_events_whose_last_attempt_did_not_finish_run_one_at_a_time_and_alone(
         assert rows(migrated_url, order_id)[0].status == "VALIDATED"
     assert {rows(migrated_url, order_id)[1].attempts for order_id in orders} == {2}
     assert rows(migrated_url, fresh)[1].attempts == 1
-
-
-def test_a_step_that_finds_the_order_closed_by_a_stale_step_fails_it_for_that_steps_reason(
-    migrated_url: str, instances: Callable[..., Instance]
-) -> None:
-    set_stock(migrated_url, 0)
-    # A is refused the stock, closes the order in the inventory, and pauses before failing it: B
-    # takes over, finds the order closed, and fails it; the reason is A's, not "already released".
-    stale = Hooks(pause_at="after_release")
-
-    order_id, a, b = run_stale_step_against_a_live_one(migrated_url, instances, stale, None)
-
-    assert a.outcomes[0][0] == "fenced" and b.outcomes[0][0] == "done"
-    order, event, held, level = rows(migrated_url, order_id)
-    assert (order.status, order.failure_reason) == (
-        "FAILED",
-        f"insufficient stock for SKU {SKU!r}: requested 3, available 0",
-    )
-    assert event.status == "DONE" and level == (0, 0)
-    assert [status for _sku, _quantity, status in held] == ["RELEASED"]
-    check_invariants(migrated_url, migrated_url, {SKU: 0})
