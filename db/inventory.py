@@ -84,11 +84,13 @@ def _taking(quantity: Any, now: Any) -> dict[str, Any]:
 
 
 def _giving_back(quantity: Any, now: Any) -> dict[str, Any]:
-    """What handing `quantity` back to a stock row writes (the reverse of `_taking`)."""
+    """What handing back `quantity` that this transaction took (`_taking`) writes: the row as it
+    was before, its version too, since the row stayed locked from the decrement on and nobody saw
+    the change (only its update time moves). Stock a refused order touched reads unchanged."""
     return {
         "available": stock.c.available + quantity,
         "reserved": stock.c.reserved - quantity,
-        "version": stock.c.version + 1,
+        "version": stock.c.version - 1,
         "update_time": now,
     }
 

@@ -87,6 +87,11 @@ def stock_levels(engine: Engine, skus: tuple[str, ...] | list[str]) -> dict[str,
     return {sku: (level.available, level.reserved) for sku, level in levels.items() if level is not None}
 
 
+def stock_versions(engine: Engine, skus: list[str]) -> dict[str, int]:
+    with InventoryUnitOfWork(engine, write=False) as uow:
+        return {sku: level.version for sku in skus if (level := uow.stock.get(sku)) is not None}
+
+
 def reservations(engine: Engine) -> list[tuple[str, str, int, str]]:
     """Every reservation row as (order, SKU, quantity, status)."""
     r = stock_reservations.c
@@ -184,14 +189,16 @@ def test_a_fenced_refusal_gives_back_what_it_took_and_closes_the_order_in_the_sa
 ):
     initial = {"SKU-A": 5, "SKU-B": 3, "SKU-C": 1}
     set_stock(engine, initial)
+    versions = stock_versions(engine, list(initial))
     participant = InventoryParticipant(partial(InventoryUnitOfWork, engine))
 
     with statements(engine) as sent, transactions(engine) as begun:
         outcome = participant.reserve("order-refused", items, Fence(1, 1))
 
     assert outcome == refusal
-    # SKU-A was taken before the refusal (first in SKU order) and is back.
+    # SKU-A was taken before the refusal (first in SKU order) and is back, at its version too.
     assert stock_levels(engine, list(initial)) == {sku: (level, 0) for sku, level in initial.items()}
+    assert stock_versions(engine, list(initial)) == versions
     assert reservations(engine) == sorted(("order-refused", i.sku, i.quantity, "RELEASED") for i in items)
     if is_postgres(engine):
         assert (len(sent), len(begun)) == (2, 1), "the reservation and the close, in one transaction"
