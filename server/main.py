@@ -72,7 +72,11 @@ def serve(settings: Settings, link: supervisor.WorkerLink | None = None) -> int:
     )
     if link is not None:
         link.ready()
-    stop.wait()
+    # Woken once a second: a SIGTERM the kernel delivered to another thread only trips the flag
+    # that the main thread checks when it runs, and a wait with no timeout would never run it (a
+    # restarted worker once ignored the supervisor's SIGTERM until it was killed).
+    while not stop.wait(timeout=1.0):
+        pass
     finished = service.stop(drain_delay=settings.shutdown_delay_s)
     log.info("orders-server stopped")
     if not finished:
