@@ -3,10 +3,11 @@
 `connection.execute(statement)` computes the statement's cache key on every call, walking its
 whole tree, and rebuilds the parameter dictionary through the compiled form: for the place
 statement (thirty parameters) that was more CPU than psycopg2's own work. `execute` below compiles
-a statement once per dialect and runs the SQL string through `exec_driver_sql`, so SQLAlchemy's
-events (the statement-timeout prefix of db.engine), error wrapping and disconnect handling all
-still apply. What SQLAlchemy would still do per call is kept: literal values of the statement
-are filled in, and the bind processors of the parameters' types (UTC datetimes, arrays) run.
+a statement once per dialect and runs the SQL string on the driver's cursor (`_on_driver`) or
+through `exec_driver_sql`; either way SQLAlchemy's `before_cursor_execute` listeners (the
+statement-timeout prefix of db.engine), error wrapping and disconnect handling still apply. What
+SQLAlchemy would still do per call is kept: literal values of the statement are filled in, and
+the bind processors of the parameters' types (UTC datetimes, arrays) run.
 
 Only for statements built once and kept (the callers' `lru_cache`d builders): the cache is keyed,
 weakly, by the statement object.
@@ -21,6 +22,9 @@ On PostgreSQL a caller may also ask for the statement prepared on the connection
 see `_run_prepared`): the per-order statements, which PostgreSQL otherwise parses and plans anew
 each time. The dispatcher's claims stay unprepared: a generic plan of a claim (its LIMIT, the
 backlog it reads) is not one to trust without measuring.
+
+Inside a transaction, a statement whose result needs no processing by SQLAlchemy goes to the
+driver's cursor directly (`_on_driver`), prepared or not.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import itertools
 import re
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections import namedtuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, CursorResult, Dialect, exc
+from sqlalchemy import Connection, Dialect, exc
 from sqlalchemy.sql import ClauseElement
 
 from db.backend import backend_of
@@ -58,6 +64,30 @@ class Precompiled:
     processors: Mapping[str, Callable[[Any], Any]]  # bind processors of the parameters' types
     positions: tuple[str, ...] | None  # parameter names in placeholder order (qmark style), else None
     prepared: Prepared | None = None  # where the backend prepares statements (PostgreSQL)
+    plain_results: bool = False  # no result column needs SQLAlchemy's processing
+
+
+class Scalars(Protocol):
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def all(self) -> Sequence[Any]: ...
+
+
+class Result(Protocol):
+    """What callers read of a result: SQLAlchemy's `CursorResult`, or `Rows`."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def all(self) -> Sequence[Any]: ...
+
+    def first(self) -> Any: ...
+
+    def one(self) -> Any: ...
+
+    def scalars(self) -> Scalars: ...
 
 
 # Weakly keyed: a statement its builder's cache lets go of (say, the place statement of a rare
@@ -82,10 +112,11 @@ def precompile(statement: ClauseElement, dialect: Dialect) -> Precompiled | None
 
 def _compile(statement: ClauseElement, dialect: Dialect) -> Precompiled | None:
     compiled: Any = statement.compile(dialect=dialect)
-    if not backend_of(dialect.name).typed_results and any(
+    plain_results = not any(
         column.type.dialect_impl(dialect).result_processor(dialect, None) is not None
         for column in compiled._result_columns
-    ):
+    )
+    if not backend_of(dialect.name).typed_results and not plain_results:
         return None
     defaults: dict[str, Any] = {}
     processors: dict[str, Callable[[Any], Any]] = {}
@@ -106,7 +137,7 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> Precompiled | None:
     if backend_of(dialect.name).prepares:
         binds = {name: bind for bind, name in compiled.bind_names.items()}
         prepared = _prepared(compiled.string, binds, dialect)
-    return Precompiled(compiled.string, defaults, processors, positions, prepared)
+    return Precompiled(compiled.string, defaults, processors, positions, prepared, plain_results)
 
 
 _PYFORMAT = re.compile(r"%\((\w+)\)s")
@@ -158,7 +189,7 @@ def parameters_for(
 
 def execute(
     connection: Connection, statement: ClauseElement, parameters: Mapping[str, Any], prepare: bool = False
-) -> CursorResult[Any]:
+) -> Result:
     """`connection.execute(statement, parameters)`, from the SQL compiled once; with `prepare`, as a
     statement prepared on the connection where the backend prepares them (see `_run_prepared`)."""
     precompiled = precompile(statement, connection.dialect)
@@ -166,7 +197,9 @@ def execute(
         return connection.execute(statement, parameters)  # type: ignore[call-overload,no-any-return]
     values = parameters_for(precompiled, parameters)
     if prepare and precompiled.prepared is not None and isinstance(values, dict):
-        return _run_prepared(connection, precompiled.prepared, values)
+        return _run_prepared(connection, precompiled.prepared, values, precompiled.plain_results)
+    if precompiled.plain_results:
+        return _on_driver(connection, precompiled.sql, values)
     return connection.exec_driver_sql(precompiled.sql, values)
 
 
@@ -174,7 +207,9 @@ _PREPARED = "orders_prepared"  # on the pooled connection's info: {Prepared.numb
 _ATTEMPTS = "orders_prepare_attempts"
 
 
-def _run_prepared(connection: Connection, prepared: Prepared, values: Mapping[str, Any]) -> CursorResult[Any]:
+def _run_prepared(
+    connection: Connection, prepared: Prepared, values: Mapping[str, Any], plain_results: bool
+) -> Result:
     """EXECUTE the statement prepared on this connection, or PREPARE it first in the same query
     string. PostgreSQL then parses and plans it once per connection, not on every call: for the
     per-order statements (a few CTEs each) the larger part of its CPU per statement
@@ -186,15 +221,87 @@ def _run_prepared(connection: Connection, prepared: Prepared, values: Mapping[st
     Statements prepared by a pooler's other sessions are never seen: transaction-mode poolers are
     not supported (docs/operations.md, "Sizing")."""
     arguments = tuple(values[name] for name in prepared.names)
+    run: Callable[[Connection, str, Any], Result] = (
+        _on_driver if plain_results else Connection.exec_driver_sql
+    )
     info = connection.connection.info
     names: dict[int, str] = info.setdefault(_PREPARED, {})
     name = names.get(prepared.number)
     if name is not None:
-        return connection.exec_driver_sql(f"EXECUTE {name} {prepared.arguments}", arguments)
+        return run(connection, f"EXECUTE {name} {prepared.arguments}", arguments)
     attempt = info[_ATTEMPTS] = info.get(_ATTEMPTS, 0) + 1
     name = f"orders_{prepared.number}_{attempt}"
-    result = connection.exec_driver_sql(
-        f"PREPARE {name} {prepared.types} AS {prepared.sql}; EXECUTE {name} {prepared.arguments}", arguments
+    result = run(
+        connection,
+        f"PREPARE {name} {prepared.types} AS {prepared.sql}; EXECUTE {name} {prepared.arguments}",
+        arguments,
     )
     names[prepared.number] = name
     return result
+
+
+def _on_driver(connection: Connection, sql: str, arguments: Mapping[str, Any] | tuple[Any, ...]) -> Result:
+    """`sql` on the driver's cursor, without SQLAlchemy's execution around it (a context, a
+    `CursorResult` and its row metadata: 25-50 us of CPU per statement, about as much as psycopg2's
+    own work for an EXECUTE). What of that execution the service relies on is kept:
+    the `before_cursor_execute` listeners run (the statement-timeout and BEGIN prefix of
+    db.engine), and a driver error goes through SQLAlchemy's handling, which wraps it as
+    `DBAPIError`, for `db.errors.translate`, and invalidates the connection (and the pool) on a
+    disconnect. The rows are read whole before the cursor closes: these statements answer a few.
+    Outside a transaction SQLAlchemy's execution runs, since only it would begin one (autobegin)."""
+    if not connection.in_transaction():
+        return connection.exec_driver_sql(sql, arguments)
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        for listener in connection.dispatch.before_cursor_execute:
+            sql, arguments = listener(connection, cursor, sql, arguments, None, False)
+        cursor.execute(sql, arguments)
+        rows = cursor.fetchall() if cursor.description else []
+        names = tuple(column[0] for column in cursor.description or ())
+        return Rows(cursor.rowcount, [_row_type(names)._make(row) for row in rows])
+    except Exception as error:
+        connection._handle_dbapi_exception(error, sql, arguments, cursor, None)
+    finally:
+        cursor.close()
+
+
+@lru_cache(maxsize=64)
+def _row_type(names: tuple[str, ...]) -> Any:
+    """Rows read by column name or position, as SQLAlchemy's `Row`."""
+    return namedtuple("Row", names, rename=True)
+
+
+class Rows:
+    """A statement's rows as `_on_driver` read them: the part of `CursorResult` callers use."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rowcount: int, rows: list[Any]) -> None:
+        self.rowcount = rowcount
+        self._rows = rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+    def all(self) -> list[Any]:
+        return list(self._rows)
+
+    def first(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def one(self) -> Any:
+        if len(self._rows) != 1:
+            if not self._rows:
+                raise exc.NoResultFound("No row was found when one was required")
+            raise exc.MultipleResultsFound("Multiple rows were found when exactly one was required")
+        return self._rows[0]
+
+    def scalars(self) -> _Values:
+        return _Values(row[0] for row in self._rows)
+
+
+class _Values(list[Any]):
+    """A column's values, as `ScalarResult` gives them."""
+
+    def all(self) -> list[Any]:
+        return list(self)

@@ -5,12 +5,13 @@ way and answers as it would."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, event
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, Float, Integer, String, bindparam, event, func, insert, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, MultipleResultsFound, NoResultFound
 
 from db import clock, precompiled
 from db.chained import _rows_statement, statement_for
@@ -35,7 +36,10 @@ from db.queue import (
     renew_statement,
 )
 from db.settlement import settle_and_complete_many_statement, settle_and_complete_statement
-from db.tables import order_items, orders, outbox_events
+from db.tables import order_items, orders, outbox_events, stock
+from db.unit_of_work import OrdersUnitOfWork
+from domain import deadline
+from domain.errors import DeadlineExceededError
 from domain.fencing import Fence
 from domain.model import Order, OrderItem, Settlement, utcnow
 from tests.support import apply_schema
@@ -309,3 +313,84 @@ def test_a_statement_whose_first_run_failed_is_prepared_again_under_a_new_name(e
         assert connection.exec_driver_sql("SELECT count(*) FROM orders").scalar() == 2
         names = connection.exec_driver_sql("SELECT name FROM pg_prepared_statements").scalars().all()
     assert len(names) == 2  # the first PREPARE stayed, unused
+
+
+# On the driver's cursor (`precompiled._on_driver`): inside a transaction a statement whose result
+# needs no processing skips SQLAlchemy's execution; what that execution did for it still happens.
+
+_LEVELS = (
+    select(
+        stock.c.sku,
+        stock.c.available,
+        (stock.c.available - bindparam("least", type_=Integer)).label("over"),
+    )
+    .where(stock.c.sku >= bindparam("from_sku", type_=String))
+    .order_by(stock.c.sku)
+)
+_SLEEP = select(func.pg_sleep(bindparam("seconds", type_=Float)))
+
+
+def _stocked(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            insert(stock),
+            [{"sku": sku, "available": n, "reserved": 0, "version": 1, "update_time": utcnow()} for sku, n in
+             (("A", 1), ("B", 5), ("C", 9))],
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_rows_read_on_the_driver_answer_as_sqlalchemys_would(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    engine: Engine = request.getfixturevalue("engine" if backend == "postgresql" else "sqlite_engine")
+    _stocked(engine)
+    with engine.connect() as connection, connection.begin():
+        once = precompiled.execute(connection, _LEVELS, {"from_sku": "B", "least": 6})
+        usual = connection.execute(_LEVELS, {"from_sku": "B", "least": 6})
+        assert isinstance(once, precompiled.Rows), "the driver's cursor answered"
+        rows, usual_rows = once.all(), usual.all()
+        expected = [("B", 5, -1), ("C", 9, 3)]
+        assert [tuple(row) for row in rows] == [tuple(row) for row in usual_rows] == expected
+        assert [(row.sku, row.available, row.over) for row in rows] == expected
+
+        def levels(from_sku: str) -> precompiled.Result:
+            return precompiled.execute(connection, _LEVELS, {"from_sku": from_sku, "least": 0})
+
+        assert levels("C").one().sku == "C"
+        assert levels("A").scalars().all() == ["A", "B", "C"]
+        assert levels("D").first() is None
+        with pytest.raises(NoResultFound):
+            levels("D").one()
+        with pytest.raises(MultipleResultsFound):
+            levels("A").one()
+        taking = {"b_sku": "B", "quantity": 5, "now": utcnow()}
+        assert precompiled.execute(connection, _guarded_decrement(), taking).rowcount == 1
+        assert precompiled.execute(connection, _guarded_decrement(), taking).rowcount == 0
+
+
+@postgres
+def test_a_statement_on_the_driver_carries_the_deadline_as_its_statement_timeout(engine: Engine) -> None:
+    began = time.monotonic()
+    with (
+        deadline.deadline_bound(began + 0.3),
+        pytest.raises(DeadlineExceededError),
+        OrdersUnitOfWork(engine) as uow,
+    ):
+        precompiled.execute(uow.connection, _SLEEP, {"seconds": 5.0})
+    assert time.monotonic() - began < 2.0, "PostgreSQL cancelled the statement at the deadline"
+
+
+@postgres
+def test_a_connection_lost_under_a_statement_on_the_driver_is_invalidated(engine: Engine) -> None:
+    with engine.connect() as connection:
+        backend = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        connection.rollback()
+        with make_engine(str(engine.url)).connect() as other:
+            other.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})")  # type: ignore[arg-type]
+        with pytest.raises(DBAPIError) as raised, connection.begin():
+            precompiled.execute(connection, _LEVELS, {"from_sku": "A", "least": 0})
+        assert raised.value.connection_invalidated
+        assert connection.invalidated
+    with engine.connect() as connection:  # the pool gives a live connection again
+        assert connection.exec_driver_sql("SELECT 1").scalar() == 1
