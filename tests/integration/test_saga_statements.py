@@ -14,7 +14,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from functools import partial
@@ -54,23 +54,39 @@ def is_postgres(engine: Engine) -> bool:
 
 
 @contextmanager
-def statements(engine: Engine) -> Iterator[list[str]]:
-    """The SQL statements sent on `engine` inside the block (BEGIN and COMMIT are not statements)."""
-    sent: list[str] = []
+def _recorded(engine: Engine, pick: Callable[[str], str | None]) -> Iterator[list[str]]:
+    """What `pick` makes of each SQL string sent on `engine` inside the block (None: left out)."""
+    seen: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        # On PostgreSQL the unit of work sends BEGIN in front of the first statement, and COMMIT
-        # and ROLLBACK as statements of their own; SQLite's BEGIN is a statement of its own.
-        if statement.startswith("BEGIN; "):
-            statement = statement[len("BEGIN; ") :]
-        if statement.split(None, 1)[0].upper().rstrip(";") not in ("BEGIN", "COMMIT", "ROLLBACK"):
-            sent.append(statement)
+        picked = pick(statement)
+        if picked is not None:
+            seen.append(picked)
 
     event.listen(engine, "before_cursor_execute", record)
     try:
-        yield sent
+        yield seen
     finally:
         event.remove(engine, "before_cursor_execute", record)
+
+
+def statements(engine: Engine) -> AbstractContextManager[list[str]]:
+    """The SQL statements sent on `engine` inside the block (BEGIN and COMMIT are not statements)."""
+
+    def statement_of(sql: str) -> str | None:
+        # On PostgreSQL the unit of work sends BEGIN in front of the first statement, and COMMIT
+        # and ROLLBACK as statements of their own; SQLite's BEGIN is a statement of its own.
+        if sql.startswith("BEGIN; "):
+            sql = sql[len("BEGIN; ") :]
+        return None if sql.split(None, 1)[0].upper().rstrip(";") in ("BEGIN", "COMMIT", "ROLLBACK") else sql
+
+    return _recorded(engine, statement_of)
+
+
+def transactions(engine: Engine) -> AbstractContextManager[list[str]]:
+    """On PostgreSQL, the first statement of each transaction sent on `engine` inside the block
+    (the unit of work sends BEGIN in front of it; COMMIT and ROLLBACK go on the driver's cursor)."""
+    return _recorded(engine, lambda sql: sql if sql.startswith("BEGIN; ") else None)
 
 
 def set_stock(engine: Engine, levels: dict[str, int]) -> None:
@@ -154,23 +170,6 @@ def test_one_short_item_reserves_nothing_and_names_the_first_short_sku(engine):
         "SKU-C": (1, 0),
     }
     assert reservations(engine) == []
-
-
-@contextmanager
-def transactions(engine: Engine) -> Iterator[list[str]]:
-    """On PostgreSQL, the first statement of each transaction sent on `engine` inside the block
-    (the unit of work sends BEGIN in front of it; COMMIT and ROLLBACK go on the driver's cursor)."""
-    begun: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith("BEGIN; "):
-            begun.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield begun
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 @pytest.mark.parametrize(
