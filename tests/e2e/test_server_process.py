@@ -7,7 +7,9 @@ The only flag the tests add is `--port 0`, so that runs never collide on 50051.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import os
 import re
 import signal
 import subprocess
@@ -227,6 +229,25 @@ def test_sigterm_stops_the_process_with_exit_code_0_and_a_final_stopped_line(
     lines = readme_server.log().strip().splitlines()
     assert "orders-server stopped" in lines[-1], lines[-3:]
     assert not [line for line in lines if "Traceback" in line or " ERROR " in line], readme_server.log()
+
+
+def test_sigterm_delivered_to_a_thread_other_than_the_main_one_stops_the_process(
+    spawn_server: Callable[..., ServerProcess], sqlite_url: str
+) -> None:
+    """A process-directed signal may reach any thread; the handler must still run in the main one."""
+    server = spawn_server("--database-url", sqlite_url)
+    server.stubs.set_stock("E2E-TGKILL", 1)
+    pid = server.proc.pid
+    other = next(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+
+    assert ctypes.CDLL(None, use_errno=True).tgkill(pid, other, signal.SIGTERM) == 0, ctypes.get_errno()
+
+    try:
+        code = server.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process went on after SIGTERM reached one of its other threads")
+    assert code == 0, server.log()
+    assert "received SIGTERM: shutting down" in server.log()
 
 
 def test_help_lists_every_setting_as_a_flag_and_an_orders_environment_variable(tmp_path: Path) -> None:
