@@ -242,8 +242,8 @@ def _run_prepared(
 
 def _on_driver(connection: Connection, sql: str, arguments: Mapping[str, Any] | tuple[Any, ...]) -> Result:
     """`sql` on the driver's cursor, without SQLAlchemy's execution around it (a context, a
-    `CursorResult` and its row metadata: 25-50 us of CPU per statement, about as much as psycopg2's
-    own work for an EXECUTE). What of that execution the service relies on is kept:
+    `CursorResult` and its row metadata, which cost about as much CPU as psycopg2's own work for an
+    EXECUTE: docs/performance.md, "Fifth round"). What of that execution the service relies on is kept:
     the `before_cursor_execute` listeners run (the statement-timeout and BEGIN prefix of
     db.engine), and a driver error goes through SQLAlchemy's handling, which wraps it as
     `DBAPIError`, for `db.errors.translate`, and invalidates the connection (and the pool) on a
