@@ -36,7 +36,7 @@ import pybreaker
 import redis
 from limits import parse as parse_rate
 from limits.errors import StorageError
-from limits.storage import storage_from_string
+from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from limits.util import WindowStats
 
@@ -316,6 +316,34 @@ class FallbackBreakerStorage(pybreaker.CircuitBreakerStorage):
         self._write("opened_at", now)
 
 
+class _MemoryWindow(MemoryStorage):
+    """`limits`' in-process storage, its expired entries dropped by the hits themselves.
+
+    `MemoryStorage` drops them on a `threading.Timer` of 10 ms, which the first hit after the last
+    timer ended starts again: under a steady load of saga steps, a thread start every few hits
+    (docs/performance.md, "Fifth round"). Here a hit that finds the last expiry 10 ms old runs it
+    in its own thread instead. The expiry only bounds memory: the moving window counts by the
+    entries' times either way. This overrides a private method of limits 5 (name-mangled); if a
+    later version renames it, the timers come back and nothing else changes."""
+
+    _EVERY_S = 0.01
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._expired_at = time.monotonic()
+        self._expiring = threading.Lock()
+
+    def _MemoryStorage__schedule_expiry(self) -> None:  # the name MemoryStorage calls
+        now = time.monotonic()
+        if now - self._expired_at < self._EVERY_S or not self._expiring.acquire(blocking=False):
+            return
+        try:
+            self._expired_at = now
+            getattr(self, "_MemoryStorage__expire_events")()  # noqa: B009 - name-mangled
+        finally:
+            self._expiring.release()
+
+
 class RateLimiter:
     """A moving-window limit on calls; `memory://` counts per process, `redis://` across processes."""
 
@@ -332,7 +360,7 @@ class RateLimiter:
         self._key = key
         # When the shared (Redis) counters cannot be reached, each process falls back to counting
         # on its own: a Redis outage must neither stop the saga nor fail orders.
-        self._local = MovingWindowRateLimiter(storage_from_string("memory://"))
+        self._local = MovingWindowRateLimiter(_MemoryWindow())
         self._shared: MovingWindowRateLimiter | None = None
         self._fallback = fallback or SharedStateFallback(retry_s=5.0)
         if storage_uri != "memory://":

@@ -404,6 +404,36 @@ def test_the_guard_runs_a_batch_as_one_breaker_call_with_the_permits_it_got():
     assert guard.denials == 2 + 3, "every order deferred counts as a denial"
 
 
+def test_the_in_process_limiter_starts_no_thread_per_hit(monkeypatch: pytest.MonkeyPatch):
+    limiter = RateLimiter("1000/second")
+    started: list[threading.Timer] = []
+
+    class CountedTimer(threading.Timer):
+        def start(self) -> None:
+            started.append(self)
+            super().start()
+
+    monkeypatch.setattr(threading, "Timer", CountedTimer)
+    for _ in range(20):
+        limiter.acquire()
+        time.sleep(0.012)  # past the storage's 10 ms expiry period: limits' own storage starts a timer
+
+    assert started == []
+
+
+def test_the_in_process_limiter_drops_entries_whose_window_has_passed():
+    limiter = RateLimiter("3/second")
+    for _ in range(3):
+        limiter.acquire()
+    time.sleep(1.05)  # the one-second window passes
+
+    limiter.acquire()
+
+    # What the storage still holds (limits' own attributes): the last hit's entry alone.
+    storage: Any = limiter._local.storage
+    assert [len(entries) for entries in storage.events.values()] == [1]
+
+
 def test_limiters_with_their_own_memory_storage_count_separately():
     first, second = RateLimiter("2/second"), RateLimiter("2/second")
     for _ in range(2):
