@@ -21,6 +21,7 @@ from tests.local_services import (
     create_database,
     drop_databases,
     free_port,
+    free_ports,
     log_since,
     pg_connect,
     server_command,
@@ -35,7 +36,9 @@ class BenchServer(OrdersServer):
     a file."""
 
     def __init__(self, database_url: str, log_path: Path, extra_args: list[str]) -> None:
-        self.metrics_port = free_port()
+        # A run of ports: with --workers or --saga-processes, process i serves its metrics on the
+        # port + i (the benchmark's largest pool is 3 workers, or 1 worker and a saga process).
+        self.metrics_port = free_ports(4)
         args = ["--port", "0", "--metrics-port", str(self.metrics_port), *extra_args]
         env = server_env({"ORDERS_DATABASE_URL": database_url})
         super().__init__(args, env, ROOT, log_path, ready_timeout=60)

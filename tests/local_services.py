@@ -50,6 +50,26 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive ports on 127.0.0.1 that nothing used a moment ago: a
+    supervisor gives its process `i` the metrics port + `i`, and the port after a free one is often
+    an ephemeral port some connection holds."""
+    for _ in range(100):
+        first = free_port()
+        if all(_bindable(first + offset) for offset in range(1, count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def server_command() -> list[str]:
     """`orders-server` as the README installs it (the venv's console script)."""
     script = Path(sys.executable).parent / "orders-server"
