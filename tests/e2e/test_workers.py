@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from orders_service_api.v1 import orders_pb2 as pb
 
 from server import supervisor
+from tests.local_services import free_ports
 from tests.support import ServerProcess, Stubs, run_cli, sample, scrape_metrics, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -26,21 +26,6 @@ PLACE = "/orders.v1.OrderService/PlaceOrder"
 HANDLED_PLACE = re.compile(
     r"\[worker-(\d+)/grpc_\d+\] orders\.rpc .* rpc /orders\.v1\.OrderService/PlaceOrder code=OK"
 )
-
-
-def free_port_pair() -> int:
-    """A port P such that P and P + 1 are both free (the metrics ports of two workers)."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = int(first.getsockname()[1])
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise AssertionError("no two consecutive free ports")
 
 
 def alive(pid: int) -> bool:
@@ -130,7 +115,7 @@ def test_two_workers_share_the_port_settle_orders_and_stop_on_sigterm(
     make_pg_database: Callable[[], str], spawn_server: Callable[..., ServerProcess]
 ) -> None:
     url = make_pg_database()
-    metrics = free_port_pair()
+    metrics = free_ports(2)  # the metrics ports of the two workers
     server = spawn_server(
         "--workers", "2", "--database-url", url, "--migrate-on-start", "always",
         "--metrics-port", str(metrics), *FAST,
