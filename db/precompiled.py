@@ -256,9 +256,10 @@ def _on_driver(connection: Connection, sql: str, arguments: Mapping[str, Any] | 
         for listener in connection.dispatch.before_cursor_execute:
             sql, arguments = listener(connection, cursor, sql, arguments, None, False)
         cursor.execute(sql, arguments)
-        rows = cursor.fetchall() if cursor.description else []
-        names = tuple(column[0] for column in cursor.description or ())
-        return Rows(cursor.rowcount, [_row_type(names)._make(row) for row in rows])
+        if not cursor.description:
+            return Rows(cursor.rowcount, [])
+        row = _row_type(tuple(column[0] for column in cursor.description))._make
+        return Rows(cursor.rowcount, [row(values) for values in cursor.fetchall()])
     except Exception as error:
         connection._handle_dbapi_exception(error, sql, arguments, cursor, None)
     finally:
