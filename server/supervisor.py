@@ -218,6 +218,10 @@ class _Pool:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        # A signal the kernel delivers to another thread (the log writer's) only trips the flag the
+        # main thread checks when it runs; the byte the interpreter then writes here wakes the
+        # select below, so the handler runs (the main thread of a worker wakes once a second).
+        signal.set_wakeup_fd(self._waker.fileno(), warn_on_full_buffer=False)
         for index in range(self._count):
             self._start(index)
         while self._stop_signal is None and not self._failed:

@@ -5,9 +5,11 @@ supervisor that announces the pool, restarts a worker that dies and stops them a
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -260,6 +262,24 @@ def test_workers_shut_down_when_their_supervisor_is_killed(
 
     wait_until(lambda: not any(alive(pid) for pid in pids.values()), timeout=15, what="orphaned workers gone")
     assert server.log().count("the supervisor is gone: shutting down") == 2
+
+
+def test_a_sigterm_delivered_to_another_thread_of_the_supervisor_stops_the_pool(
+    spawn_server: Callable[..., ServerProcess], sqlite_url: str
+) -> None:
+    """A process-directed signal may reach any thread (the supervisor has its log writer's too)."""
+    server = spawn_server("--workers", "2", "--database-url", sqlite_url, *FAST)
+    pid = server.proc.pid
+    other = next(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+
+    assert ctypes.CDLL(None, use_errno=True).tgkill(pid, other, signal.SIGTERM) == 0, ctypes.get_errno()
+
+    try:
+        code = server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the supervisor went on after SIGTERM reached one of its other threads")
+    assert code == 0, server.log()
+    assert "received SIGTERM: stopping 2 workers" in server.log()
 
 
 IMPOSTOR = (
