@@ -6,6 +6,7 @@ library, psycopg2, and SQLAlchemy for its URL parser only.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -68,6 +69,14 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def signal_another_thread(pid: int, sig: int) -> None:
+    """Send `sig` to a thread of process `pid` other than its main one (tgkill), as the kernel may
+    deliver a signal sent to the process."""
+    other = next(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+    if ctypes.CDLL(None, use_errno=True).tgkill(pid, other, sig) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {other}) failed")
 
 
 def server_command() -> list[str]:
