@@ -36,7 +36,9 @@ from bench.server import BenchServer, bare_stack_server, postgres_server, stock_
 # the innermost frame out, takes the sample. Standard-library frames match nothing (a `json.dumps`
 # counts for whoever called it) except logging's and the thread pools', which are layers of their own.
 LAYERS: tuple[tuple[str, str], ...] = (
-    ("driver (psycopg2, in C)", r"^sqlalchemy/engine/default\.py$"),
+    # psycopg2's execute is called from SQLAlchemy's `do_execute` or, on the unit of work's driver
+    # path, from `db.driver.Session.run` (whose few Python lines count as the driver's too).
+    ("driver (psycopg2, in C)", r"^sqlalchemy/engine/default\.py$|^db/driver\.py$"),
     ("driver wait callback (db/engine.py)", r"^db/engine\.py$"),
     ("logging", r"^logging/|^server/logs\.py$"),
     ("SQLAlchemy", r"^sqlalchemy/"),

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import Dialect, Table
 from sqlalchemy.dialects import postgresql, sqlite
 
 
@@ -59,7 +59,14 @@ SQLITE = Backend(
 _BY_DIALECT = {backend.name: backend for backend in (POSTGRESQL, SQLITE)}
 
 
-def backend_of(bind: Engine | Connection | str) -> Backend:
+class Bound(Protocol):
+    """An engine, a connection, or a unit of work's `db.driver.Session`: bound to one dialect."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+
+def backend_of(bind: Bound | str) -> Backend:
     """The backend of an engine, a connection, or a dialect name (`db.engine` refuses others)."""
     name = bind if isinstance(bind, str) else bind.dialect.name
     return _BY_DIALECT[name]

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Table, bindparam, insert
+from sqlalchemy import Insert, Table, bindparam, insert
 
 from db import clock, precompiled
 from db.backend import backend_of
+from db.driver import Statements
 
 
 class _DbNow:
@@ -53,7 +54,7 @@ def _kind(value: Any) -> str:
 
 
 def insert_together(
-    connection: Connection, parts: Sequence[tuple[Table, Rows]], returning: bool = False
+    connection: Statements, parts: Sequence[tuple[Table, Rows]], returning: bool = False
 ) -> list[int]:
     """Insert every part's rows, in order: in one statement on PostgreSQL, one per part on SQLite;
     parts without rows are skipped. With `returning`, the primary key of the last row of the last

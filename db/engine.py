@@ -84,7 +84,7 @@ def make_engine(raw_url: str, settings: EngineSettings | None = None) -> Engine:
         connect_args={"options": options, "connect_timeout": settings.connect_timeout_s},
     )
     _ping_when_idle(engine, settings.ping_after_idle_s)
-    event.listen(engine, "before_cursor_execute", _with_prefix, retval=True)
+    event.listen(engine, "before_cursor_execute", with_prefix, retval=True)
     return engine
 
 
@@ -98,9 +98,10 @@ def prefix_next_statement(connection: Connection, sql: str) -> None:
     connection.execution_options(**{_PREFIX: [sql + "; "]})
 
 
-def _with_prefix(
+def with_prefix(
     conn: Connection, _cursor: Any, statement: str, parameters: Any, _context: Any, _executemany: bool
 ) -> tuple[str, Any]:
+    """The engine's `before_cursor_execute` listener that sends `prefix_next_statement`'s SQL."""
     pending = conn.get_execution_options().get(_PREFIX)
     return (pending.pop() + statement if pending else statement), parameters
 

@@ -24,7 +24,6 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
-    Connection,
     Integer,
     Select,
     String,
@@ -45,6 +44,7 @@ from sqlalchemy.dialects import postgresql
 from db import precompiled
 from db.backend import backend_of
 from db.chained import insert_together, statements_for
+from db.driver import Statements
 from db.tables import reservation_fences, stock, stock_reservations
 from db.unit_of_work import UnitOfWork
 from domain.allocation import ReservationRequest, allocate
@@ -420,7 +420,7 @@ def _earlier_outcome(active: bool, closed_reason: str | None) -> ReservationOutc
 
 
 class StockRepository:
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._c = connection
 
     def set_available(self, sku: str, available: int, now: datetime) -> StockLevel:
@@ -724,7 +724,7 @@ class InventoryUnitOfWork(UnitOfWork):
     stock: StockRepository
 
     def _started(self) -> None:
-        self.stock = StockRepository(self.connection)
+        self.stock = StockRepository(self.session)
 
 
 InventoryUowFactory = Callable[..., InventoryUnitOfWork]

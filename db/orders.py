@@ -9,9 +9,10 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Row, Select, Table, Update, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Row, Select, Table, Update, and_, bindparam, insert, or_, select, update
 
 from db import clock, precompiled
+from db.driver import Statements
 from db.tables import order_items, orders
 from domain.model import Order, OrderItem, OrderStatus, Settlement
 
@@ -27,7 +28,7 @@ class PageCursor:
 
 
 class OrderRepository:
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._c = connection
 
     def add(self, order: Order, request_fingerprint: str | None = None) -> None:

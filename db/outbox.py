@@ -15,10 +15,11 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, FromClause, Table, insert, select
+from sqlalchemy import ColumnElement, FromClause, Table, insert, select
 
 from db.backend import backend_of
 from db.chained import DB_NOW, DbLater, insert_together
+from db.driver import Statements
 from db.queue import DEAD as DEAD
 from db.queue import DONE as DONE
 from db.queue import PENDING as PENDING
@@ -93,7 +94,7 @@ class OutboxStore(LeasedQueue):
 
     queue = OUTBOX
 
-    def __init__(self, connection: Connection, on_stored: StoredHook | None = None) -> None:
+    def __init__(self, connection: Statements, on_stored: StoredHook | None = None) -> None:
         super().__init__(connection)
         self._on_stored = on_stored
 

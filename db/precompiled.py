@@ -3,7 +3,7 @@
 `connection.execute(statement)` computes the statement's cache key on every call, walking its
 whole tree, and rebuilds the parameter dictionary through the compiled form: for the place
 statement (thirty parameters) that was more CPU than psycopg2's own work. `execute` below compiles
-a statement once per dialect and runs the SQL string on the driver's cursor (`_on_driver`) or
+a statement once per dialect and runs the SQL string on the driver's cursor (see below) or
 through `exec_driver_sql`; either way SQLAlchemy's `before_cursor_execute` listeners (the
 statement-timeout prefix of db.engine), error wrapping and disconnect handling still apply. What
 SQLAlchemy would still do per call is kept: literal values of the statement are filled in, and
@@ -24,7 +24,9 @@ each time. The dispatcher's claims stay unprepared: a generic plan of a claim (i
 backlog it reads) is not one to trust without measuring.
 
 Inside a transaction, a statement whose result needs no processing by SQLAlchemy goes to the
-driver's cursor directly (`_on_driver`), prepared or not.
+driver's cursor directly, prepared or not: through `Session.run` when the caller holds a unit of
+work's `db.driver.Session` (PostgreSQL: no SQLAlchemy `Connection` is built for the transaction
+at all), through `_on_driver` when it holds a SQLAlchemy `Connection` (SQLite, direct callers).
 """
 
 from __future__ import annotations
@@ -33,16 +35,17 @@ import itertools
 import re
 import threading
 import weakref
-from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Dialect, exc
 from sqlalchemy.sql import ClauseElement
 
 from db.backend import backend_of
+from db.driver import Rows, Session
+
+__all__ = ["Result", "Rows", "Scalars", "Session", "execute", "parameters_for", "precompile"]
 
 
 @dataclass(frozen=True)
@@ -188,19 +191,31 @@ def parameters_for(
 
 
 def execute(
-    connection: Connection, statement: ClauseElement, parameters: Mapping[str, Any], prepare: bool = False
+    connection: Connection | Session,
+    statement: ClauseElement,
+    parameters: Mapping[str, Any],
+    prepare: bool = False,
 ) -> Result:
     """`connection.execute(statement, parameters)`, from the SQL compiled once; with `prepare`, as a
-    statement prepared on the connection where the backend prepares them (see `_run_prepared`)."""
+    statement prepared on the connection where the backend prepares them (see `_run_prepared`).
+    On a unit of work's `Session` (`db.driver`) a statement whose result needs no processing runs
+    on the driver's cursor."""
     precompiled = precompile(statement, connection.dialect)
     if precompiled is None:
-        return connection.execute(statement, parameters)  # type: ignore[call-overload,no-any-return]
+        return connection.execute(statement, parameters)  # type: ignore[call-overload]
     values = parameters_for(precompiled, parameters)
     if prepare and precompiled.prepared is not None and isinstance(values, dict):
         return _run_prepared(connection, precompiled.prepared, values, precompiled.plain_results)
-    if precompiled.plain_results:
-        return _on_driver(connection, precompiled.sql, values)
-    return connection.exec_driver_sql(precompiled.sql, values)
+    return _runner(connection, precompiled.plain_results)(precompiled.sql, values)
+
+
+def _runner(connection: Connection | Session, plain_results: bool) -> Callable[[str, Any], Result]:
+    """How a precompiled statement's SQL is sent on `connection`."""
+    if not plain_results:
+        return connection.exec_driver_sql
+    if isinstance(connection, Session):
+        return connection.run
+    return lambda sql, values: _on_driver(connection, sql, values)
 
 
 _PREPARED = "orders_prepared"  # on the pooled connection's info: {Prepared.number: name}
@@ -208,7 +223,7 @@ _ATTEMPTS = "orders_prepare_attempts"
 
 
 def _run_prepared(
-    connection: Connection, prepared: Prepared, values: Mapping[str, Any], plain_results: bool
+    connection: Connection | Session, prepared: Prepared, values: Mapping[str, Any], plain_results: bool
 ) -> Result:
     """EXECUTE the statement prepared on this connection, or PREPARE it first in the same query
     string. PostgreSQL then parses and plans it once per connection, not on every call: for the
@@ -221,18 +236,15 @@ def _run_prepared(
     Statements prepared by a pooler's other sessions are never seen: transaction-mode poolers are
     not supported (docs/operations.md, "Sizing")."""
     arguments = tuple(values[name] for name in prepared.names)
-    run: Callable[[Connection, str, Any], Result] = (
-        _on_driver if plain_results else Connection.exec_driver_sql
-    )
-    info = connection.connection.info
+    run = _runner(connection, plain_results)
+    info = connection.info if isinstance(connection, Session) else connection.connection.info
     names: dict[int, str] = info.setdefault(_PREPARED, {})
     name = names.get(prepared.number)
     if name is not None:
-        return run(connection, f"EXECUTE {name} {prepared.arguments}", arguments)
+        return run(f"EXECUTE {name} {prepared.arguments}", arguments)
     attempt = info[_ATTEMPTS] = info.get(_ATTEMPTS, 0) + 1
     name = f"orders_{prepared.number}_{attempt}"
     result = run(
-        connection,
         f"PREPARE {name} {prepared.types} AS {prepared.sql}; EXECUTE {name} {prepared.arguments}",
         arguments,
     )
@@ -256,53 +268,8 @@ def _on_driver(connection: Connection, sql: str, arguments: Mapping[str, Any] | 
         for listener in connection.dispatch.before_cursor_execute:
             sql, arguments = listener(connection, cursor, sql, arguments, None, False)
         cursor.execute(sql, arguments)
-        if not cursor.description:
-            return Rows(cursor.rowcount, [])
-        row = _row_type(tuple(column[0] for column in cursor.description))._make
-        return Rows(cursor.rowcount, [row(values) for values in cursor.fetchall()])
+        return Rows.read(cursor)
     except Exception as error:
         connection._handle_dbapi_exception(error, sql, arguments, cursor, None)
     finally:
         cursor.close()
-
-
-@lru_cache(maxsize=64)
-def _row_type(names: tuple[str, ...]) -> Any:
-    """Rows read by column name or position, as SQLAlchemy's `Row`."""
-    return namedtuple("Row", names, rename=True)
-
-
-class Rows:
-    """A statement's rows as `_on_driver` read them: the part of `CursorResult` callers use."""
-
-    __slots__ = ("_rows", "rowcount")
-
-    def __init__(self, rowcount: int, rows: list[Any]) -> None:
-        self.rowcount = rowcount
-        self._rows = rows
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._rows)
-
-    def all(self) -> list[Any]:
-        return list(self._rows)
-
-    def first(self) -> Any:
-        return self._rows[0] if self._rows else None
-
-    def one(self) -> Any:
-        if len(self._rows) != 1:
-            if not self._rows:
-                raise exc.NoResultFound("No row was found when one was required")
-            raise exc.MultipleResultsFound("Multiple rows were found when exactly one was required")
-        return self._rows[0]
-
-    def scalars(self) -> _Values:
-        return _Values(row[0] for row in self._rows)
-
-
-class _Values(list[Any]):
-    """A column's values, as `ScalarResult` gives them."""
-
-    def all(self) -> list[Any]:
-        return list(self)

@@ -37,7 +37,6 @@ from sqlalchemy import (
     BigInteger,
     Case,
     ColumnElement,
-    Connection,
     FromClause,
     Integer,
     Select,
@@ -60,6 +59,7 @@ from sqlalchemy.dialects import postgresql
 
 from db import clock, precompiled
 from db.backend import backend_of
+from db.driver import Statements
 from db.tables import UTCDateTime
 from domain.fencing import Fence
 
@@ -338,7 +338,7 @@ class LeasedQueue:
 
     queue: ClassVar[QueueTable]
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._c = connection
 
     @staticmethod

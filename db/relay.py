@@ -98,4 +98,4 @@ class RelayUnitOfWork(UnitOfWork):
     outbox: RelayQueue
 
     def _started(self) -> None:
-        self.outbox = RelayQueue(self.connection)
+        self.outbox = RelayQueue(self.session)

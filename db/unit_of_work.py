@@ -30,6 +30,7 @@ from sqlalchemy import exc as sa_exc
 from db import precompiled
 from db.backend import backend_of
 from db.chained import insert_together
+from db.driver import Session
 from db.engine import SQLITE_BEGIN_IMMEDIATE, WriterGate, is_sqlite, prefix_next_statement, writer_gate
 from db.errors import translate
 from db.orders import OrderRepository
@@ -62,17 +63,26 @@ class UnitOfWork:
         self._write = write
         self._single_statement = single_statement
         self._autocommitting: Any = None  # the DBAPI connection whose transactions this one sends
-        self._connection: Connection | None = None
+        self._session: Connection | Session | None = None
+        self._connection: Connection | None = None  # SQLAlchemy's, once opened
         self._transaction: RootTransaction | None = None
         self._after_commit: list[Callable[[], None]] = []
         self._committed = False
         self._gate: WriterGate | None = None
 
     @property
-    def connection(self) -> Connection:
-        if self._connection is None:
+    def session(self) -> Connection | Session:
+        """What the repositories run statements on: on PostgreSQL a `db.driver.Session` on the
+        pooled connection, on SQLite the SQLAlchemy `Connection`."""
+        if self._session is None:
             raise RuntimeError("unit of work used outside its `with` block")
-        return self._connection
+        return self._session
+
+    @property
+    def connection(self) -> Connection:
+        """SQLAlchemy's `Connection` in this transaction (on PostgreSQL opened on first use)."""
+        session = self.session
+        return session.sqlalchemy() if isinstance(session, Session) else session
 
     @property
     def dialect(self) -> str:
@@ -85,20 +95,14 @@ class UnitOfWork:
         if self._write:
             self._pass_gate(budget)
         try:
-            connection = self._engine.connect()
-            if self._write and is_sqlite(self._engine):
-                connection = connection.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
-            self._connection = connection
-            prefixes: list[str] = []
-            if not is_sqlite(self._engine):
-                if self._take_transaction_control(connection) and not self._single_statement:
-                    prefixes.append("BEGIN")
-                if budget is not None:
-                    prefixes.append(f"SET LOCAL statement_timeout = {max(budget, 1)}")
-            self._transaction = connection.begin()
-            if prefixes:
-                # With the first statement of the transaction, not round trips of their own.
-                prefix_next_statement(connection, "; ".join(prefixes))
+            if is_sqlite(self._engine):
+                connection = self._engine.connect()
+                if self._write:
+                    connection = connection.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
+                self._session = self._connection = connection
+                self._transaction = connection.begin()
+            else:
+                self._session = self._session_on_driver(budget)
         except Exception as error:
             self._close()
             domain_error = translate(error, deadline_set=budget is not None)
@@ -108,7 +112,38 @@ class UnitOfWork:
         self._started()
         return self
 
-    def _take_transaction_control(self, connection: Connection) -> bool:
+    def _session_on_driver(self, budget: int | None) -> Session:
+        """PostgreSQL: a pooled DBAPI connection, its transaction begun by the first statement."""
+        try:
+            pooled = self._engine.raw_connection()
+        except self._engine.dialect.loaded_dbapi.Error as error:
+            Connection._handle_dbapi_exception_noconnection(error, self._engine.dialect, self._engine)
+            raise  # not reached: the handler raises it wrapped
+        prefixes: list[str] = []
+        controlled = self._take_transaction_control(pooled.dbapi_connection)
+        if controlled and not self._single_statement:
+            prefixes.append("BEGIN")
+        if budget is not None:
+            prefixes.append(f"SET LOCAL statement_timeout = {max(budget, 1)}")
+        session = Session(self._engine, pooled, "; ".join(prefixes), self._open_connection)
+        if not controlled:
+            session.sqlalchemy()  # psycopg2 keeps control: SQLAlchemy's transaction commits
+        return session
+
+    def _open_connection(self, session: Session) -> Connection:
+        """SQLAlchemy's `Connection` on the session's pooled connection, in its transaction: with
+        the driver in autocommit SQLAlchemy's begin sends nothing, and its commit or rollback after
+        ours sends nothing either; the prefix, if no statement took it yet, goes with its first."""
+        connection = Connection(self._engine, connection=session.pooled)
+        self._connection = connection
+        self._transaction = connection.begin()
+        prefix = session.take_prefix()
+        if prefix:
+            # With the first statement of the transaction, not round trips of their own.
+            prefix_next_statement(connection, prefix)
+        return connection
+
+    def _take_transaction_control(self, dbapi: Any) -> bool:
         """On PostgreSQL the unit of work, not psycopg2, sends BEGIN: in front of the first
         statement, in the same query string. psycopg2 sends it as a round trip of its own, one of
         the three of a one-statement transaction. The driver is put in autocommit (client-side in
@@ -118,7 +153,6 @@ class UnitOfWork:
         transaction of its own (with its statement-timeout prefix, sent in the same query string,
         it runs in one implicit transaction). False (psycopg2 keeps control) if the connection is
         not idle, which a checkout never leaves it."""
-        dbapi = connection.connection.dbapi_connection
         if dbapi is None or dbapi.autocommit or dbapi.status != STATUS_READY:
             return False
         dbapi.autocommit = True
@@ -157,7 +191,7 @@ class UnitOfWork:
         self._after_commit.append(callback)
 
     def commit(self) -> None:
-        if self._transaction is None:
+        if self._session is None:
             raise RuntimeError("unit of work used outside its `with` block")
         if self._autocommitting is not None:
             status = self._autocommitting.info.transaction_status
@@ -166,18 +200,20 @@ class UnitOfWork:
                 raise RuntimeError("commit after a failed statement: the transaction is rolled back")
             if status != TRANSACTION_STATUS_IDLE:  # IDLE: nothing ran, or a single statement did
                 self._end_transaction("COMMIT")
-        self._transaction.commit()
+        if self._transaction is not None:
+            self._transaction.commit()
         self._committed = True
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            if not self._committed and self._transaction is not None and self._transaction.is_active:
+            if not self._committed and self._session is not None:
                 dbapi = self._autocommitting
                 if dbapi is not None and dbapi.info.transaction_status != TRANSACTION_STATUS_IDLE:
                     self._end_transaction("ROLLBACK")
-                self._transaction.rollback()
+                if self._transaction is not None and self._transaction.is_active:
+                    self._transaction.rollback()
         except Exception:
             pass
         finally:
@@ -191,6 +227,10 @@ class UnitOfWork:
                 callback()
 
     def _close(self) -> None:
+        """Back to the pool (SQLAlchemy's `Connection`, if one was opened, returns it), or, if the
+        transaction could not be ended, discarded."""
+        session = self._session
+        pooled = session.pooled if isinstance(session, Session) else None
         try:
             if self._autocommitting is not None:
                 dbapi, self._autocommitting = self._autocommitting, None
@@ -201,14 +241,19 @@ class UnitOfWork:
                 except Exception:  # broken, or still in a transaction: never back into the pool
                     if self._connection is not None:
                         self._connection.invalidate()
+                    elif pooled is not None:
+                        pooled.invalidate()  # and so returned to the pool, as discarded
+                        pooled = None
             if self._connection is not None:
                 self._connection.close()
+            elif pooled is not None:
+                pooled.close()
         finally:
-            self._connection = None
+            self._session = self._connection = None
+            self._transaction = None
             if self._gate is not None:
                 self._gate.release()
                 self._gate = None
-        self._transaction = None
 
 
 class OrdersUnitOfWork(UnitOfWork):
@@ -218,8 +263,8 @@ class OrdersUnitOfWork(UnitOfWork):
     outbox: OutboxStore
 
     def _started(self) -> None:
-        self.orders = OrderRepository(self.connection)
-        self.outbox = OutboxStore(self.connection, on_stored=self._events_stored)
+        self.orders = OrderRepository(self.session)
+        self.outbox = OutboxStore(self.session, on_stored=self._events_stored)
 
     def _events_stored(self, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
         """Hook: this transaction stored the outbox rows `rows` (`OutboxStore.new_rows`), by the
@@ -244,7 +289,7 @@ class OrdersUnitOfWork(UnitOfWork):
             raise ValueError("an order placed under a lease has exactly one event")
         rows = OutboxStore.new_rows(events, correlation_id, order.create_time, lease, self.dialect)
         parts = [*OrderRepository.new_rows(order, request_fingerprint), (outbox_events, rows)]
-        ids = insert_together(self.connection, parts, returning=lease is not None)
+        ids = insert_together(self.session, parts, returning=lease is not None)
         self._events_stored(rows, order.create_time)
         return [] if lease is None else OutboxStore.leased(rows, ids, lease, order.create_time)
 
@@ -261,7 +306,7 @@ class OrdersUnitOfWork(UnitOfWork):
         parameters = OrderRepository.settle_parameters(order_id, settlement, now)
         parameters.update(event_id=event.id, token=event.lease_token)
         statement = settle_and_complete_statement()
-        row = precompiled.execute(self.connection, statement, parameters, prepare=True).one()
+        row = precompiled.execute(self.session, statement, parameters, prepare=True).one()
         return bool(row.settled), bool(row.completed)
 
     def settle_and_complete_many(
@@ -284,7 +329,7 @@ class OrdersUnitOfWork(UnitOfWork):
             "now": now,
         }
         statement = settle_and_complete_many_statement()
-        row = precompiled.execute(self.connection, statement, parameters, prepare=True).one()
+        row = precompiled.execute(self.session, statement, parameters, prepare=True).one()
         leased, settled, completed = set(row.leased or ()), set(row.settled or ()), set(row.completed or ())
         answers = {}
         for _, event in settlements:
