@@ -33,6 +33,10 @@ from sqlalchemy.pool import PoolProxiedConnection
 
 from db.engine import with_prefix
 
+# A statement's result processors (SQLAlchemy's, of its columns' types), one per result column in
+# order, None where the driver's value stands; None for a statement none of whose columns has one.
+ResultProcessors = tuple[Callable[[Any], Any] | None, ...] | None
+
 
 @lru_cache(maxsize=64)
 def row_type(names: tuple[str, ...]) -> Any:
@@ -50,12 +54,20 @@ class Rows:
         self._rows = rows
 
     @classmethod
-    def read(cls, cursor: Any) -> Rows:
-        """What the executed statement answered; read whole (these statements answer a few rows)."""
+    def read(cls, cursor: Any, processors: ResultProcessors = None) -> Rows:
+        """What the executed statement answered, read whole (these statements answer a few rows),
+        each column through its processor if it has one (`ResultProcessors`)."""
         if not cursor.description:
             return cls(cursor.rowcount, [])
         row = row_type(tuple(column[0] for column in cursor.description))._make
-        return cls(cursor.rowcount, [row(values) for values in cursor.fetchall()])
+        fetched = cursor.fetchall()
+        if processors is None:
+            return cls(cursor.rowcount, [row(values) for values in fetched])
+        processed = [
+            row([value if process is None else process(value) for process, value in pairs])
+            for pairs in (zip(processors, values, strict=True) for values in fetched)
+        ]
+        return cls(cursor.rowcount, processed)
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._rows)
@@ -129,8 +141,11 @@ class Session:
     def exec_driver_sql(self, sql: str, parameters: Any = None) -> CursorResult[Any]:
         return self.sqlalchemy().exec_driver_sql(sql, parameters)
 
-    def run(self, sql: str, arguments: Mapping[str, Any] | Sequence[Any]) -> Rows:
-        """`sql` on the driver's cursor, the prefix in front if it is still to be sent."""
+    def run(
+        self, sql: str, arguments: Mapping[str, Any] | Sequence[Any], processors: ResultProcessors = None
+    ) -> Rows:
+        """`sql` on the driver's cursor, the prefix in front if it is still to be sent; the result
+        columns through `processors` (`Rows.read`)."""
         prefix = self._prefix
         if prefix:
             self._prefix = ""
@@ -147,7 +162,7 @@ class Session:
                 for listener in listeners:
                     sql, arguments = listener(connection, cursor, sql, arguments, None, False)
             cursor.execute(sql, arguments)
-            return Rows.read(cursor)
+            return Rows.read(cursor, processors)
         except Exception as error:
             self.sqlalchemy()._handle_dbapi_exception(error, sql, arguments, cursor, None)
             raise  # not reached: the handler raises

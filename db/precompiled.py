@@ -43,7 +43,7 @@ from sqlalchemy import Connection, Dialect, exc
 from sqlalchemy.sql import ClauseElement
 
 from db.backend import backend_of
-from db.driver import Rows, Session
+from db.driver import ResultProcessors, Rows, Session
 
 __all__ = ["Result", "Rows", "Scalars", "Session", "execute", "parameters_for", "precompile"]
 
@@ -67,7 +67,9 @@ class Precompiled:
     processors: Mapping[str, Callable[[Any], Any]]  # bind processors of the parameters' types
     positions: tuple[str, ...] | None  # parameter names in placeholder order (qmark style), else None
     prepared: Prepared | None = None  # where the backend prepares statements (PostgreSQL)
-    plain_results: bool = False  # no result column needs SQLAlchemy's processing
+    # Per result column, in order, the result processor of its type (None: the driver's value
+    # stands); None if no column has one.
+    results: ResultProcessors = None
 
 
 class Scalars(Protocol):
@@ -115,11 +117,12 @@ def precompile(statement: ClauseElement, dialect: Dialect) -> Precompiled | None
 
 def _compile(statement: ClauseElement, dialect: Dialect) -> Precompiled | None:
     compiled: Any = statement.compile(dialect=dialect)
-    plain_results = not any(
-        column.type.dialect_impl(dialect).result_processor(dialect, None) is not None
+    per_column = tuple(
+        column.type.dialect_impl(dialect).result_processor(dialect, None)
         for column in compiled._result_columns
     )
-    if not backend_of(dialect.name).typed_results and not plain_results:
+    results = per_column if any(processor is not None for processor in per_column) else None
+    if results is not None and not backend_of(dialect.name).typed_results:
         return None
     defaults: dict[str, Any] = {}
     processors: dict[str, Callable[[Any], Any]] = {}
@@ -140,7 +143,7 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> Precompiled | None:
     if backend_of(dialect.name).prepares:
         binds = {name: bind for bind, name in compiled.bind_names.items()}
         prepared = _prepared(compiled.string, binds, dialect)
-    return Precompiled(compiled.string, defaults, processors, positions, prepared, plain_results)
+    return Precompiled(compiled.string, defaults, processors, positions, prepared, results)
 
 
 _PYFORMAT = re.compile(r"%\((\w+)\)s")
@@ -198,23 +201,24 @@ def execute(
 ) -> Result:
     """`connection.execute(statement, parameters)`, from the SQL compiled once; with `prepare`, as a
     statement prepared on the connection where the backend prepares them (see `_run_prepared`).
-    On a unit of work's `Session` (`db.driver`) a statement whose result needs no processing runs
-    on the driver's cursor."""
+    On a unit of work's `Session` (`db.driver`) the statement runs on the driver's cursor, its
+    result columns processed as SQLAlchemy would (`Precompiled.results`)."""
     precompiled = precompile(statement, connection.dialect)
     if precompiled is None:
         return connection.execute(statement, parameters)  # type: ignore[call-overload]
     values = parameters_for(precompiled, parameters)
     if prepare and precompiled.prepared is not None and isinstance(values, dict):
-        return _run_prepared(connection, precompiled.prepared, values, precompiled.plain_results)
-    return _runner(connection, precompiled.plain_results)(precompiled.sql, values)
+        return _run_prepared(connection, precompiled.prepared, values, precompiled.results)
+    return _runner(connection, precompiled.results)(precompiled.sql, values)
 
 
-def _runner(connection: Connection | Session, plain_results: bool) -> Callable[[str, Any], Result]:
-    """How a precompiled statement's SQL is sent on `connection`."""
-    if not plain_results:
-        return connection.exec_driver_sql
+def _runner(connection: Connection | Session, results: ResultProcessors) -> Callable[[str, Any], Result]:
+    """How a precompiled statement's SQL is sent on `connection`: on a `Session`, on the driver's
+    cursor; on a SQLAlchemy `Connection` too unless a result column needs processing."""
     if isinstance(connection, Session):
-        return connection.run
+        return lambda sql, values: connection.run(sql, values, results)
+    if results is not None:
+        return connection.exec_driver_sql
     return lambda sql, values: _on_driver(connection, sql, values)
 
 
@@ -223,7 +227,7 @@ _ATTEMPTS = "orders_prepare_attempts"
 
 
 def _run_prepared(
-    connection: Connection | Session, prepared: Prepared, values: Mapping[str, Any], plain_results: bool
+    connection: Connection | Session, prepared: Prepared, values: Mapping[str, Any], results: ResultProcessors
 ) -> Result:
     """EXECUTE the statement prepared on this connection, or PREPARE it first in the same query
     string. PostgreSQL then parses and plans it once per connection, not on every call: for the
@@ -236,7 +240,7 @@ def _run_prepared(
     Statements prepared by a pooler's other sessions are never seen: transaction-mode poolers are
     not supported (docs/operations.md, "Sizing")."""
     arguments = tuple(values[name] for name in prepared.names)
-    run = _runner(connection, plain_results)
+    run = _runner(connection, results)
     info = connection.info if isinstance(connection, Session) else connection.connection.info
     names: dict[int, str] = info.setdefault(_PREPARED, {})
     name = names.get(prepared.number)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -138,3 +139,24 @@ def test_a_connection_lost_under_the_driver_path_is_discarded(engine: Engine) ->
         _place(uow, "req-2")
         uow.commit()
     assert _stored(engine) == 1
+
+
+def test_a_result_that_sqlalchemy_would_process_is_processed_on_the_driver_path(engine: Engine) -> None:
+    """`create_time` is a `UTCDateTime`: SQLAlchemy runs its result processor; the driver path runs
+    the same one (an aware UTC datetime, whatever the session's time zone), and builds no
+    SQLAlchemy `Connection` for it."""
+    read = select(orders.c.id, orders.c.create_time).where(orders.c.request_id == bindparam("request_id"))
+    with OrdersUnitOfWork(engine) as uow:
+        _place(uow, "req-1")
+        uow.commit()
+    with engine.connect() as connection:
+        expected = connection.execute(read, {"request_id": "req-1"}).one()
+    for prepare in (False, True):
+        with OrdersUnitOfWork(engine, write=False) as uow:
+            session = uow.session
+            assert isinstance(session, Session)
+            session.run("SET LOCAL TIME ZONE 'Asia/Kolkata'", ())  # psycopg2 answers +05:30
+            row = precompiled.execute(session, read, {"request_id": "req-1"}, prepare=prepare).one()
+            assert session.opened is None
+        assert (row.id, row.create_time) == tuple(expected)
+        assert row.create_time.tzinfo is UTC is expected.create_time.tzinfo
