@@ -102,7 +102,7 @@ class UnitOfWork:
                 self._session = self._connection = connection
                 self._transaction = connection.begin()
             else:
-                self._session = self._session_on_driver(budget)
+                self._start_on_driver(budget)
         except Exception as error:
             self._close()
             domain_error = translate(error, deadline_set=budget is not None)
@@ -112,7 +112,7 @@ class UnitOfWork:
         self._started()
         return self
 
-    def _session_on_driver(self, budget: int | None) -> Session:
+    def _start_on_driver(self, budget: int | None) -> None:
         """PostgreSQL: a pooled DBAPI connection, its transaction begun by the first statement."""
         try:
             pooled = self._engine.raw_connection()
@@ -125,10 +125,10 @@ class UnitOfWork:
             prefixes.append("BEGIN")
         if budget is not None:
             prefixes.append(f"SET LOCAL statement_timeout = {max(budget, 1)}")
-        session = Session(self._engine, pooled, "; ".join(prefixes), self._open_connection)
+        # Held before anything else can fail: `_close` returns the connection to the pool.
+        self._session = session = Session(self._engine, pooled, "; ".join(prefixes), self._open_connection)
         if not controlled:
             session.sqlalchemy()  # psycopg2 keeps control: SQLAlchemy's transaction commits
-        return session
 
     def _open_connection(self, session: Session) -> Connection:
         """SQLAlchemy's `Connection` on the session's pooled connection, in its transaction: with
