@@ -23,10 +23,11 @@ see `_run_prepared`): the per-order statements, which PostgreSQL otherwise parse
 each time. The dispatcher's claims stay unprepared: a generic plan of a claim (its LIMIT, the
 backlog it reads) is not one to trust without measuring.
 
-Inside a transaction, a statement whose result needs no processing by SQLAlchemy goes to the
-driver's cursor directly, prepared or not: through `Session.run` when the caller holds a unit of
-work's `db.driver.Session` (PostgreSQL: no SQLAlchemy `Connection` is built for the transaction
-at all), through `_on_driver` when it holds a SQLAlchemy `Connection` (SQLite, direct callers).
+Inside a transaction, a statement goes to the driver's cursor directly, prepared or not, its
+result columns through the result processors of their types as SQLAlchemy would run them: through
+`Session.run` when the caller holds a unit of work's `db.driver.Session` (PostgreSQL: no
+SQLAlchemy `Connection` is built for the transaction at all), through `_on_driver` when it holds
+a SQLAlchemy `Connection` (SQLite, direct callers).
 """
 
 from __future__ import annotations
@@ -213,13 +214,10 @@ def execute(
 
 
 def _runner(connection: Connection | Session, results: ResultProcessors) -> Callable[[str, Any], Result]:
-    """How a precompiled statement's SQL is sent on `connection`: on a `Session`, on the driver's
-    cursor; on a SQLAlchemy `Connection` too unless a result column needs processing."""
+    """How a precompiled statement's SQL is sent on `connection`, its result columns processed."""
     if isinstance(connection, Session):
         return lambda sql, values: connection.run(sql, values, results)
-    if results is not None:
-        return connection.exec_driver_sql
-    return lambda sql, values: _on_driver(connection, sql, values)
+    return lambda sql, values: _on_driver(connection, sql, values, results)
 
 
 _PREPARED = "orders_prepared"  # on the pooled connection's info: {Prepared.number: name}
@@ -256,15 +254,21 @@ def _run_prepared(
     return result
 
 
-def _on_driver(connection: Connection, sql: str, arguments: Mapping[str, Any] | tuple[Any, ...]) -> Result:
+def _on_driver(
+    connection: Connection,
+    sql: str,
+    arguments: Mapping[str, Any] | tuple[Any, ...],
+    results: ResultProcessors = None,
+) -> Result:
     """`sql` on the driver's cursor, without SQLAlchemy's execution around it (a context, a
     `CursorResult` and its row metadata, which cost about as much CPU as psycopg2's own work for an
     EXECUTE: docs/performance.md, "Fifth round"). What of that execution the service relies on is kept:
     the `before_cursor_execute` listeners run (the statement-timeout and BEGIN prefix of
     db.engine), and a driver error goes through SQLAlchemy's handling, which wraps it as
     `DBAPIError`, for `db.errors.translate`, and invalidates the connection (and the pool) on a
-    disconnect. The rows are read whole before the cursor closes: these statements answer a few.
-    Outside a transaction SQLAlchemy's execution runs, since only it would begin one (autobegin)."""
+    disconnect. The rows are read whole before the cursor closes (these statements answer a few),
+    each column through its type's result processor (`results`). Outside a transaction
+    SQLAlchemy's execution runs, since only it would begin one (autobegin)."""
     if not connection.in_transaction():
         return connection.exec_driver_sql(sql, arguments)
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -272,7 +276,7 @@ def _on_driver(connection: Connection, sql: str, arguments: Mapping[str, Any] | 
         for listener in connection.dispatch.before_cursor_execute:
             sql, arguments = listener(connection, cursor, sql, arguments, None, False)
         cursor.execute(sql, arguments)
-        return Rows.read(cursor)
+        return Rows.read(cursor, results)
     except Exception as error:
         connection._handle_dbapi_exception(error, sql, arguments, cursor, None)
     finally:

@@ -141,11 +141,16 @@ def test_a_connection_lost_under_the_driver_path_is_discarded(engine: Engine) ->
     assert _stored(engine) == 1
 
 
+_READ_CREATED = select(orders.c.id, orders.c.create_time).where(
+    orders.c.request_id == bindparam("request_id")
+)
+
+
 def test_a_result_that_sqlalchemy_would_process_is_processed_on_the_driver_path(engine: Engine) -> None:
     """`create_time` is a `UTCDateTime`: SQLAlchemy runs its result processor; the driver path runs
     the same one (an aware UTC datetime, whatever the session's time zone), and builds no
     SQLAlchemy `Connection` for it."""
-    read = select(orders.c.id, orders.c.create_time).where(orders.c.request_id == bindparam("request_id"))
+    read = _READ_CREATED
     with OrdersUnitOfWork(engine) as uow:
         _place(uow, "req-1")
         uow.commit()
@@ -160,3 +165,21 @@ def test_a_result_that_sqlalchemy_would_process_is_processed_on_the_driver_path(
             assert session.opened is None
         assert (row.id, row.create_time) == tuple(expected)
         assert row.create_time.tzinfo is UTC is expected.create_time.tzinfo
+
+
+def test_a_sqlalchemy_connection_in_a_transaction_gets_processed_results_from_the_driver_too(
+    engine: Engine,
+) -> None:
+    """The same statement through `db.precompiled` on a caller's own SQLAlchemy `Connection`."""
+    with OrdersUnitOfWork(engine) as uow:
+        _place(uow, "req-1")
+        uow.commit()
+    with engine.connect() as connection, connection.begin():
+        expected = connection.execute(_READ_CREATED, {"request_id": "req-1"}).one()
+        connection.exec_driver_sql("SET LOCAL TIME ZONE 'Asia/Kolkata'")
+        for prepare in (False, True):
+            read = precompiled.execute(connection, _READ_CREATED, {"request_id": "req-1"}, prepare=prepare)
+            row = read.one()
+            assert type(row) is not type(expected), "read off the driver's cursor, not a SQLAlchemy Row"
+            assert (row.id, row.create_time) == tuple(expected)
+            assert row.create_time.tzinfo is UTC
