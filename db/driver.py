@@ -2,8 +2,8 @@
 
 On PostgreSQL a unit of work (`db.unit_of_work`) checks a DBAPI connection out of the pool and
 hands its repositories a `Session` on it instead of a SQLAlchemy `Connection`. The hot statements
-(`db.precompiled`, compiled once) run on the driver's cursor through `Session.run`; anything else
-(a statement built per call, a result whose columns need SQLAlchemy's processing) opens a
+(`db.precompiled`, compiled once) run on the driver's cursor through `Session.run`, their result
+columns through the processors SQLAlchemy would run; a statement built per call opens a
 SQLAlchemy `Connection` on the same DBAPI connection, in the same transaction, on first use.
 
 Why: SQLAlchemy's `Connection` around a transaction (its construction, its begin and commit, the
@@ -39,7 +39,7 @@ ResultProcessors = tuple[Callable[[Any], Any] | None, ...] | None
 
 
 @lru_cache(maxsize=64)
-def row_type(names: tuple[str, ...]) -> Any:
+def _row_type(names: tuple[str, ...]) -> Any:
     """Rows read by column name or position, as SQLAlchemy's `Row`."""
     return namedtuple("Row", names, rename=True)
 
@@ -59,7 +59,7 @@ class Rows:
         each column through its processor if it has one (`ResultProcessors`)."""
         if not cursor.description:
             return cls(cursor.rowcount, [])
-        row = row_type(tuple(column[0] for column in cursor.description))._make
+        row = _row_type(tuple(column[0] for column in cursor.description))._make
         fetched = cursor.fetchall()
         if processors is None:
             return cls(cursor.rowcount, [row(values) for values in fetched])
@@ -153,21 +153,37 @@ class Session:
         dbapi = self.pooled.dbapi_connection
         if dbapi is None:  # invalidated by an earlier error of this transaction
             raise exc.ResourceClosedError("this transaction's connection was invalidated")
-        cursor = dbapi.cursor()
-        try:
-            dispatch = self.engine.dispatch.before_cursor_execute
-            listeners = [listener for listener in dispatch if listener is not with_prefix]
-            if listeners:
-                connection = self.sqlalchemy()
-                for listener in listeners:
-                    sql, arguments = listener(connection, cursor, sql, arguments, None, False)
-            cursor.execute(sql, arguments)
-            return Rows.read(cursor, processors)
-        except Exception as error:
-            self.sqlalchemy()._handle_dbapi_exception(error, sql, arguments, cursor, None)
-            raise  # not reached: the handler raises
-        finally:
-            cursor.close()
+        dispatch = self.engine.dispatch.before_cursor_execute
+        listeners = [listener for listener in dispatch if listener is not with_prefix]
+        return on_cursor(dbapi.cursor(), sql, arguments, processors, listeners, self.sqlalchemy)
+
+
+def on_cursor(
+    cursor: Any,
+    sql: str,
+    arguments: Any,
+    processors: ResultProcessors,
+    listeners: Sequence[Callable[..., tuple[str, Any]]],
+    connection: Callable[[], Connection],
+) -> Rows:
+    """`sql` on `cursor` (closed after), its rows read whole. What the service relies on from
+    SQLAlchemy's execution is kept: the `before_cursor_execute` `listeners` run first, given the
+    SQLAlchemy `Connection` (`connection()`, asked for only if there are listeners or an error),
+    and a driver error goes through that connection's handling (`_handle_dbapi_exception`), which
+    wraps it as `DBAPIError`, for `db.errors.translate`, and invalidates the connection (and the
+    pool) on a disconnect."""
+    try:
+        if listeners:
+            bound = connection()
+            for listener in listeners:
+                sql, arguments = listener(bound, cursor, sql, arguments, None, False)
+        cursor.execute(sql, arguments)
+        return Rows.read(cursor, processors)
+    except Exception as error:
+        connection()._handle_dbapi_exception(error, sql, arguments, cursor, None)
+        raise  # not reached: the handler raises
+    finally:
+        cursor.close()
 
 
 # What a repository runs its statements on: a unit of work's `Session` on PostgreSQL, SQLAlchemy's

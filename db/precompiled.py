@@ -44,7 +44,7 @@ from sqlalchemy import Connection, Dialect, exc
 from sqlalchemy.sql import ClauseElement
 
 from db.backend import backend_of
-from db.driver import ResultProcessors, Rows, Session
+from db.driver import ResultProcessors, Rows, Session, on_cursor
 
 __all__ = ["Result", "Rows", "Scalars", "Session", "execute", "parameters_for", "precompile"]
 
@@ -262,22 +262,13 @@ def _on_driver(
 ) -> Result:
     """`sql` on the driver's cursor, without SQLAlchemy's execution around it (a context, a
     `CursorResult` and its row metadata, which cost about as much CPU as psycopg2's own work for an
-    EXECUTE: docs/performance.md, "Fifth round"). What of that execution the service relies on is kept:
-    the `before_cursor_execute` listeners run (the statement-timeout and BEGIN prefix of
-    db.engine), and a driver error goes through SQLAlchemy's handling, which wraps it as
-    `DBAPIError`, for `db.errors.translate`, and invalidates the connection (and the pool) on a
-    disconnect. The rows are read whole before the cursor closes (these statements answer a few),
-    each column through its type's result processor (`results`). Outside a transaction
-    SQLAlchemy's execution runs, since only it would begin one (autobegin)."""
+    EXECUTE: docs/performance.md, "Fifth round"), but with what of it the service relies on
+    (`db.driver.on_cursor`): every `before_cursor_execute` listener (the statement-timeout and
+    BEGIN prefix of db.engine), SQLAlchemy's handling of driver errors, and each result column
+    through its type's result processor (`results`). Outside a transaction SQLAlchemy's execution
+    runs, since only it would begin one (autobegin)."""
     if not connection.in_transaction():
         return connection.exec_driver_sql(sql, arguments)
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        for listener in connection.dispatch.before_cursor_execute:
-            sql, arguments = listener(connection, cursor, sql, arguments, None, False)
-        cursor.execute(sql, arguments)
-        return Rows.read(cursor, results)
-    except Exception as error:
-        connection._handle_dbapi_exception(error, sql, arguments, cursor, None)
-    finally:
-        cursor.close()
+    listeners = list(connection.dispatch.before_cursor_execute)
+    return on_cursor(cursor, sql, arguments, results, listeners, lambda: connection)

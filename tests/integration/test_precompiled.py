@@ -315,8 +315,8 @@ def test_a_statement_whose_first_run_failed_is_prepared_again_under_a_new_name(e
     assert len(names) == 2  # the first PREPARE stayed, unused
 
 
-# On the driver's cursor (`precompiled._on_driver`): inside a transaction a statement whose result
-# needs no processing skips SQLAlchemy's execution; what that execution did for it still happens.
+# On the driver's cursor (`precompiled._on_driver`): inside a transaction a statement skips
+# SQLAlchemy's execution; what that execution did for it still happens.
 
 _LEVELS = (
     select(
