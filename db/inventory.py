@@ -7,9 +7,10 @@ SKU order (Python's `sorted`, which is PostgreSQL's `COLLATE "C"`) so that two o
 on each other in a cycle. Reservations are keyed by (order_id, sku): a redelivered event finds
 them and reserves nothing.
 
-On PostgreSQL a batch of orders reserves in one transaction (`reserve_many`): the fences, then the
-batch's stock rows locked in SKU order and allocated in Python (`domain.allocation`), then every
-write in one statement.
+A batch of orders reserves in one transaction (`reserve_many`): the fences, then the batch's
+stock levels (on PostgreSQL its rows locked in SKU order) allocated in Python
+(`domain.allocation`), then the writes: on PostgreSQL in one statement, on SQLite, whose writer
+holds the whole database, in a few.
 
 Why one module of this size: the reservation statements and the repository that runs them share
 the lock order (fence, reservations, stock rows by SKU) that keeps concurrent steps deadlock-free.
@@ -119,6 +120,25 @@ def _fence_statement(dialect: str) -> Any:
     return _newest_fence_wins(statement)
 
 
+@lru_cache(maxsize=64)
+def _fence_rows_statement(count: int) -> Any:
+    """`_fence_statement` for `count` orders in one multi-row upsert (SQLite's batch: PostgreSQL's
+    takes arrays, `_fence_many`); the parameters are `f_order_<n>`, `f_event_<n>`, `f_claim_<n>`
+    and `now`."""
+    f = reservation_fences
+    now = bindparam("now", type_=f.c.update_time.type)
+    rows = [
+        {
+            "order_id": bindparam(f"f_order_{n}", type_=String),
+            "event_id": bindparam(f"f_event_{n}", type_=f.c.event_id.type),
+            "claim": bindparam(f"f_claim_{n}", type_=Integer),
+            "update_time": now,
+        }
+        for n in range(count)
+    ]
+    return _newest_fence_wins(backend_of("sqlite").upsert(f).values(rows))
+
+
 def _newest_fence_wins(statement: Any) -> Any:
     """`statement` (an upsert of fences) keeping, per order, the newest fence; RETURNING the orders
     whose fence it recorded (see `_fence_statement`)."""
@@ -146,10 +166,11 @@ def _reservation_rows(order_id: str, items: Sequence[OrderItem], now: datetime) 
     ]
 
 
-def hot_statements(dialect: str, most_items: int) -> list[Any]:
+def hot_statements(dialect: str, most_items: int, most_batch: int = 16) -> list[Any]:
     """The statements of a saga's reservation on this dialect, for `db.warm` to compile at start:
-    the per-order and the batch path on PostgreSQL, the per-item path (orders of up to
-    `most_items` items) on SQLite."""
+    the per-order and the batch path on PostgreSQL; on SQLite the per-item path and the batch's,
+    whose statements are built per size (orders of up to `most_items` items, batches of up to
+    `most_batch` orders, as many reservation rows: larger ones compile at first use)."""
     if backend_of(dialect).one_statement_writes:
         return [
             _reserve_all(),
@@ -163,13 +184,14 @@ def hot_statements(dialect: str, most_items: int) -> list[Any]:
     now = datetime.now(UTC)
     rows = [
         statement
-        for count in range(1, most_items + 1)
+        for count in range(1, max(most_items, most_batch) + 1)
         for statement, _, _ in statements_for(
             dialect, [(stock_reservations, _reservation_rows("o", [OrderItem("s", 1)] * count, now))]
         )
     ]
     closing = [_give_back(), _release_booked(), _record_closed()]
-    return [_fence_statement(dialect), _guarded_decrement(), *closing, *rows]
+    fences = [_fence_rows_statement(count) for count in range(2, most_batch + 1)]
+    return [_fence_statement(dialect), _guarded_decrement(), *closing, *rows, *fences]
 
 
 def _fence_parameters(order_id: str, fence: Fence, now: datetime) -> dict[str, Any]:
@@ -315,7 +337,13 @@ def _record_closed() -> Update:
     )
 
 
-# The set-based reservation of a batch of orders (`StockRepository.reserve_many`), PostgreSQL only:
+@lru_cache(maxsize=1)
+def _levels_of() -> Select[Any]:
+    """The available stock of the SKUs `:skus` (an expanding IN), for SQLite's batch allocation."""
+    return select(stock.c.sku, stock.c.available).where(stock.c.sku.in_(bindparam("skus", expanding=True)))
+
+
+# The set-based reservation of a batch of orders (`StockRepository.reserve_many`) on PostgreSQL:
 # array parameters, and the writes as data-modifying CTEs of one statement.
 
 
@@ -567,8 +595,9 @@ class StockRepository:
     def reserve_many(
         self, requests: Sequence[ReservationRequest], now: datetime, check_first: bool = True
     ) -> dict[str, ReservationOutcome]:
-        """Reserve for a batch of orders (each once in it), on PostgreSQL; an outcome per order, in
-        the batch's order. The caller commits whatever the outcomes (nothing is left to roll back).
+        """Reserve for a batch of orders (each once in it); an outcome per order, in the batch's
+        order. What follows is PostgreSQL's way; SQLite's takes the same steps
+        (`_reserve_many_embedded`). The caller commits whatever the outcomes (nothing is left to roll back).
 
         Every order's fence goes in first (Superseded: nothing written for that order, the others
         go on). An order that reserved before gets `reserve`'s answer for it (a redelivery reserves
@@ -581,10 +610,10 @@ class StockRepository:
         `check_first=False` skips reading earlier reservations, as `reserve` does for a first
         delivery: an order that has some makes the insert fail on its key (a ConflictError, and
         the caller tries the batch again with the check)."""
-        if not backend_of(self._c).one_statement_writes:
-            raise ValueError("reserve_many needs PostgreSQL (array parameters); reserve one by one")
         if len({request.order_id for request in requests}) != len(requests):
             raise ValueError("an order appears twice in one batch")
+        if not backend_of(self._c).one_statement_writes:
+            return self._reserve_many_embedded(requests, now, check_first)
         by_order = sorted(requests, key=lambda r: r.order_id)
         accepted = set(
             precompiled.execute(
@@ -640,6 +669,72 @@ class StockRepository:
         written = precompiled.execute(self._c, _apply_allocation(), parameters, prepare=True).one()
         if written.taken != len(totals):  # the rows were locked: only a bug gets here
             raise RuntimeError(f"the allocation took {written.taken} of {len(totals)} SKUs: rolled back")
+        return dict(allocation.outcomes)
+
+    def _reserve_many_embedded(
+        self, requests: Sequence[ReservationRequest], now: datetime, check_first: bool
+    ) -> dict[str, ReservationOutcome]:
+        """`reserve_many` on SQLite, whose writer holds the whole database from its BEGIN IMMEDIATE
+        (no row locks to order, no other writer between the read and the writes): the same steps
+        and outcomes as on PostgreSQL, in a few statements where PostgreSQL takes arrays. The
+        orders' fences in one upsert, with `check_first` each order's earlier reservations
+        (`_settled_reservation`); then the others allocated on the levels read here
+        (`domain.allocation`) and written: the reservation rows in one INSERT (ACTIVE, RELEASED
+        for a refused order), a guarded decrement per SKU in one executemany, and the reason of
+        each refused order on its fence row, which closes it as `release` would."""
+        by_order = sorted(requests, key=lambda r: r.order_id)
+        fences: dict[str, Any] = {"now": now}
+        for n, request in enumerate(by_order):
+            fences.update(
+                {
+                    f"f_order_{n}": request.order_id,
+                    f"f_event_{n}": request.fence.event_id,
+                    f"f_claim_{n}": request.fence.claim,
+                }
+            )
+        statement = _fence_rows_statement(len(by_order))
+        accepted = set(precompiled.execute(self._c, statement, fences).scalars())
+        outcomes: dict[str, ReservationOutcome] = {}
+        for request in by_order:
+            if request.order_id not in accepted:
+                outcomes[request.order_id] = Superseded()
+            elif check_first:
+                earlier = self._settled_reservation(request.order_id)
+                if earlier is not None:
+                    outcomes[request.order_id] = earlier
+        to_allocate = [r for r in requests if r.order_id not in outcomes]
+        if to_allocate:
+            outcomes.update(self._allocate_embedded(to_allocate, now))
+        return {r.order_id: outcomes[r.order_id] for r in requests}
+
+    def _allocate_embedded(
+        self, requests: Sequence[ReservationRequest], now: datetime
+    ) -> dict[str, ReservationOutcome]:
+        """`_reserve_many_embedded`'s allocation and writes (see `_allocate` for PostgreSQL's)."""
+        skus = sorted({item.sku for request in requests for item in request.items})
+        levels = self._c.execute(_levels_of(), {"skus": skus})
+        allocation = allocate(requests, {row.sku: row.available for row in levels})
+        booking: list[dict[str, Any]] = []
+        for request in requests:
+            rows = _reservation_rows(request.order_id, sorted(request.items, key=lambda i: i.sku), now)
+            if isinstance(allocation.outcomes[request.order_id], Rejected):
+                for row in rows:
+                    row["status"] = RELEASED
+            booking += rows
+        insert_together(self._c, [(stock_reservations, booking)])
+        totals = sorted(allocation.taken.items())
+        if totals:
+            taken = self._c.execute(
+                _guarded_decrement(),
+                [{"b_sku": sku, "quantity": quantity, "now": now} for sku, quantity in totals],
+            ).rowcount
+            if taken != len(totals):  # the database was this writer's: only a bug gets here
+                raise RuntimeError(f"the allocation took {taken} of {len(totals)} SKUs: rolled back")
+        for request in requests:
+            outcome = allocation.outcomes[request.order_id]
+            if isinstance(outcome, Rejected):
+                closing = {"order_id": request.order_id, "reason": outcome.reason}
+                precompiled.execute(self._c, _record_closed(), closing)
         return dict(allocation.outcomes)
 
     def _settled_reservation(self, order_id: str) -> ReservationOutcome | None:

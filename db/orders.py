@@ -92,6 +92,18 @@ class OrderRepository:
         parameters = self.settle_parameters(order_id, settlement, now)
         return precompiled.execute(self._c, settle_pending_statement(), parameters).rowcount == 1
 
+    def settle_pending_many(
+        self, order_ids: Sequence[str], settlement: Settlement, now: datetime
+    ) -> set[str]:
+        """`settle_pending` for several orders settled alike, in one statement: the ids settled
+        (those still PENDING). For SQLite's batch saga (`OrdersUnitOfWork.settle_and_complete_many`)."""
+        if not order_ids:
+            return set()
+        parameters = self.settle_parameters("", settlement, now)
+        del parameters["order_id"]
+        parameters["order_ids"] = list(order_ids)
+        return set(self._c.execute(settle_pending_many_statement(), parameters).scalars())
+
     @staticmethod
     def settle_parameters(order_id: str, settlement: Settlement, now: datetime) -> dict[str, Any]:
         """The parameters of `settle_pending_statement` (see `settle_pending`)."""
@@ -193,12 +205,24 @@ def settle_pending_statement() -> Update:
     return settling(bindparam("order_id"), bindparam("target"), bindparam("reason"))
 
 
+@lru_cache(maxsize=1)
+def settle_pending_many_statement() -> Update:
+    """`settle_pending_statement` for the orders `:order_ids` (an expanding IN), RETURNING the ids
+    it settled."""
+    settle = settling(None, bindparam("target"), bindparam("reason"))
+    return settle.where(orders.c.id.in_(bindparam("order_ids", expanding=True))).returning(orders.c.id)
+
+
 def settling(order_id: Any, target: Any, reason: Any) -> Update:
     """The saga's compare-and-set of an order on PENDING, from parameters or (a batch's, see
-    `db.settlement`) columns; `now` is a parameter."""
+    `db.settlement`) columns; `now` is a parameter. With `order_id` None, the caller adds which
+    orders."""
+    which = [orders.c.status == OrderStatus.PENDING.value]
+    if order_id is not None:  # else the caller names the orders
+        which.append(orders.c.id == order_id)
     return (
         update(orders)
-        .where(orders.c.id == order_id, orders.c.status == OrderStatus.PENDING.value)
+        .where(*which)
         .values(
             status=target,
             failure_reason=reason,

@@ -268,6 +268,14 @@ def complete_many_statement(queue: QueueTable, dialect: str) -> Update:
 
 
 @lru_cache(maxsize=4)
+def held_statement(queue: QueueTable, dialect: str) -> Select[Any]:
+    """The ids of the events of a batch of leases (matched as in `complete_many_statement`) still
+    PENDING under them: what this process may still complete."""
+    table = queue.table
+    return select(table.c.id).where(*_held_by(table, dialect), table.c.status == PENDING)
+
+
+@lru_cache(maxsize=4)
 def complete_one_statement(queue: QueueTable) -> Update:
     """`complete_many_statement` for one event (parameters `event_id`, `token`, `now`): no array and
     no expanding list, so either database runs it from SQL compiled once (db.precompiled)."""
@@ -313,6 +321,8 @@ def hot_statements(queue: QueueTable, dialect: str) -> list[Any]:
     ]
     if backend_of(dialect).one_statement_writes:
         statements.append(complete_and_claim_statement(queue))
+    else:
+        statements.append(held_statement(queue, dialect))  # the batch settle's (OrdersUnitOfWork)
     return statements
 
 
@@ -408,6 +418,14 @@ class LeasedQueue:
             **_lease_parameters(dialect, events),
         }
         return set(precompiled.execute(self._c, renew_statement(self.queue, dialect), parameters).scalars())
+
+    def held(self, events: Sequence[ClaimedEvent]) -> set[int]:
+        """The ids of `events` whose lease this process still holds (PENDING under its token)."""
+        if not events:
+            return set()
+        dialect = self._c.dialect.name
+        statement = held_statement(self.queue, dialect)
+        return set(precompiled.execute(self._c, statement, _lease_parameters(dialect, events)).scalars())
 
     def complete(self, event: ClaimedEvent, now: datetime) -> bool:
         """Mark DONE if this lease still holds the event; False means another process took it over."""

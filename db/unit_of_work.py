@@ -313,13 +313,14 @@ class OrdersUnitOfWork(UnitOfWork):
         self, settlements: Sequence[tuple[Settlement, ClaimedEvent]], now: datetime
     ) -> dict[int, tuple[bool, bool]]:
         """`settle_and_complete` for a batch of events, each settling its own order (the event's
-        aggregate), on PostgreSQL, in one statement (`db.settlement`): per event id,
+        aggregate), on PostgreSQL in one statement (`db.settlement`), on SQLite in a few
+        (`_settle_and_complete_in_turn`): per event id,
         (leased, settled). An event whose lease this process no longer holds settles nothing and
         is not completed; one whose order was not PENDING is not completed either; every other
         order is settled and its event completed, fenced on its own lease token. The caller
         commits whatever the answers (nothing written is left to roll back)."""
         if not backend_of(self.dialect).one_statement_writes:
-            raise ValueError("settle_and_complete_many needs PostgreSQL; settle one by one")
+            return self._settle_and_complete_in_turn(settlements, now)
         parameters: dict[str, Any] = {
             "s_orders": [event.aggregate_id for _, event in settlements],
             "s_targets": [settlement.status.value for settlement, _ in settlements],
@@ -338,6 +339,27 @@ class OrdersUnitOfWork(UnitOfWork):
                 raise RuntimeError(f"event {event.id}: its order settled without its completion")
             answers[event.id] = (event.id in leased, settles)
         return answers
+
+    def _settle_and_complete_in_turn(
+        self, settlements: Sequence[tuple[Settlement, ClaimedEvent]], now: datetime
+    ) -> dict[int, tuple[bool, bool]]:
+        """`settle_and_complete_many` on SQLite, whose writer holds the whole database from its
+        BEGIN IMMEDIATE, so no lease changes hands between its statements: the events whose lease
+        still holds (one read), their orders settled (a statement per settlement: VALIDATED, or
+        FAILED for one reason), then the events of the orders that settled completed together."""
+        held = self.outbox.held([event for _, event in settlements])
+        alike: dict[Settlement, list[str]] = {}
+        for settlement, event in settlements:
+            if event.id in held:
+                alike.setdefault(settlement, []).append(event.aggregate_id)
+        moved: set[str] = set()
+        for settlement, order_ids in alike.items():
+            moved |= self.orders.settle_pending_many(order_ids, settlement, now)
+        settled = [event for _, event in settlements if event.id in held and event.aggregate_id in moved]
+        completed = self.outbox.complete_many(settled, now)
+        if len(completed) != len(settled):  # the database was this writer's: only a bug gets here
+            raise RuntimeError(f"{len(settled) - len(completed)} orders settled without their completion")
+        return {event.id: (event.id in held, event.id in completed) for _, event in settlements}
 
 
 OrdersUowFactory = Callable[..., OrdersUnitOfWork]

@@ -23,10 +23,10 @@ on the status. Two transactions per order, one in each database, and on PostgreS
 in each (`StockRepository.reserve`, `OrdersUnitOfWork.settle_and_complete`): each execution costs
 a few hundred microseconds of CPU in SQLAlchemy and the driver.
 
-On PostgreSQL a dispatcher round's ORDER_CREATED events run together (`on_orders_created`): one
-inventory transaction reserves for the whole batch, each order all or none in event order, and
-one orders transaction settles them all, each event fenced on its own lease and answered with the
-verdict it would get alone.
+A dispatcher round's ORDER_CREATED events run together (`on_orders_created`): one inventory
+transaction reserves for the whole batch, each order all or none in event order, and one orders
+transaction settles them all, each event fenced on its own lease and answered with the verdict it
+would get alone.
 
 An open breaker or a denied rate limit defers the event without using an attempt; transient
 errors retry; past `max_attempts` or `saga_timeout_s` the order is FAILED ("inventory
@@ -219,8 +219,8 @@ class InventorySaga:
         on_outcome: Callable[[str], None] = lambda _outcome: None,
         batching: bool = False,
     ) -> None:
-        """`batching`: offer the set-based ORDER_CREATED (`batch_handlers`); only where both
-        databases run its statements (PostgreSQL, see `on_orders_created`)."""
+        """`batching`: offer the set-based ORDER_CREATED (`batch_handlers`), as the server does on
+        every backend; without it every order runs alone (`on_order_created`)."""
         self._batching = batching
         self._on_outcome = on_outcome
         self._orders_uow = orders_uow
@@ -252,11 +252,12 @@ class InventorySaga:
         attempt spent). An event this leaves out (malformed, past the saga's timeout, a batch of
         one) the dispatcher runs alone through `on_order_created`.
 
-        PostgreSQL only: the batch's statements take array parameters and write through
-        data-modifying WITH, and what they save is round trips and statement executions, each
-        a few hundred microseconds of this process's CPU. SQLite is in-process and has one writer,
-        so a batch there would be the same statements in one longer write transaction, holding
-        the writer gate that PlaceOrder waits on; it keeps the one-order path."""
+        On PostgreSQL the batch's statements take array parameters and write through
+        data-modifying WITH: what they save is round trips and statement executions, each a few
+        hundred microseconds of this process's CPU. On SQLite (see `StockRepository.reserve_many`)
+        the same steps take a statement per order, and what the batch saves is two write
+        transactions per order, each a pass of the writer gate that PlaceOrder waits on too, a
+        BEGIN IMMEDIATE and a COMMIT (docs/performance.md, "Seventh round")."""
         batch: list[tuple[ClaimedEvent, ReservationRequest]] = []
         for event in events:
             try:

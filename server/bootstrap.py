@@ -244,11 +244,10 @@ def build(settings: Settings) -> Service:
 
         relay = events.build(settings, engines.orders, metrics)
         orders_uow = relay.orders_uow
-    # The set-based ORDER_CREATED where both databases run its statements (see saga.inventory).
-    batching = all(backend_of(engine).one_statement_writes for engine in engines.distinct)
     tracing = _tracing(settings)
+    # The set-based ORDER_CREATED on every backend (see saga.inventory).
     dispatcher = _dispatcher(
-        settings, orders_uow, inventory_uow, guard, metrics, announce, wake, batching, tracing
+        settings, orders_uow, inventory_uow, guard, metrics, announce, wake, True, tracing
     )
     app = OrderApplication(
         orders_uow=orders_uow,

@@ -1,4 +1,4 @@
-"""The set-based saga on PostgreSQL: a dispatcher round's ORDER_CREATED events go to one call of the
+"""The set-based saga, on both backends: a dispatcher round's ORDER_CREATED events go to one call of the
 saga, which reserves for all of them in one inventory transaction and settles them in one orders
 transaction, while each event keeps the verdict it would get alone.
 
@@ -38,14 +38,12 @@ from saga.verdicts import Completed, Defer
 from tests.integration.test_saga_statements import reservations, set_stock, stock_levels
 from tests.integration.test_stale_steps import Hooks, Instance, lease_ran_out
 from tests.invariants import check_invariants
-from tests.support import apply_schema, wait_until
-
-pytestmark = pytest.mark.postgres
+from tests.support import wait_until
 
 
 @pytest.fixture
-def url(make_pg_database: Callable[[], str]) -> str:
-    return apply_schema(make_pg_database())
+def url(migrated_url: str) -> str:
+    return migrated_url
 
 
 @pytest.fixture
