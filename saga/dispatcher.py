@@ -81,6 +81,7 @@ class DispatcherStats:
     fenced: int = 0  # completions refused because the lease had passed to another process
     expired: int = 0  # handed back unrun: the lease ran out before a worker took the event
     batched: int = 0  # events a batch handler answered (saga.verdicts.BatchHandler)
+    handed: int = 0  # events handed over at commit, without a claim (counted in `claimed` too)
 
 
 Listener = Callable[[str, ClaimedEvent, float], None]  # (outcome, event, handler seconds)
@@ -219,6 +220,7 @@ class OutboxDispatcher:
             if not stopping:
                 self._in_flight += len(events)
                 self.stats.claimed += len(events)
+                self.stats.handed += len(events)
                 for event in events:
                     self._enter(event, leased_since)
         if stopping:
@@ -261,6 +263,14 @@ class OutboxDispatcher:
                 self._claim_and_submit(0)  # marks the last finished events DONE
             except Exception as error:
                 log.warning("could not mark finished events DONE (%s); they will run again", describe(error))
+        stats = self.stats
+        log.info(
+            "dispatcher stopped: %d events taken (%d handed over at commit, %d in batches), %d done",
+            stats.claimed,
+            stats.handed,
+            stats.batched,
+            stats.done,
+        )
         return finished
 
     def _run(self) -> None:

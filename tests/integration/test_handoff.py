@@ -236,6 +236,20 @@ def test_a_handed_event_s_dispatch_lag_counts_from_its_commit(engine):
         dispatcher.stop(1.0)
 
 
+def test_the_dispatcher_says_at_stop_how_many_events_it_took_and_how(engine, caplog):
+    settings = DispatcherSettings(workers=2, poll_interval_s=60.0)
+    dispatcher = _started(engine, {"ORDER_CREATED": lambda event: Completed()}, settings)
+    try:
+        dispatcher.hand(*_place_leased(engine, dispatcher))
+        wait_until(lambda: dispatcher.stats.done == 1, what="the hand-off to run")
+    finally:
+        with caplog.at_level("INFO", logger="orders.dispatcher"):
+            dispatcher.stop(1.0)
+    assert dispatcher.stats.handed == 1
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dispatcher stopped")]
+    assert stopped == ["dispatcher stopped: 1 events taken (1 handed over at commit, 0 in batches), 1 done"]
+
+
 def test_events_kept_waiting_for_a_claim_get_the_next_free_worker_before_new_hand_offs(engine):
     gate = threading.Event()
     ran: list[str] = []
