@@ -596,8 +596,8 @@ class StockRepository:
         self, requests: Sequence[ReservationRequest], now: datetime, check_first: bool = True
     ) -> dict[str, ReservationOutcome]:
         """Reserve for a batch of orders (each once in it); an outcome per order, in the batch's
-        order. What follows is PostgreSQL's way; SQLite's takes the same steps
-        (`_reserve_many_embedded`). The caller commits whatever the outcomes (nothing is left to roll back).
+        order. The caller commits whatever the outcomes (nothing is left to roll back). What
+        follows is PostgreSQL's way; SQLite's takes the same steps (`_reserve_many_embedded`).
 
         Every order's fence goes in first (Superseded: nothing written for that order, the others
         go on). An order that reserved before gets `reserve`'s answer for it (a redelivery reserves

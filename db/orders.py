@@ -99,9 +99,12 @@ class OrderRepository:
         (those still PENDING). For SQLite's batch saga (`OrdersUnitOfWork.settle_and_complete_many`)."""
         if not order_ids:
             return set()
-        parameters = self.settle_parameters("", settlement, now)
-        del parameters["order_id"]
-        parameters["order_ids"] = list(order_ids)
+        parameters = {
+            "order_ids": list(order_ids),
+            "target": settlement.status.value,
+            "reason": settlement.reason,
+            "now": now,
+        }
         return set(self._c.execute(settle_pending_many_statement(), parameters).scalars())
 
     @staticmethod
