@@ -597,7 +597,8 @@ class StockRepository:
     ) -> dict[str, ReservationOutcome]:
         """Reserve for a batch of orders (each once in it); an outcome per order, in the batch's
         order. The caller commits whatever the outcomes (nothing is left to roll back). What
-        follows is PostgreSQL's way; SQLite's takes the same steps (`_reserve_many_embedded`).
+        follows is PostgreSQL's way; SQLite's takes the same steps (`_fenced_and_checked_embedded`,
+        `_allocate_embedded`).
 
         Every order's fence goes in first (Superseded: nothing written for that order, the others
         go on). An order that reserved before gets `reserve`'s answer for it (a redelivery reserves
@@ -612,8 +613,22 @@ class StockRepository:
         the caller tries the batch again with the check)."""
         if len({request.order_id for request in requests}) != len(requests):
             raise ValueError("an order appears twice in one batch")
-        if not backend_of(self._c).one_statement_writes:
-            return self._reserve_many_embedded(requests, now, check_first)
+        if backend_of(self._c).one_statement_writes:
+            outcomes = self._fenced_and_checked(requests, now, check_first)
+            allocate_and_write = self._allocate
+        else:
+            outcomes = self._fenced_and_checked_embedded(requests, now, check_first)
+            allocate_and_write = self._allocate_embedded
+        to_allocate = [r for r in requests if r.order_id not in outcomes]
+        if to_allocate:
+            outcomes.update(allocate_and_write(to_allocate, now))
+        return {r.order_id: outcomes[r.order_id] for r in requests}
+
+    def _fenced_and_checked(
+        self, requests: Sequence[ReservationRequest], now: datetime, check_first: bool
+    ) -> dict[str, ReservationOutcome]:
+        """`reserve_many`'s first steps on PostgreSQL: every order's fence, then with `check_first`
+        the earlier reservations of the orders it fenced; the outcomes these decide."""
         by_order = sorted(requests, key=lambda r: r.order_id)
         accepted = set(
             precompiled.execute(
@@ -637,10 +652,7 @@ class StockRepository:
             )
             for row in earlier:
                 outcomes[row.order_id] = _earlier_outcome(row.active, row.closed_reason)
-        to_allocate = [r for r in requests if r.order_id not in outcomes]
-        if to_allocate:
-            outcomes.update(self._allocate(to_allocate, now))
-        return {r.order_id: outcomes[r.order_id] for r in requests}
+        return outcomes
 
     def _allocate(
         self, requests: Sequence[ReservationRequest], now: datetime
@@ -671,17 +683,13 @@ class StockRepository:
             raise RuntimeError(f"the allocation took {written.taken} of {len(totals)} SKUs: rolled back")
         return dict(allocation.outcomes)
 
-    def _reserve_many_embedded(
+    def _fenced_and_checked_embedded(
         self, requests: Sequence[ReservationRequest], now: datetime, check_first: bool
     ) -> dict[str, ReservationOutcome]:
-        """`reserve_many` on SQLite, whose writer holds the whole database from its BEGIN IMMEDIATE
-        (no row locks to order, no other writer between the read and the writes): the same steps
-        and outcomes as on PostgreSQL, in a few statements where PostgreSQL takes arrays. The
-        orders' fences in one upsert, with `check_first` each order's earlier reservations
-        (`_settled_reservation`); then the others allocated on the levels read here
-        (`domain.allocation`) and written: the reservation rows in one INSERT (ACTIVE, RELEASED
-        for a refused order), a guarded decrement per SKU in one executemany, and the reason of
-        each refused order on its fence row, which closes it as `release` would."""
+        """`_fenced_and_checked` on SQLite, whose writer holds the whole database from its BEGIN
+        IMMEDIATE (no row locks to order, no other writer between the read and the writes): the
+        orders' fences in one multi-row upsert, with `check_first` each order's earlier
+        reservations (`_settled_reservation`)."""
         by_order = sorted(requests, key=lambda r: r.order_id)
         fences: dict[str, Any] = {"now": now}
         for n, request in enumerate(by_order):
@@ -702,15 +710,16 @@ class StockRepository:
                 earlier = self._settled_reservation(request.order_id)
                 if earlier is not None:
                     outcomes[request.order_id] = earlier
-        to_allocate = [r for r in requests if r.order_id not in outcomes]
-        if to_allocate:
-            outcomes.update(self._allocate_embedded(to_allocate, now))
-        return {r.order_id: outcomes[r.order_id] for r in requests}
+        return outcomes
 
     def _allocate_embedded(
         self, requests: Sequence[ReservationRequest], now: datetime
     ) -> dict[str, ReservationOutcome]:
-        """`_reserve_many_embedded`'s allocation and writes (see `_allocate` for PostgreSQL's)."""
+        """`_allocate` on SQLite: the allocation on the levels read in this transaction, and its
+        writes in a few statements where PostgreSQL takes arrays: the reservation rows in one
+        INSERT (ACTIVE, RELEASED for a refused order), a guarded decrement per SKU in one
+        executemany, and the reason of each refused order on its fence row, which closes it as
+        `release` would."""
         skus = sorted({item.sku for request in requests for item in request.items})
         levels = self._c.execute(_levels_of(), {"skus": skus})
         allocation = allocate(requests, {row.sku: row.available for row in levels})
