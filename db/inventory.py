@@ -151,14 +151,17 @@ def _newest_fence_wins(statement: Any) -> Any:
     ).returning(reservation_fences.c.order_id)
 
 
-def _reservation_rows(order_id: str, items: Sequence[OrderItem], now: datetime) -> list[dict[str, Any]]:
-    """The ACTIVE reservation rows of the per-item path (`StockRepository.reserve`)."""
+def _reservation_rows(
+    order_id: str, items: Sequence[OrderItem], now: datetime, status: str = ACTIVE
+) -> list[dict[str, Any]]:
+    """The reservation rows of an order's items: ACTIVE (the per-item path, `StockRepository.reserve`,
+    and SQLite's batch), or RELEASED (a refused order of SQLite's batch, closed)."""
     return [
         {
             "order_id": order_id,
             "sku": item.sku,
             "quantity": item.quantity,
-            "status": ACTIVE,
+            "status": status,
             "create_time": now,
             "update_time": now,
         }
@@ -725,11 +728,9 @@ class StockRepository:
         allocation = allocate(requests, {row.sku: row.available for row in levels})
         booking: list[dict[str, Any]] = []
         for request in requests:
-            rows = _reservation_rows(request.order_id, sorted(request.items, key=lambda i: i.sku), now)
-            if isinstance(allocation.outcomes[request.order_id], Rejected):
-                for row in rows:
-                    row["status"] = RELEASED
-            booking += rows
+            refused = isinstance(allocation.outcomes[request.order_id], Rejected)
+            items = sorted(request.items, key=lambda i: i.sku)
+            booking += _reservation_rows(request.order_id, items, now, RELEASED if refused else ACTIVE)
         insert_together(self._c, [(stock_reservations, booking)])
         totals = sorted(allocation.taken.items())
         if totals:

@@ -245,10 +245,7 @@ def build(settings: Settings) -> Service:
         relay = events.build(settings, engines.orders, metrics)
         orders_uow = relay.orders_uow
     tracing = _tracing(settings)
-    # The set-based ORDER_CREATED on every backend (see saga.inventory).
-    dispatcher = _dispatcher(
-        settings, orders_uow, inventory_uow, guard, metrics, announce, wake, True, tracing
-    )
+    dispatcher = _dispatcher(settings, orders_uow, inventory_uow, guard, metrics, announce, wake, tracing)
     app = OrderApplication(
         orders_uow=orders_uow,
         inventory_uow=inventory_uow,
@@ -345,12 +342,12 @@ def _dispatcher(
     metrics: Metrics,
     announce: CommitSignals,
     wake: WakeUp,
-    batching: bool = False,
     tracing: Tracing | None = None,
 ) -> OutboxDispatcher | None:
-    """The inventory saga on its outbox dispatcher (None with `--saga-workers 0`), set-based with
-    `batching`; with a fault file, the fault wrappers around the participant and the handlers
-    (server.faults); with tracing, each step a span (server.tracing)."""
+    """The inventory saga on its outbox dispatcher (None with `--saga-workers 0`), set-based on
+    every backend (a round's ORDER_CREATED events together, see saga.inventory); with a fault
+    file, the fault wrappers around the participant and the handlers (server.faults); with
+    tracing, each step a span (server.tracing)."""
     if settings.sagas_here <= 0:
         return None
     faults = FaultSwitches(settings.fault_file) if settings.fault_file else None
@@ -367,7 +364,7 @@ def _dispatcher(
         SagaSettings(max_attempts=settings.max_attempts, saga_timeout_s=settings.saga_timeout_s),
         on_order_settled=announce.order_settled,
         on_outcome=metrics.on_saga_outcome,
-        batching=batching,
+        batching=True,
     )
     handlers = saga.handlers() if faults is None else faulty_handlers(saga.handlers(), faults)
     batch_handlers = saga.batch_handlers()
