@@ -27,7 +27,6 @@ class Backend:
     one_statement_writes: bool  # data-modifying WITH, array parameters: hot paths in one statement
     keeps_statistics: bool  # planner statistics matter (ANALYZE when autovacuum is off)
     upsert: Callable[[Table], Any]  # INSERT ... ON CONFLICT for this dialect
-    typed_results: bool  # the driver returns dates as datetimes, not text (db.precompiled relies on it)
     prepares: bool  # server-side prepared statements (PREPARE / EXECUTE), db.precompiled
 
     @property
@@ -43,7 +42,6 @@ POSTGRESQL = Backend(
     one_statement_writes=True,
     keeps_statistics=True,
     upsert=postgresql.insert,
-    typed_results=True,
     prepares=True,
 )
 SQLITE = Backend(
@@ -53,7 +51,6 @@ SQLITE = Backend(
     one_statement_writes=False,
     keeps_statistics=False,
     upsert=sqlite.insert,
-    typed_results=False,
     prepares=False,  # sqlite3 keeps its own cache of prepared statements per connection
 )
 _BY_DIALECT = {backend.name: backend for backend in (POSTGRESQL, SQLITE)}

@@ -1,15 +1,17 @@
 """A transaction's statements on the pooled driver connection, and the rows read off it.
 
-On PostgreSQL a unit of work (`db.unit_of_work`) checks a DBAPI connection out of the pool and
-hands its repositories a `Session` on it instead of a SQLAlchemy `Connection`. The hot statements
-(`db.precompiled`, compiled once) run on the driver's cursor through `Session.run`, their result
-columns through the processors SQLAlchemy would run; a statement built per call opens a
-SQLAlchemy `Connection` on the same DBAPI connection, in the same transaction, on first use.
+A unit of work (`db.unit_of_work`) checks a DBAPI connection out of the pool (psycopg2's or
+sqlite3's) and hands its repositories a `Session` on it instead of a SQLAlchemy `Connection`.
+The hot statements (`db.precompiled`, compiled once) run on the driver's cursor through
+`Session.run`, their result columns through the processors SQLAlchemy would run; a statement
+built per call opens a SQLAlchemy `Connection` on the same DBAPI connection, in the same
+transaction, on first use.
 
 Why: SQLAlchemy's `Connection` around a transaction (its construction, its begin and commit, the
 execution options that carry the statement prefix, its close) and its event dispatch cost about
 as much CPU as psycopg2's own work for a one-statement write (docs/performance.md, "Sixth round").
-A place or saga transaction that runs only precompiled statements now never builds one.
+A place or saga transaction that runs only precompiled statements now never builds one. On SQLite
+the same held, measured whole at the server (docs/performance.md, "Eighth round").
 
 What the service relies on from SQLAlchemy's execution is kept on this path:
 - the statement prefix (BEGIN, the deadline's `SET LOCAL statement_timeout`) goes in front of the
@@ -97,7 +99,7 @@ class Values(list[Any]):
 
 
 class Session:
-    """One transaction's statements on a pooled PostgreSQL connection (see the module's docstring).
+    """One transaction's statements on a pooled driver connection (see the module's docstring).
 
     Owned by its unit of work, which sends COMMIT or ROLLBACK and returns the connection to the
     pool; `opened` is the SQLAlchemy `Connection` if one was needed, for the unit of work to end
@@ -186,6 +188,6 @@ def on_cursor(
         cursor.close()
 
 
-# What a repository runs its statements on: a unit of work's `Session` on PostgreSQL, SQLAlchemy's
-# `Connection` on SQLite (and wherever a caller holds one).
+# What a repository runs its statements on: a unit of work's `Session`, or SQLAlchemy's `Connection`
+# wherever a caller holds one.
 Statements = Connection | Session

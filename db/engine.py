@@ -19,10 +19,6 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from db.backend import backend_of
 from domain.deadline import remaining_ms
 
-# Execution option a writer sets so that SQLite takes the write lock at BEGIN: a deferred
-# transaction that reads and then writes can fail with "database is locked" instead of waiting.
-SQLITE_BEGIN_IMMEDIATE = "orders_sqlite_begin_immediate"
-
 
 class UnsupportedDatabaseError(ValueError):
     pass
@@ -218,29 +214,37 @@ def _sqlite_engine(url: URL, settings: EngineSettings) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
-        _record.info[_SQLITE_BUSY_MS] = int(settings.sqlite_busy_timeout_ms)
+        busy_ms = int(settings.sqlite_busy_timeout_ms)
+        _record.info[_SQLITE_BUSY_MS] = _record.info[_SQLITE_DEFAULT_BUSY_MS] = busy_ms
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # A writer waits for SQLite's lock no longer than the caller's deadline allows: past it, the
-        # client has gone and the work must be abandoned, not done once the lock comes free.
-        # Both on the driver's connection: SQLAlchemy's execution around a statement cost more CPU
-        # than SQLite's own work for these two; errors reach the caller wrapped as SQLAlchemy's.
-        busy_ms = _sqlite_busy_timeout_ms(settings.sqlite_busy_timeout_ms)
         pooled = conn.connection
-        if pooled.info.get(_SQLITE_BUSY_MS) != busy_ms:
-            _sqlite_command(pooled.dbapi_connection, f"PRAGMA busy_timeout={busy_ms}")
-            pooled.info[_SQLITE_BUSY_MS] = busy_ms
-        immediate = conn.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
-        _sqlite_command(pooled.dbapi_connection, "BEGIN IMMEDIATE" if immediate else "BEGIN")
+        if pooled.dbapi_connection.in_transaction:
+            return  # begun on the driver by a unit of work (`begin_sqlite`), which ends it too
+        begin_sqlite(pooled, immediate=False)  # SQLAlchemy's own transactions: a reader's BEGIN
 
     return engine
 
 
-_SQLITE_BUSY_MS = "orders_sqlite_busy_timeout_ms"
+def begin_sqlite(pooled: Any, immediate: bool) -> None:
+    """BEGIN (IMMEDIATE for a writer) on a pooled sqlite3 connection of an engine of ours, sent on
+    the driver's connection: SQLAlchemy's execution around a statement costs more CPU than SQLite's
+    own work for it. A writer waits for SQLite's lock no longer than the caller's deadline allows:
+    past it, the client has gone and the work must be abandoned, not done once the lock comes free.
+    Errors reach the caller wrapped as SQLAlchemy's."""
+    busy_ms = _sqlite_busy_timeout_ms(pooled.info[_SQLITE_DEFAULT_BUSY_MS])
+    if pooled.info.get(_SQLITE_BUSY_MS) != busy_ms:
+        sqlite_command(pooled.dbapi_connection, f"PRAGMA busy_timeout={busy_ms}")
+        pooled.info[_SQLITE_BUSY_MS] = busy_ms
+    sqlite_command(pooled.dbapi_connection, "BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _sqlite_command(dbapi_connection: Any, command: str) -> None:
+_SQLITE_BUSY_MS = "orders_sqlite_busy_timeout_ms"  # on the pooled connection's info: what it has now
+_SQLITE_DEFAULT_BUSY_MS = "orders_sqlite_default_busy_timeout_ms"  # and the engine's setting
+
+
+def sqlite_command(dbapi_connection: Any, command: str) -> None:
     """Run `command` on sqlite3's connection; its error as SQLAlchemy would have raised it."""
     try:
         dbapi_connection.execute(command).close()

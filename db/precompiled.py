@@ -14,9 +14,10 @@ weakly, by the statement object.
 
 Both databases: psycopg2 takes the parameters by name, sqlite3 (qmark style) as a tuple in the
 order of the SQL's placeholders. Two kinds of statement run the usual way instead, from the same
-call: one with an expanding parameter (an `IN` list, which SQLAlchemy rewrites per call), and on a
-backend whose driver does not type its results (`Backend.typed_results`: SQLite returns dates as
-text) one whose result has columns that only SQLAlchemy's processing would turn back into values.
+call: one with an expanding parameter (an `IN` list, which SQLAlchemy rewrites per call), and,
+outside a transaction, one whose result has columns that only SQLAlchemy's processing turns into
+values (SQLite returns dates as text; a UTC time is made UTC): `exec_driver_sql` there would hand
+back the driver's own values.
 
 On PostgreSQL a caller may also ask for the statement prepared on the connection (`prepare=True`,
 see `_run_prepared`): the per-order statements, which PostgreSQL otherwise parses and plans anew
@@ -123,8 +124,6 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> Precompiled | None:
         for column in compiled._result_columns
     )
     results = per_column if any(processor is not None for processor in per_column) else None
-    if results is not None and not backend_of(dialect.name).typed_results:
-        return None
     defaults: dict[str, Any] = {}
     processors: dict[str, Callable[[Any], Any]] = {}
     for bind, name in compiled.bind_names.items():
@@ -205,12 +204,18 @@ def execute(
     On a unit of work's `Session` (`db.driver`) the statement runs on the driver's cursor, its
     result columns processed as SQLAlchemy would (`Precompiled.results`)."""
     precompiled = precompile(statement, connection.dialect)
-    if precompiled is None:
+    if precompiled is None or (precompiled.results is not None and _outside_transaction(connection)):
+        # Outside a transaction only SQLAlchemy's execution would begin one, and the driver's own
+        # rows are not what the result's types make of them (SQLite's dates are text).
         return connection.execute(statement, parameters)  # type: ignore[call-overload]
     values = parameters_for(precompiled, parameters)
     if prepare and precompiled.prepared is not None and isinstance(values, dict):
         return _run_prepared(connection, precompiled.prepared, values, precompiled.results)
     return _runner(connection, precompiled.results)(precompiled.sql, values)
+
+
+def _outside_transaction(connection: Connection | Session) -> bool:
+    return isinstance(connection, Connection) and not connection.in_transaction()
 
 
 def _runner(connection: Connection | Session, results: ResultProcessors) -> Callable[[str, Any], Result]:

@@ -23,6 +23,7 @@ from psycopg2.extensions import STATUS_READY, TRANSACTION_STATUS_IDLE, TRANSACTI
 from sqlalchemy import (
     Connection,
     Engine,
+    PoolProxiedConnection,
     RootTransaction,
 )
 from sqlalchemy import exc as sa_exc
@@ -31,7 +32,14 @@ from db import precompiled
 from db.backend import backend_of
 from db.chained import insert_together
 from db.driver import Session
-from db.engine import SQLITE_BEGIN_IMMEDIATE, WriterGate, is_sqlite, prefix_next_statement, writer_gate
+from db.engine import (
+    WriterGate,
+    begin_sqlite,
+    is_sqlite,
+    prefix_next_statement,
+    sqlite_command,
+    writer_gate,
+)
 from db.errors import translate
 from db.orders import OrderRepository
 from db.outbox import ClaimedEvent, Lease, OutboxStore
@@ -63,6 +71,7 @@ class UnitOfWork:
         self._write = write
         self._single_statement = single_statement
         self._autocommitting: Any = None  # the DBAPI connection whose transactions this one sends
+        self._sqlite: Any = None  # on SQLite, the sqlite3 connection whose transaction this one sends
         self._session: Connection | Session | None = None
         self._connection: Connection | None = None  # SQLAlchemy's, once opened
         self._transaction: RootTransaction | None = None
@@ -72,15 +81,14 @@ class UnitOfWork:
 
     @property
     def session(self) -> Connection | Session:
-        """What the repositories run statements on: on PostgreSQL a `db.driver.Session` on the
-        pooled connection, on SQLite the SQLAlchemy `Connection`."""
+        """What the repositories run statements on: a `db.driver.Session` on the pooled connection."""
         if self._session is None:
             raise RuntimeError("unit of work used outside its `with` block")
         return self._session
 
     @property
     def connection(self) -> Connection:
-        """SQLAlchemy's `Connection` in this transaction (on PostgreSQL opened on first use)."""
+        """SQLAlchemy's `Connection` in this transaction (opened on first use)."""
         session = self.session
         return session.sqlalchemy() if isinstance(session, Session) else session
 
@@ -96,11 +104,7 @@ class UnitOfWork:
             self._pass_gate(budget)
         try:
             if is_sqlite(self._engine):
-                connection = self._engine.connect()
-                if self._write:
-                    connection = connection.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
-                self._session = self._connection = connection
-                self._transaction = connection.begin()
+                self._start_on_sqlite()
             else:
                 self._start_on_driver(budget)
         except Exception as error:
@@ -112,13 +116,26 @@ class UnitOfWork:
         self._started()
         return self
 
-    def _start_on_driver(self, budget: int | None) -> None:
-        """PostgreSQL: a pooled DBAPI connection, its transaction begun by the first statement."""
+    def _checkout(self) -> PoolProxiedConnection:
         try:
-            pooled = self._engine.raw_connection()
+            return self._engine.raw_connection()
         except self._engine.dialect.loaded_dbapi.Error as error:
             Connection._handle_dbapi_exception_noconnection(error, self._engine.dialect, self._engine)
             raise  # not reached: the handler raises it wrapped
+
+    def _start_on_sqlite(self) -> None:
+        """SQLite: a pooled sqlite3 connection, BEGIN (IMMEDIATE for a writer, which takes SQLite's
+        write lock now rather than at its first write) sent on it directly (`db.engine.begin_sqlite`),
+        the statements on its cursor through a `Session` as on PostgreSQL: SQLAlchemy's `Connection`
+        and transaction around them cost more CPU than SQLite's own work (docs/performance.md,
+        "Eighth round")."""
+        self._session = session = Session(self._engine, self._checkout(), "", self._open_connection)
+        begin_sqlite(session.pooled, immediate=self._write)
+        self._sqlite = session.pooled.dbapi_connection
+
+    def _start_on_driver(self, budget: int | None) -> None:
+        """PostgreSQL: a pooled DBAPI connection, its transaction begun by the first statement."""
+        pooled = self._checkout()
         prefixes: list[str] = []
         controlled = self._take_transaction_control(pooled.dbapi_connection)
         if controlled and not self._single_statement:
@@ -159,10 +176,21 @@ class UnitOfWork:
         self._autocommitting = dbapi
         return True
 
+    def _open_on_driver(self) -> bool:
+        """Whether a transaction whose end this unit of work sends is open on the driver's
+        connection (on PostgreSQL IDLE means nothing ran yet, or a single statement did)."""
+        if self._sqlite is not None:
+            return bool(self._sqlite.in_transaction)
+        dbapi = self._autocommitting
+        return dbapi is not None and dbapi.info.transaction_status != TRANSACTION_STATUS_IDLE
+
     def _end_transaction(self, command: str) -> None:
         """COMMIT or ROLLBACK on the driver's own cursor, as psycopg2's commit() and rollback() send
         them (SQLAlchemy's execution around a statement costs more CPU than the round trip); its
         errors reach the caller wrapped as SQLAlchemy's would be, for `translate`."""
+        if self._sqlite is not None:
+            sqlite_command(self._sqlite, command)
+            return
         cursor = self._autocommitting.cursor()
         try:
             cursor.execute(command)
@@ -193,13 +221,12 @@ class UnitOfWork:
     def commit(self) -> None:
         if self._session is None:
             raise RuntimeError("unit of work used outside its `with` block")
-        if self._autocommitting is not None:
-            status = self._autocommitting.info.transaction_status
-            if status == TRANSACTION_STATUS_INERROR:
-                # COMMIT would answer with a rollback, and psycopg2 would not raise.
-                raise RuntimeError("commit after a failed statement: the transaction is rolled back")
-            if status != TRANSACTION_STATUS_IDLE:  # IDLE: nothing ran, or a single statement did
-                self._end_transaction("COMMIT")
+        dbapi = self._autocommitting
+        if dbapi is not None and dbapi.info.transaction_status == TRANSACTION_STATUS_INERROR:
+            # COMMIT would answer with a rollback, and psycopg2 would not raise.
+            raise RuntimeError("commit after a failed statement: the transaction is rolled back")
+        if self._open_on_driver():
+            self._end_transaction("COMMIT")
         if self._transaction is not None:
             self._transaction.commit()
         self._committed = True
@@ -209,8 +236,7 @@ class UnitOfWork:
     ) -> None:
         try:
             if not self._committed and self._session is not None:
-                dbapi = self._autocommitting
-                if dbapi is not None and dbapi.info.transaction_status != TRANSACTION_STATUS_IDLE:
+                if self._open_on_driver():
                     self._end_transaction("ROLLBACK")
                 if self._transaction is not None and self._transaction.is_active:
                     self._transaction.rollback()
@@ -243,6 +269,14 @@ class UnitOfWork:
                         self._connection.invalidate()
                     elif pooled is not None:
                         pooled.invalidate()  # and so returned to the pool, as discarded
+                        pooled = None
+            if self._sqlite is not None:
+                sqlite3_connection, self._sqlite = self._sqlite, None
+                if sqlite3_connection.in_transaction:  # ROLLBACK failed: never back into the pool
+                    if self._connection is not None:
+                        self._connection.invalidate()
+                    elif pooled is not None:
+                        pooled.invalidate()
                         pooled = None
             if self._connection is not None:
                 self._connection.close()

@@ -248,23 +248,32 @@ def test_the_sqlite_saga_statements_go_out_as_sqlalchemy_would_send_them(sqlite_
         _same_either_way(sqlite_engine, statement, parameters)
 
 
-def test_sqlite_runs_the_usual_way_what_returns_dates_or_takes_a_list(sqlite_engine: Engine) -> None:
-    """sqlite3 returns a date as text, which only SQLAlchemy's result processing turns back into a
-    datetime; an expanding list is rewritten per call."""
+def test_sqlite_dates_come_back_as_datetimes_and_a_list_runs_the_usual_way(sqlite_engine: Engine) -> None:
+    """sqlite3 returns a date as text: in a transaction the claim is read off the driver's cursor
+    and each date goes through the type's result processor, as SQLAlchemy would run it; outside a
+    transaction it runs the usual way. An expanding list is rewritten per call, so the batch
+    completion is never precompiled."""
     claim = claim_statement(OUTBOX, "sqlite")
     many = complete_many_statement(OUTBOX, "sqlite")
-    assert precompiled.precompile(claim, sqlite_engine.dialect) is None
+    assert precompiled.precompile(claim, sqlite_engine.dialect) is not None
     assert precompiled.precompile(many, sqlite_engine.dialect) is None
     at = utcnow()
     with sqlite_engine.begin() as connection:
         OutboxStore(connection).add_raw("o-1", "TEST", "{}", {}, at)
+        OutboxStore(connection).add_raw("o-2", "TEST", "{}", {}, at)
         parameters = {"limit": 1, "token": "t-1", **clock.parameters(at, lease_s=30.0)}
         (row,) = precompiled.execute(connection, claim, parameters).all()
+        assert type(row).__module__ != "sqlalchemy.engine.row", "read off the driver's cursor"
         assert row.claimed_at == at
         done = precompiled.execute(
             connection, many, {"now": at, "ids": [row.id], "leases": [(row.id, "t-1")]}
         )
         assert done.scalars().all() == [row.id]
+    with sqlite_engine.connect() as connection:
+        parameters = {"limit": 1, "token": "t-2", **clock.parameters(at, lease_s=30.0)}
+        (row,) = precompiled.execute(connection, claim, parameters).all()
+        assert row.claimed_at == at
+        connection.rollback()
 
 
 # Prepared on PostgreSQL: parsed and planned once per connection.
