@@ -72,7 +72,7 @@ class UnitOfWork:
         self._single_statement = single_statement
         self._autocommitting: Any = None  # the DBAPI connection whose transactions this one sends
         self._sqlite: Any = None  # on SQLite, the sqlite3 connection whose transaction this one sends
-        self._session: Connection | Session | None = None
+        self._session: Session | None = None
         self._connection: Connection | None = None  # SQLAlchemy's, once opened
         self._transaction: RootTransaction | None = None
         self._after_commit: list[Callable[[], None]] = []
@@ -80,7 +80,7 @@ class UnitOfWork:
         self._gate: WriterGate | None = None
 
     @property
-    def session(self) -> Connection | Session:
+    def session(self) -> Session:
         """What the repositories run statements on: a `db.driver.Session` on the pooled connection."""
         if self._session is None:
             raise RuntimeError("unit of work used outside its `with` block")
@@ -89,8 +89,7 @@ class UnitOfWork:
     @property
     def connection(self) -> Connection:
         """SQLAlchemy's `Connection` in this transaction (opened on first use)."""
-        session = self.session
-        return session.sqlalchemy() if isinstance(session, Session) else session
+        return self.session.sqlalchemy()
 
     @property
     def dialect(self) -> str:
@@ -256,7 +255,7 @@ class UnitOfWork:
         """Back to the pool (SQLAlchemy's `Connection`, if one was opened, returns it), or, if the
         transaction could not be ended, discarded."""
         session = self._session
-        pooled = session.pooled if isinstance(session, Session) else None
+        pooled = session.pooled if session is not None else None
         try:
             if self._autocommitting is not None:
                 dbapi, self._autocommitting = self._autocommitting, None

@@ -14,7 +14,11 @@ import grpc
 from orders_service_api.v1 import orders_pb2 as pb
 from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine, func, select
 
+from db.tables import orders
+from db.unit_of_work import OrdersUnitOfWork
+from domain.model import Order, OrderItem, utcnow
 from server import bootstrap
 from server.config import Settings
 
@@ -34,6 +38,17 @@ def apply_schema(url: str) -> str:
     finally:
         engines.dispose()
     return url
+
+
+def place_in(uow: OrdersUnitOfWork, request_id: str) -> None:
+    """One order of one item, placed in `uow` (not committed)."""
+    order, placed = Order.place("ann", (OrderItem("SKU-1", 1),), request_id, now=utcnow())
+    uow.add_order(order, "fingerprint", [placed], "corr-1")
+
+
+def orders_stored(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(orders)).scalar_one())
 
 
 def run_cli(

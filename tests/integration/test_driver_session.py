@@ -21,8 +21,7 @@ from db.tables import orders
 from db.unit_of_work import OrdersUnitOfWork
 from domain.deadline import deadline_bound
 from domain.errors import ConflictError, DeadlineExceededError, UnavailableError
-from domain.model import Order, OrderItem, utcnow
-from tests.support import apply_schema
+from tests.support import apply_schema, orders_stored, place_in
 
 pytestmark = pytest.mark.postgres
 
@@ -40,24 +39,14 @@ def engine(make_pg_database: Callable[[], str]) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _place(uow: OrdersUnitOfWork, request_id: str) -> None:
-    order, placed = Order.place("ann", (OrderItem("SKU-1", 1),), request_id, now=utcnow())
-    uow.add_order(order, "fingerprint", [placed], "corr-1")
-
-
-def _stored(engine: Engine) -> int:
-    with engine.connect() as connection:
-        return int(connection.execute(select(func.count()).select_from(orders)).scalar_one())
-
-
 def test_a_place_transaction_builds_no_sqlalchemy_connection(engine: Engine) -> None:
     with OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-1")
+        place_in(uow, "req-1")
         session = uow.session
         assert isinstance(session, Session)
         assert session.opened is None, "the place statement ran on the driver's cursor"
         uow.commit()
-    assert _stored(engine) == 1
+    assert orders_stored(engine) == 1
 
 
 @pytest.mark.parametrize("first", ["driver", "sqlalchemy"])
@@ -66,18 +55,18 @@ def test_either_path_first_begins_the_one_transaction_of_both(engine: Engine, fi
     would have committed on its own (the driver is in autocommit) or the second would fail."""
     with OrdersUnitOfWork(engine) as uow:
         if first == "driver":
-            _place(uow, "req-1")
+            place_in(uow, "req-1")
             seen = uow.connection.execute(select(func.count()).select_from(orders)).scalar_one()
             assert seen == 1, "SQLAlchemy's connection is in the driver path's transaction"
         else:
             assert uow.connection.execute(select(func.count()).select_from(orders)).scalar_one() == 0
-            _place(uow, "req-1")
+            place_in(uow, "req-1")
         assert uow.connection.execute(text("SELECT count(*) FROM orders")).scalar_one() == 1
-    assert _stored(engine) == 0
+    assert orders_stored(engine) == 0
     with OrdersUnitOfWork(engine) as uow:  # the connection went back with no transaction open
-        _place(uow, "req-2")
+        place_in(uow, "req-2")
         uow.commit()
-    assert _stored(engine) == 1
+    assert orders_stored(engine) == 1
 
 
 def test_listeners_of_the_engine_see_the_statement_and_a_sqlalchemy_connection(engine: Engine) -> None:
@@ -89,7 +78,7 @@ def test_listeners_of_the_engine_see_the_statement_and_a_sqlalchemy_connection(e
     event.listen(engine, "before_cursor_execute", record)
     try:
         with OrdersUnitOfWork(engine) as uow:
-            _place(uow, "req-1")
+            place_in(uow, "req-1")
             uow.commit()
     finally:
         event.remove(engine, "before_cursor_execute", record)
@@ -101,14 +90,14 @@ def test_listeners_of_the_engine_see_the_statement_and_a_sqlalchemy_connection(e
 
 def test_a_key_taken_on_the_driver_path_is_a_conflict(engine: Engine) -> None:
     with OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-1")
+        place_in(uow, "req-1")
         uow.commit()
     with pytest.raises(ConflictError), OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-1")
+        place_in(uow, "req-1")
     with OrdersUnitOfWork(engine) as uow:  # and the connection is usable again
-        _place(uow, "req-2")
+        place_in(uow, "req-2")
         uow.commit()
-    assert _stored(engine) == 2
+    assert orders_stored(engine) == 2
 
 
 def test_the_deadline_is_the_driver_paths_statement_timeout(engine: Engine) -> None:
@@ -133,12 +122,12 @@ def test_a_connection_lost_under_the_driver_path_is_discarded(engine: Engine) ->
     finally:
         killer.dispose()
     with pytest.raises(UnavailableError), OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-1")  # on the terminated backend: the pool's only connection
+        place_in(uow, "req-1")  # on the terminated backend: the pool's only connection
     with OrdersUnitOfWork(engine) as uow:  # the pool opened a new one
         assert precompiled.execute(uow.session, _BACKEND, {}).scalars().all()[0] != backend
-        _place(uow, "req-2")
+        place_in(uow, "req-2")
         uow.commit()
-    assert _stored(engine) == 1
+    assert orders_stored(engine) == 1
 
 
 _READ_CREATED = select(orders.c.id, orders.c.create_time).where(
@@ -152,7 +141,7 @@ def test_a_result_that_sqlalchemy_would_process_is_processed_on_the_driver_path(
     SQLAlchemy `Connection` for it."""
     read = _READ_CREATED
     with OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-1")
+        place_in(uow, "req-1")
         uow.commit()
     with engine.connect() as connection:
         expected = connection.execute(read, {"request_id": "req-1"}).one()
@@ -172,7 +161,7 @@ def test_a_sqlalchemy_connection_in_a_transaction_gets_processed_results_from_th
 ) -> None:
     """The same statement through `db.precompiled` on a caller's own SQLAlchemy `Connection`."""
     with OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-1")
+        place_in(uow, "req-1")
         uow.commit()
     with engine.connect() as connection, connection.begin():
         expected = connection.execute(_READ_CREATED, {"request_id": "req-1"}).one()

@@ -9,15 +9,13 @@ import sqlite3
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine
 
 from db.driver import Session
 from db.engine import EngineSettings, make_engine
-from db.tables import orders
 from db.unit_of_work import OrdersUnitOfWork
 from domain.errors import ConflictError
-from domain.model import Order, OrderItem, utcnow
-from tests.support import apply_schema
+from tests.support import apply_schema, orders_stored, place_in
 
 
 @pytest.fixture
@@ -39,24 +37,14 @@ def other(engine: Engine) -> Iterator[sqlite3.Connection]:
     connection.close()
 
 
-def _place(uow: OrdersUnitOfWork, request_id: str) -> None:
-    order, placed = Order.place("ann", (OrderItem("SKU-1", 1),), request_id, now=utcnow())
-    uow.add_order(order, "fingerprint", [placed], "corr-1")
-
-
-def _stored(engine: Engine) -> int:
-    with engine.connect() as connection:
-        return int(connection.execute(select(func.count()).select_from(orders)).scalar_one())
-
-
 def test_a_place_transaction_builds_no_sqlalchemy_connection(engine: Engine) -> None:
     with OrdersUnitOfWork(engine) as uow:
         session = uow.session
         assert isinstance(session, Session)
-        _place(uow, "req-1")
+        place_in(uow, "req-1")
         assert session.opened is None
         uow.commit()
-    assert _stored(engine) == 1
+    assert orders_stored(engine) == 1
 
 
 def test_a_writer_holds_the_write_lock_from_its_begin_until_it_ends(
@@ -77,28 +65,28 @@ def test_without_commit_nothing_is_kept_and_the_connection_is_reused_clean(
     engine: Engine, other: sqlite3.Connection
 ) -> None:
     with OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-1")
-    assert _stored(engine) == 0
+        place_in(uow, "req-1")
+    assert orders_stored(engine) == 0
     other.execute("BEGIN IMMEDIATE")  # no transaction was left open on the pooled connection
     other.execute("ROLLBACK")
     with OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-2")
+        place_in(uow, "req-2")
         uow.commit()
-    assert _stored(engine) == 1
+    assert orders_stored(engine) == 1
 
 
 def test_a_key_taken_is_a_conflict_and_the_transaction_is_rolled_back(
     engine: Engine, other: sqlite3.Connection
 ) -> None:
     with OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-1")
+        place_in(uow, "req-1")
         uow.commit()
     with pytest.raises(ConflictError), OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-1")
+        place_in(uow, "req-1")
         uow.commit()
     other.execute("BEGIN IMMEDIATE")
     other.execute("ROLLBACK")
     with OrdersUnitOfWork(engine) as uow:
-        _place(uow, "req-2")
+        place_in(uow, "req-2")
         uow.commit()
-    assert _stored(engine) == 2
+    assert orders_stored(engine) == 2
