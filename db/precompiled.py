@@ -26,9 +26,9 @@ backlog it reads) is not one to trust without measuring.
 
 Inside a transaction, a statement goes to the driver's cursor directly, prepared or not, its
 result columns through the result processors of their types as SQLAlchemy would run them: through
-`Session.run` when the caller holds a unit of work's `db.driver.Session` (PostgreSQL: no
-SQLAlchemy `Connection` is built for the transaction at all), through `_on_driver` when it holds
-a SQLAlchemy `Connection` (SQLite, direct callers).
+`Session.run` when the caller holds a unit of work's `db.driver.Session` (no SQLAlchemy
+`Connection` is built for the transaction at all), through `_on_driver` when it holds a
+SQLAlchemy `Connection` (direct callers).
 """
 
 from __future__ import annotations
