@@ -20,8 +20,8 @@ rejection: a stale step that gives up releases nothing of the step that took ove
 
 The happy path reads no order: the event carries the items, and the settle is a compare-and-set
 on the status. Two transactions per order, one in each database, and on PostgreSQL one statement
-in each (`StockRepository.reserve`, `OrdersUnitOfWork.settle_and_complete`): each execution costs
-a few hundred microseconds of CPU in SQLAlchemy and the driver.
+in each (`StockRepository.reserve`, `OrdersUnitOfWork.settle_and_complete`): each execution is
+the larger part of a step's CPU (docs/performance.md, "Where the time goes").
 
 A dispatcher round's ORDER_CREATED events run together (`on_orders_created`): one inventory
 transaction reserves for the whole batch, each order all or none in event order, and one orders
@@ -253,11 +253,11 @@ class InventorySaga:
         one) the dispatcher runs alone through `on_order_created`.
 
         On PostgreSQL the batch's statements take array parameters and write through
-        data-modifying WITH: what they save is round trips and statement executions, each a few
-        hundred microseconds of this process's CPU. On SQLite (see `StockRepository.reserve_many`)
-        the same steps take a statement per order, and what the batch saves is two write
-        transactions per order, each a pass of the writer gate that PlaceOrder waits on too, a
-        BEGIN IMMEDIATE and a COMMIT (docs/performance.md, "Seventh round")."""
+        data-modifying WITH: what they save is round trips and statement executions. On SQLite (see
+        `StockRepository.reserve_many`) the same steps take a statement per order, and what the
+        batch saves is two write transactions per order, each a pass of the writer gate that
+        PlaceOrder waits on too, a BEGIN IMMEDIATE and a COMMIT. The saving per order, in one
+        thread and at the server: docs/performance.md, "Seventh round" and "Eighth round"."""
         batch: list[tuple[ClaimedEvent, ReservationRequest]] = []
         for event in events:
             try:
