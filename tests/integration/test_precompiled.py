@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -274,6 +275,34 @@ def test_sqlite_dates_come_back_as_datetimes_and_a_list_runs_the_usual_way(sqlit
         (row,) = precompiled.execute(connection, claim, parameters).all()
         assert row.claimed_at == at
         connection.rollback()
+
+
+_READ_EVENT = select(outbox_events.c.id, outbox_events.c.created_at).where(
+    outbox_events.c.id == bindparam("event_id", type_=Integer)
+)
+
+
+def test_outside_a_transaction_a_result_to_process_runs_the_usual_way(database_url: str) -> None:
+    """Outside a transaction a precompiled statement whose result columns have processors (a
+    `UTCDateTime`) goes through SQLAlchemy's execution, which begins the transaction and processes
+    the rows: the driver's own values would be text on SQLite, and on PostgreSQL a time in the
+    session's time zone."""
+    engine = make_engine(apply_schema(database_url))
+    try:
+        at = utcnow()
+        with engine.begin() as connection:
+            OutboxStore(connection).add_raw("o-1", "TEST", "{}", {}, at)
+        with engine.connect() as connection:
+            if engine.dialect.name == "postgresql":
+                connection.exec_driver_sql("SET TIME ZONE 'Asia/Kolkata'")  # psycopg2 answers +05:30
+                connection.commit()
+            assert not connection.in_transaction()
+            (row,) = precompiled.execute(connection, _READ_EVENT, {"event_id": 1}).all()
+            connection.rollback()
+        assert row.created_at == at
+        assert row.created_at.tzinfo is UTC
+    finally:
+        engine.dispose()
 
 
 # Prepared on PostgreSQL: parsed and planned once per connection.
