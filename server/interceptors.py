@@ -26,6 +26,7 @@ import grpc
 from domain import correlation
 from domain.deadline import deadline_bound
 from domain.errors import DomainError, PermissionDeniedError, UnauthenticatedError
+from server import reply_metadata
 from server.errors import code_for, to_status
 
 log = logging.getLogger("orders.rpc")
@@ -134,15 +135,37 @@ class WrappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
 class CorrelationInterceptor(WrappingInterceptor):
     """Takes `x-correlation-id` (or makes one), binds it and the call's deadline for the handler,
-    and echoes the id in the initial metadata, which later trailers cannot overwrite."""
+    and echoes the id in the initial metadata, which later trailers cannot overwrite. A method with
+    one response message sends it with the reply (server.reply_metadata: no batch of its own); a
+    server stream sends it at once, before its first message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        reply_metadata.install()
 
     @contextmanager
     def around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        with self._bound(context, context.send_initial_metadata):
+            yield
+
+    @contextmanager
+    def _around_unary(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        with self._bound(context, functools.partial(reply_metadata.send_with_reply, context)):
+            yield
+
+    @contextmanager
+    def _bound(
+        self, context: grpc.ServicerContext, echo: Callable[[reply_metadata.Metadata], None]
+    ) -> Iterator[None]:
         correlation_id = correlation.accept_or_new(_metadata_value(context, CORRELATION_HEADER))
         correlation.set_current(correlation_id)
-        context.send_initial_metadata(((CORRELATION_HEADER, correlation_id),))
+        echo(((CORRELATION_HEADER, correlation_id),))
         with deadline_bound(call_deadline(context)):
             yield
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        around = self.around if handler.response_streaming else self._around_unary
+        return wrap_handler(handler, method, around)
 
 
 class ErrorInterceptor(WrappingInterceptor):
