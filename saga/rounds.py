@@ -8,9 +8,12 @@ claim of due ones. The rules, each measured (docs/performance.md has the figures
   this process's queue, and for workers stuck on slow handlers they would wait out their leases;
   topping the queue up as each handler finished made a claim statement per event or two. A batch
   of events run together (saga.dispatcher) takes one worker and counts every event it holds;
-- while rounds come back full (a backlog), `ROUNDS` rounds at once and up to `4 * workers` events
-  held: one round's statement is in the database while the other's events go to the workers;
-- after a failed round, one at a time again, after a pause that doubles with each failure;
+- while rounds come back full (a backlog), `ROUNDS` rounds at once, each claiming up to
+  `BACKLOG_CLAIM * workers` events, and up to `ROUNDS * BACKLOG_CLAIM * workers` held: one
+  round's statement is in the database while the other's events go to the workers, and a round,
+  whose cost hardly depends on how many it claims, claims for several batches;
+- after a failed round, one at a time again, of the usual size, after a pause that doubles with
+  each failure;
 - woken with no worker free, a round cannot claim: a claim is owed, and the next finished handler
   brings the dispatcher back (or finished events are marked DONE on their own, `flush_due`).
 """
@@ -21,6 +24,10 @@ from dataclasses import dataclass
 
 # Rounds in flight at once while rounds come back full.
 ROUNDS = 2
+# What one round claims while rounds come back full, in workers' worth (two otherwise): a drain of
+# 50,000 events ran 9,200/s at two and 11,200/s at four, in seven alternated pairs; three rounds
+# at once added nothing (docs/performance.md, "Ninth round").
+BACKLOG_CLAIM = 4
 
 
 @dataclass(frozen=True)
@@ -53,16 +60,19 @@ def plan_rounds(load: Load) -> Plan:
     sizes: list[int] = []
     wanted, rounds, claiming = load.wanted, load.rounds, load.claiming
     limit = 1 if load.failing else ROUNDS
+    backlog = load.full and not load.failing
+    claim = (BACKLOG_CLAIM if backlog else 2) * load.workers
+    most_held = ROUNDS * claim if backlog else claim
     owe_claim = False
     while wanted > 0 and rounds < limit:
-        room = (4 if load.full else 2) * load.workers - load.held - claiming
+        room = most_held - load.held - claiming
         if room < load.workers or load.busy >= load.workers:
             if rounds == 0:
                 owe_claim, wanted = True, 0
                 if flush_due(load.finished, load.workers, load.in_flight):
                     sizes.append(0)
             break
-        size = min(room, 2 * load.workers)
+        size = min(room, claim)
         sizes.append(size)
         wanted, rounds, claiming = wanted - 1, rounds + 1, claiming + size
     return Plan(tuple(sizes), wanted, owe_claim)

@@ -33,9 +33,19 @@ def load(**changes: object) -> Load:
         ("nothing wanted: no round", load(wanted=0), Plan((), 0, False)),
         ("one worker busy: the room left", load(busy=1, in_flight=1), Plan((2 * W - 1,), 0, False)),
         (
-            "a backlog (last round full) and two wanted: two rounds, four batches held at most",
+            "a backlog (last round full) and two wanted: two rounds of four batches each",
             load(wanted=2, full=True),
-            Plan((2 * W, 2 * W), 0, False),
+            Plan((4 * W, 4 * W), 0, False),
+        ),
+        (
+            "a backlog with less room than a batch left of eight: no round, a claim is owed",
+            load(wanted=2, full=True, busy=W - 1, held=7 * W + 1, in_flight=7 * W + 1),
+            Plan((), 0, True),
+        ),
+        (
+            "a backlog with three batches held and a worker idle: one round of the room left",
+            load(wanted=2, full=True, busy=W - 1, held=5 * W, in_flight=5 * W),
+            Plan((3 * W,), 1, False),
         ),
         (
             "a round already in flight: only one more",
@@ -67,7 +77,7 @@ def load(**changes: object) -> Load:
         (
             "a batch of one batch's worth on one worker, in a backlog: one more round",
             load(busy=1, held=W, in_flight=W, full=True),
-            Plan((2 * W,), 0, False),
+            Plan((4 * W,), 0, False),
         ),
     ],
 )
