@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 # Rounds in flight at once while rounds come back full.
 ROUNDS = 2
-# What one round claims while rounds come back full, in workers' worth (two otherwise): a drain of
-# 50,000 events ran 9,200/s at two and 11,200/s at four, in seven alternated pairs; three rounds
-# at once added nothing (docs/performance.md, "Ninth round").
+# What one round claims while rounds come back full, in workers' worth (two otherwise); measured
+# against two, and three rounds at once against two, in docs/performance.md ("Ninth round").
 BACKLOG_CLAIM = 4
 
 
