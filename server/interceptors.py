@@ -66,6 +66,14 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str, around: Around) ->
     return handler._replace(**{kind: unary})
 
 
+def _accept_correlation(context: grpc.ServicerContext) -> reply_metadata.Metadata:
+    """The call's correlation id (its header's, or a new one), bound for the handler, as the
+    initial metadata that echoes it."""
+    correlation_id = correlation.accept_or_new(_metadata_value(context, CORRELATION_HEADER))
+    correlation.set_current(correlation_id)
+    return ((CORRELATION_HEADER, correlation_id),)
+
+
 def _metadata_value(context: grpc.ServicerContext, key: str) -> str | None:
     for item in context.invocation_metadata() or ():
         if item.key == key and isinstance(item.value, str):
@@ -145,21 +153,13 @@ class CorrelationInterceptor(WrappingInterceptor):
 
     @contextmanager
     def around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        with self._bound(context, context.send_initial_metadata):
+        context.send_initial_metadata(_accept_correlation(context))
+        with deadline_bound(call_deadline(context)):
             yield
 
     @contextmanager
     def _around_unary(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        with self._bound(context, functools.partial(reply_metadata.send_with_reply, context)):
-            yield
-
-    @contextmanager
-    def _bound(
-        self, context: grpc.ServicerContext, echo: Callable[[reply_metadata.Metadata], None]
-    ) -> Iterator[None]:
-        correlation_id = correlation.accept_or_new(_metadata_value(context, CORRELATION_HEADER))
-        correlation.set_current(correlation_id)
-        echo(((CORRELATION_HEADER, correlation_id),))
+        reply_metadata.send_with_reply(context, _accept_correlation(context))
         with deadline_bound(call_deadline(context)):
             yield
 
