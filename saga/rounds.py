@@ -11,7 +11,10 @@ claim of due ones. The rules, each measured (docs/performance.md has the figures
 - while rounds come back full (a backlog), `ROUNDS` rounds at once, each claiming up to
   `BACKLOG_CLAIM * workers` events, and up to `ROUNDS * BACKLOG_CLAIM * workers` held: one
   round's statement is in the database while the other's events go to the workers, and a round,
-  whose cost hardly depends on how many it claims, claims for several batches;
+  whose cost hardly depends on how many it claims, claims for several batches. Only while the
+  handlers get through what is claimed: after a deferral or a retry (a rate limiter's, a failing
+  inventory's) within the last poll interval, rounds keep the usual size and `4 * workers` held,
+  or this process would lease events it cannot run while another instance idles;
 - after a failed round, one at a time again, of the usual size, after a pause that doubles with
   each failure;
 - woken with no worker free, a round cannot claim: a claim is owed, and the next finished handler
@@ -43,6 +46,7 @@ class Load:
     finished: int  # handled events waiting for their DONE
     in_flight: int  # events running or queued
     held: int  # events held: running or queued (each of a batch), and hand-offs promised
+    set_back: bool = False  # a handler deferred or retried an event within the last poll interval
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,9 @@ def plan_rounds(load: Load) -> Plan:
     sizes: list[int] = []
     wanted, rounds, claiming = load.wanted, load.rounds, load.claiming
     limit = 1 if load.failing else ROUNDS
-    backlog = load.full and not load.failing
+    backlog = load.full and not load.failing and not load.set_back
     claim = (BACKLOG_CLAIM if backlog else 2) * load.workers
-    most_held = ROUNDS * claim if backlog else claim
+    most_held = ROUNDS * claim if load.full else claim
     owe_claim = False
     while wanted > 0 and rounds < limit:
         room = most_held - load.held - claiming

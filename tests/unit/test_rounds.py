@@ -38,6 +38,11 @@ def load(**changes: object) -> Load:
             Plan((4 * W, 4 * W), 0, False),
         ),
         (
+            "a backlog while handlers defer or retry: rounds of the usual size, four batches held",
+            load(wanted=2, full=True, set_back=True),
+            Plan((2 * W, 2 * W), 0, False),
+        ),
+        (
             "a backlog with less room than a batch left of eight: no round, a claim is owed",
             load(wanted=2, full=True, busy=W - 1, held=7 * W + 1, in_flight=7 * W + 1),
             Plan((), 0, True),
