@@ -12,7 +12,7 @@ with these in front. Measured in docs/performance.md ("Ninth round").
 
 grpcio has no public way to add to the reply's initial metadata, so this reaches into its private
 module. `install` checks that the parts it relies on are there (grpcio is pinned to 1.85.x in
-pyproject.toml, and tests/unit/test_reply_metadata.py checks the wrap against the installed
+pyproject.toml, and tests/integration/test_reply_metadata.py checks the wrap against the installed
 grpcio); where they are not, `send_with_reply` sends the metadata at once, as before.
 
 Only for methods whose response is one message: a server stream's first message may come much
@@ -59,10 +59,6 @@ def install() -> bool:
         core._get_initial_metadata = with_pending
         _installed = original
         return True
-
-
-def installed() -> bool:
-    return _installed is not None
 
 
 def send_with_reply(context: grpc.ServicerContext, metadata: Metadata) -> None:
