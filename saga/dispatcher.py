@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import contextvars
 import logging
-import math
 import threading
 import time
 import uuid
@@ -132,7 +131,6 @@ class OutboxDispatcher:
         self._claiming = 0  # events the rounds in flight may claim
         self._wanted = 1  # rounds to start (one at start-up, for what was committed before)
         self._full = False  # the last round claimed all it asked for: more may be due
-        self._set_back_at = -math.inf  # when (monotonic) a handler last deferred or retried an event
         self._failures = 0  # rounds failed in a row
         self._pause = 0.0  # seconds to wait before the next round, after a failure
         # Suspect events waiting to run alone, with their dispatch lag; and whether one runs.
@@ -306,7 +304,6 @@ class OutboxDispatcher:
                 wanted=self._wanted,
                 full=self._full,
                 failing=self._failures > 0,
-                set_back=time.monotonic() - self._set_back_at < self._settings.poll_interval_s,
                 finished=len(self._finished),
                 in_flight=self._in_flight,
             )
@@ -687,7 +684,5 @@ class OutboxDispatcher:
     def _count(self, outcome: str, event: ClaimedEvent, seconds: float) -> None:
         with self._lock:
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-            if outcome in ("deferred", "retried") and not self._stopping.is_set():
-                self._set_back_at = time.monotonic()
         if self._listener is not None:
             self._listener(outcome, event, seconds)

@@ -8,15 +8,9 @@ claim of due ones. The rules, each measured (docs/performance.md has the figures
   this process's queue, and for workers stuck on slow handlers they would wait out their leases;
   topping the queue up as each handler finished made a claim statement per event or two. A batch
   of events run together (saga.dispatcher) takes one worker and counts every event it holds;
-- while rounds come back full (a backlog), `ROUNDS` rounds at once, each claiming up to
-  `BACKLOG_CLAIM * workers` events, and up to `ROUNDS * BACKLOG_CLAIM * workers` held: one
-  round's statement is in the database while the other's events go to the workers, and a round,
-  whose cost hardly depends on how many it claims, claims for several batches. Only while the
-  handlers get through what is claimed: after a deferral or a retry (a rate limiter's, a failing
-  inventory's) within the last poll interval, rounds keep the usual size and `4 * workers` held,
-  or this process would lease events it cannot run while another instance idles;
-- after a failed round, one at a time again, of the usual size, after a pause that doubles with
-  each failure;
+- while rounds come back full (a backlog), `ROUNDS` rounds at once and up to `4 * workers` events
+  held: one round's statement is in the database while the other's events go to the workers;
+- after a failed round, one at a time again, after a pause that doubles with each failure;
 - woken with no worker free, a round cannot claim: a claim is owed, and the next finished handler
   brings the dispatcher back (or finished events are marked DONE on their own, `flush_due`).
 """
@@ -27,9 +21,6 @@ from dataclasses import dataclass
 
 # Rounds in flight at once while rounds come back full.
 ROUNDS = 2
-# What one round claims while rounds come back full, in workers' worth (two otherwise); measured
-# against two, and three rounds at once against two, in docs/performance.md ("Ninth round").
-BACKLOG_CLAIM = 4
 
 
 @dataclass(frozen=True)
@@ -46,7 +37,6 @@ class Load:
     finished: int  # handled events waiting for their DONE
     in_flight: int  # events running or queued
     held: int  # events held: running or queued (each of a batch), and hand-offs promised
-    set_back: bool = False  # a handler deferred or retried an event within the last poll interval
 
 
 @dataclass(frozen=True)
@@ -63,19 +53,16 @@ def plan_rounds(load: Load) -> Plan:
     sizes: list[int] = []
     wanted, rounds, claiming = load.wanted, load.rounds, load.claiming
     limit = 1 if load.failing else ROUNDS
-    backlog = load.full and not load.failing and not load.set_back
-    claim = (BACKLOG_CLAIM if backlog else 2) * load.workers
-    most_held = ROUNDS * claim if load.full else claim
     owe_claim = False
     while wanted > 0 and rounds < limit:
-        room = most_held - load.held - claiming
+        room = (4 if load.full else 2) * load.workers - load.held - claiming
         if room < load.workers or load.busy >= load.workers:
             if rounds == 0:
                 owe_claim, wanted = True, 0
                 if flush_due(load.finished, load.workers, load.in_flight):
                     sizes.append(0)
             break
-        size = min(room, claim)
+        size = min(room, 2 * load.workers)
         sizes.append(size)
         wanted, rounds, claiming = wanted - 1, rounds + 1, claiming + size
     return Plan(tuple(sizes), wanted, owe_claim)

@@ -33,24 +33,9 @@ def load(**changes: object) -> Load:
         ("nothing wanted: no round", load(wanted=0), Plan((), 0, False)),
         ("one worker busy: the room left", load(busy=1, in_flight=1), Plan((2 * W - 1,), 0, False)),
         (
-            "a backlog (last round full) and two wanted: two rounds of four batches each",
+            "a backlog (last round full) and two wanted: two rounds, four batches held at most",
             load(wanted=2, full=True),
-            Plan((4 * W, 4 * W), 0, False),
-        ),
-        (
-            "a backlog while handlers defer or retry: rounds of the usual size, four batches held",
-            load(wanted=2, full=True, set_back=True),
             Plan((2 * W, 2 * W), 0, False),
-        ),
-        (
-            "a backlog with less room than a batch left of eight: no round, a claim is owed",
-            load(wanted=2, full=True, busy=W - 1, held=7 * W + 1, in_flight=7 * W + 1),
-            Plan((), 0, True),
-        ),
-        (
-            "a backlog with three batches held and a worker idle: one round of the room left",
-            load(wanted=2, full=True, busy=W - 1, held=5 * W, in_flight=5 * W),
-            Plan((3 * W,), 1, False),
         ),
         (
             "a round already in flight: only one more",
@@ -82,7 +67,7 @@ def load(**changes: object) -> Load:
         (
             "a batch of one batch's worth on one worker, in a backlog: one more round",
             load(busy=1, held=W, in_flight=W, full=True),
-            Plan((4 * W,), 0, False),
+            Plan((2 * W,), 0, False),
         ),
     ],
 )
