@@ -132,6 +132,8 @@ class OutboxDispatcher:
         self._wanted = 1  # rounds to start (one at start-up, for what was committed before)
         self._full = False  # the last round claimed all it asked for: more may be due
         self._failures = 0  # rounds failed in a row
+        # Events done in a row: none deferred, retried, fenced or expired since (`saga.rounds`).
+        self._settled = 0
         self._pause = 0.0  # seconds to wait before the next round, after a failure
         # Suspect events waiting to run alone, with their dispatch lag; and whether one runs.
         self._solo: collections.deque[tuple[ClaimedEvent, float]] = collections.deque()
@@ -306,6 +308,7 @@ class OutboxDispatcher:
                 failing=self._failures > 0,
                 finished=len(self._finished),
                 in_flight=self._in_flight,
+                settled=self._settled,
             )
         )
         self._wanted = plan.wanted
@@ -684,5 +687,6 @@ class OutboxDispatcher:
     def _count(self, outcome: str, event: ClaimedEvent, seconds: float) -> None:
         with self._lock:
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+            self._settled = self._settled + 1 if outcome == "done" else 0
         if self._listener is not None:
             self._listener(outcome, event, seconds)

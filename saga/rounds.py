@@ -10,7 +10,13 @@ claim of due ones. The rules, each measured (docs/performance.md has the figures
   of events run together (saga.dispatcher) takes one worker and counts every event it holds;
 - while rounds come back full (a backlog), `ROUNDS` rounds at once and up to `4 * workers` events
   held: one round's statement is in the database while the other's events go to the workers;
-- after a failed round, one at a time again, after a pause that doubles with each failure;
+- in a backlog whose handlers get through what is claimed (`SETTLED` batches' worth done in a
+  row, none deferred, retried or fenced since), a round claims `BACKLOG_CLAIM` batches' worth and
+  up to `ROUNDS * BACKLOG_CLAIM * workers` are held: a round costs about the same whatever it
+  claims. Not while handlers defer: each instance with a rate limiter of its own would then claim
+  most of a backlog it can only defer and leave other instances idle;
+- after a failed round, one at a time again, of the usual size, after a pause that doubles with
+  each failure;
 - woken with no worker free, a round cannot claim: a claim is owed, and the next finished handler
   brings the dispatcher back (or finished events are marked DONE on their own, `flush_due`).
 """
@@ -21,6 +27,12 @@ from dataclasses import dataclass
 
 # Rounds in flight at once while rounds come back full.
 ROUNDS = 2
+# What one round claims in a backlog its handlers get through, in workers' worth (two otherwise):
+# a drain of 50,000 no-op events ran 9,200/s at two and 11,200/s at four, in seven alternated pairs
+# (docs/performance.md, "Ninth round" and "Tenth round").
+BACKLOG_CLAIM = 4
+# Events done in a row, in workers' worth, before rounds claim `BACKLOG_CLAIM` batches' worth.
+SETTLED = 2
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class Load:
     finished: int  # handled events waiting for their DONE
     in_flight: int  # events running or queued
     held: int  # events held: running or queued (each of a batch), and hand-offs promised
+    settled: int = 0  # events done in a row: none deferred, retried, fenced or expired since
 
 
 @dataclass(frozen=True)
@@ -53,16 +66,19 @@ def plan_rounds(load: Load) -> Plan:
     sizes: list[int] = []
     wanted, rounds, claiming = load.wanted, load.rounds, load.claiming
     limit = 1 if load.failing else ROUNDS
+    settled = load.settled >= SETTLED * load.workers
+    claim = (BACKLOG_CLAIM if load.full and settled and not load.failing else 2) * load.workers
+    most_held = (ROUNDS * claim) if load.full else 2 * load.workers
     owe_claim = False
     while wanted > 0 and rounds < limit:
-        room = (4 if load.full else 2) * load.workers - load.held - claiming
+        room = most_held - load.held - claiming
         if room < load.workers or load.busy >= load.workers:
             if rounds == 0:
                 owe_claim, wanted = True, 0
                 if flush_due(load.finished, load.workers, load.in_flight):
                     sizes.append(0)
             break
-        size = min(room, 2 * load.workers)
+        size = min(room, claim)
         sizes.append(size)
         wanted, rounds, claiming = wanted - 1, rounds + 1, claiming + size
     return Plan(tuple(sizes), wanted, owe_claim)

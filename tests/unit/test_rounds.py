@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from saga.rounds import ROUNDS, Load, Plan, flush_due, pause_after_failures, plan_rounds, wanted_after_round
+from saga.rounds import (
+    BACKLOG_CLAIM,
+    ROUNDS,
+    SETTLED,
+    Load,
+    Plan,
+    flush_due,
+    pause_after_failures,
+    plan_rounds,
+    wanted_after_round,
+)
 
 W = 4  # workers
 
@@ -36,6 +46,27 @@ def load(**changes: object) -> Load:
             "a backlog (last round full) and two wanted: two rounds, four batches held at most",
             load(wanted=2, full=True),
             Plan((2 * W, 2 * W), 0, False),
+        ),
+        (
+            "a backlog whose handlers get through it (settled): two rounds of BACKLOG_CLAIM batches",
+            load(wanted=2, full=True, settled=SETTLED * W),
+            Plan((BACKLOG_CLAIM * W, BACKLOG_CLAIM * W), 0, False),
+        ),
+        (
+            "settled, half of the most held already held: the room left",
+            load(wanted=2, full=True, settled=SETTLED * W, busy=1, held=BACKLOG_CLAIM * W),
+            Plan((BACKLOG_CLAIM * W,), 1, False),
+        ),
+        (
+            "one short of settled: the usual size",
+            load(wanted=2, full=True, settled=SETTLED * W - 1),
+            Plan((2 * W, 2 * W), 0, False),
+        ),
+        ("settled but not a backlog: the usual size", load(settled=SETTLED * W), Plan((2 * W,), 0, False)),
+        (
+            "settled, after a failure: one round of the usual size",
+            load(wanted=2, full=True, failing=True, settled=SETTLED * W),
+            Plan((2 * W,), 1, False),
         ),
         (
             "a round already in flight: only one more",
