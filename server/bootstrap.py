@@ -39,7 +39,7 @@ from saga.inventory import InventoryParticipant, InventorySaga, SagaSettings
 from saga.resilience import Guard
 from saga.signals import CommitSignals, OrderChanges, WakeUp
 from server import guards
-from server.admission import Admission, HandlerThreads, stream_kinds
+from server.admission import HEALTH_WATCH, WATCH_ORDER, Admission, HandlerThreads, stream_kinds
 from server.auth import METHOD_SCOPES, read_tokens_file
 from server.config import DEFAULT_PAGE_TOKEN_SECRET, Settings
 from server.connections import connection_options
@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 ORDER_SERVICE = orders_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name
 INVENTORY_SERVICE = orders_pb2.DESCRIPTOR.services_by_name["InventoryService"].full_name
+# Server streams whose handler sends the first message as soon as it starts (the current order,
+# the current status): their initial metadata goes out with it (server.reply_metadata).
+STREAMS_ANSWERING_AT_ONCE = (WATCH_ORDER, HEALTH_WATCH)
 
 
 class BindError(RuntimeError):
@@ -417,7 +420,10 @@ def _grpc_server(
         threads,
         interceptors=[
             admission,  # first: it decides before the others run, and wraps their handlers
-            CorrelationInterceptor() if tracing is None else tracing.correlation_interceptor(),
+            # Streams whose handler sends the first message at once: their headers go with it.
+            CorrelationInterceptor(STREAMS_ANSWERING_AT_ONCE)
+            if tracing is None
+            else tracing.correlation_interceptor(STREAMS_ANSWERING_AT_ONCE),
             MetricsInterceptor(metrics),
             ErrorInterceptor(),
             *(

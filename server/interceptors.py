@@ -17,7 +17,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -144,12 +144,19 @@ class WrappingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 class CorrelationInterceptor(WrappingInterceptor):
     """Takes `x-correlation-id` (or makes one), binds it and the call's deadline for the handler,
     and echoes the id in the initial metadata, which later trailers cannot overwrite. A method with
-    one response message sends it with the reply (server.reply_metadata: no batch of its own); a
-    server stream sends it at once, before its first message."""
+    one response message, and a server stream named in `first_message_at_once` (one whose handler
+    sends its first message as soon as it starts: WatchOrder's current order, Health/Watch's
+    current status), sends it with that message (server.reply_metadata: no batch of its own); any
+    other server stream sends it at once, before its first message, which may come much later."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_message_at_once: Collection[str] = ()) -> None:
         super().__init__()
+        self._first_message_at_once = frozenset(first_message_at_once)
         reply_metadata.install()
+
+    def sends_with_first_message(self, method: str, handler: grpc.RpcMethodHandler) -> bool:
+        """Whether `method`'s initial metadata may wait for its first message."""
+        return not handler.response_streaming or method in self._first_message_at_once
 
     @contextmanager
     def around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -158,13 +165,13 @@ class CorrelationInterceptor(WrappingInterceptor):
             yield
 
     @contextmanager
-    def _around_unary(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    def _around_with_reply(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
         reply_metadata.send_with_reply(context, _accept_correlation(context))
         with deadline_bound(call_deadline(context)):
             yield
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        around = self.around if handler.response_streaming else self._around_unary
+        around = self._around_with_reply if self.sends_with_first_message(method, handler) else self.around
         return wrap_handler(handler, method, around)
 
 

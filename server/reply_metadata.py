@@ -15,8 +15,10 @@ module. `install` checks that the parts it relies on are there (grpcio is pinned
 pyproject.toml, and tests/integration/test_reply_metadata.py checks the wrap against the installed
 grpcio); where they are not, `send_with_reply` sends the metadata at once, as before.
 
-Only for methods whose response is one message: a server stream's first message may come much
-later than its call, and a client waiting on `initial_metadata()` should not wait for it.
+For methods whose response is one message, and for server streams whose handler sends the first
+message as soon as it starts (WatchOrder, Health/Watch: server.bootstrap names them). Another
+stream's first message may come much later than its call, and a client waiting on
+`initial_metadata()` should not wait for it.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -59,6 +59,7 @@ from db.outbox import ClaimedEvent
 from domain import correlation
 from domain.deadline import deadline_bound
 from saga.verdicts import BatchHandler, Completed, Defer, Done, Handler, Retry, Verdict
+from server import reply_metadata
 from server.config import Settings, version
 from server.interceptors import (
     CORRELATION_HEADER,
@@ -138,14 +139,19 @@ class Tracing:
             for out in self._files:
                 out.close()
 
-    def correlation_interceptor(self) -> CorrelationInterceptor:
-        return TracedCorrelationInterceptor(self)
+    def correlation_interceptor(self, first_message_at_once: Collection[str] = ()) -> CorrelationInterceptor:
+        return TracedCorrelationInterceptor(self, first_message_at_once)
 
     # RPCs
 
     @contextmanager
     def rpc(
-        self, method: str, attributes: Mapping[str, str], context: grpc.ServicerContext, end: bool = True
+        self,
+        method: str,
+        attributes: Mapping[str, str],
+        context: grpc.ServicerContext,
+        end: bool = True,
+        with_reply: bool = False,
     ) -> Iterator[Span]:
         """The call's correlation id and SERVER span, bound for the block, both answered in the
         initial metadata; the span ends with the block, with the call's status (unless not to
@@ -168,7 +174,11 @@ class Tracing:
         token = otel_context.attach(bound)
         trace_id, span_id = f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}"
         answer = f"00-{trace_id}-{span_id}-{span_context.trace_flags:02x}"
-        context.send_initial_metadata(((CORRELATION_HEADER, correlation_id), (TRACE_RESPONSE_HEADER, answer)))
+        headers = ((CORRELATION_HEADER, correlation_id), (TRACE_RESPONSE_HEADER, answer))
+        if with_reply:  # with the call's first message (server.reply_metadata)
+            reply_metadata.send_with_reply(context, headers)
+        else:
+            context.send_initial_metadata(headers)
         deadline = call_deadline(context)
         code: grpc.StatusCode | None = None
         try:
@@ -268,8 +278,8 @@ class Tracing:
 class TracedCorrelationInterceptor(CorrelationInterceptor):
     """The correlation interceptor with a SERVER span per call (see the module docstring)."""
 
-    def __init__(self, tracing: Tracing) -> None:
-        super().__init__()
+    def __init__(self, tracing: Tracing, first_message_at_once: Collection[str] = ()) -> None:
+        super().__init__(first_message_at_once)
         self._tracing = tracing
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -277,18 +287,23 @@ class TracedCorrelationInterceptor(CorrelationInterceptor):
             return super()._wrap(method, handler)
         service, _, name = method[1:].rpartition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        with_reply = self.sends_with_first_message(method, handler)
         behaviour = handler.unary_stream or handler.stream_stream
         if behaviour is not None and getattr(behaviour, "experimental_non_blocking", False):
-            return _non_blocking(self._tracing, handler, method, attributes)
+            return _non_blocking(self._tracing, handler, method, attributes, with_reply)
 
         def around(method: str, context: grpc.ServicerContext) -> Any:
-            return self._tracing.rpc(method, attributes, context)
+            return self._tracing.rpc(method, attributes, context, with_reply=with_reply)
 
         return wrap_handler(handler, method, around)
 
 
 def _non_blocking(
-    tracing: Tracing, handler: grpc.RpcMethodHandler, method: str, attributes: Mapping[str, str]
+    tracing: Tracing,
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    attributes: Mapping[str, str],
+    with_reply: bool,
 ) -> grpc.RpcMethodHandler:
     """A stream whose handler returns at once: its span ends when grpcio ends the call."""
     kind = behaviour_name(handler)
@@ -296,7 +311,7 @@ def _non_blocking(
 
     @functools.wraps(behaviour)
     def stream(request: Any, context: grpc.ServicerContext, *args: Any, **kwargs: Any) -> None:
-        with tracing.rpc(method, attributes, context, end=False) as span:
+        with tracing.rpc(method, attributes, context, end=False, with_reply=with_reply) as span:
 
             def ended() -> None:
                 _end_rpc(span, context.code() or grpc.StatusCode.OK, None)

@@ -237,6 +237,11 @@ def test_health_watch_and_watch_order_stream_off_the_handler_threads_with_tracin
     for watch in watches:
         statuses = [response.order.status for response in watch]  # ends once the order has settled
         assert statuses[-1] == pb.ORDER_STATUS_FAILED
+        # The headers went out with the first message (server.reply_metadata), trace answer and all.
+        headers = {item.key: item.value for item in watch.initial_metadata()}
+        assert headers["x-correlation-id"], headers
+        answered_trace(headers)
+    assert all(dict(w.initial_metadata()).get("x-correlation-id") for w in health_watches)
     assert server.stubs.stock("TRACE-W").available == 100  # unary calls still have their threads
     for watch in health_watches:
         watch.cancel()

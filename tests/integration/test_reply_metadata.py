@@ -1,6 +1,8 @@
-"""The correlation id's echo goes out with a unary call's reply (server.reply_metadata), and a server
-stream's before its first message: a real grpcio server with the correlation interceptor, and
-handlers that return, abort, raise or send initial metadata of their own."""
+"""The correlation id's echo goes out with a unary call's reply (server.reply_metadata), a server
+stream's before its first message, and with the first message of a stream named as one that
+sends it at once: a real grpcio server with the correlation interceptor, and handlers that return,
+abort, raise or send initial metadata of their own; then the real server's WatchOrder and
+Health/Watch."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from orders_service_api.v1 import orders_pb2 as pb
 
 from server import reply_metadata
 from server.interceptors import CorrelationInterceptor
@@ -38,6 +42,17 @@ class _Streams:
         yield b"headers first" if self.client_has_headers.wait(10) else b"headers waited for the message"
 
 
+def _at_once(request: bytes, context: grpc.ServicerContext, send: Callable[[Any], None]) -> None:
+    """A non-blocking stream (as WatchOrder is) that sends its first message before it returns and
+    its last from another thread."""
+    send(b"first")
+    threading.Thread(target=lambda: (send(b"second"), send(None))).start()
+
+
+_at_once.experimental_non_blocking = True  # type: ignore[attr-defined]
+_at_once.experimental_thread_pool = None  # type: ignore[attr-defined]
+
+
 @pytest.fixture
 def served() -> Iterator[tuple[grpc.Channel, _Streams]]:
     streams = _Streams()
@@ -46,9 +61,11 @@ def served() -> Iterator[tuple[grpc.Channel, _Streams]]:
         {
             "Unary": grpc.unary_unary_rpc_method_handler(_unary),
             "Stream": grpc.unary_stream_rpc_method_handler(streams.stream),
+            "AtOnce": grpc.unary_stream_rpc_method_handler(_at_once),
         },
     )
-    server = grpc.server(ThreadPoolExecutor(4), handlers=[handlers], interceptors=[CorrelationInterceptor()])
+    interceptor = CorrelationInterceptor(first_message_at_once={"/test.Echo/AtOnce"})
+    server = grpc.server(ThreadPoolExecutor(4), handlers=[handlers], interceptors=[interceptor])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -126,6 +143,38 @@ def test_a_server_stream_sends_the_id_before_its_first_message(served) -> None:
 
     assert headers[HEADER] == "echo-stream"
     assert list(call) == [b"headers first"]
+
+
+def test_a_stream_named_as_answering_at_once_sends_the_id_with_its_first_message(
+    served, batches_of_their_own
+) -> None:
+    channel, _ = served
+    call = channel.unary_stream("/test.Echo/AtOnce")(b"", metadata=[(HEADER, "echo-at-once")], timeout=10)
+
+    assert list(call) == [b"first", b"second"]
+    assert dict(call.initial_metadata())[HEADER] == "echo-at-once"
+    assert batches_of_their_own == []
+
+
+def test_the_servers_watch_streams_send_the_id_with_their_first_message(server, batches_of_their_own) -> None:
+    placed = server.stubs.place("ann", [("SKU-1", 1)])
+    watch = server.stubs.orders.WatchOrder(
+        pb.WatchOrderRequest(order_id=placed.order_id), metadata=[(HEADER, "echo-watch")], timeout=10
+    )
+    health = health_pb2_grpc.HealthStub(server.channel).Watch(
+        health_pb2.HealthCheckRequest(service=""), metadata=[(HEADER, "echo-health")], timeout=10
+    )
+
+    first_order = next(watch)
+    first_status = next(health)
+    health.cancel()
+    watch.cancel()
+
+    assert first_order.order.order_id == placed.order_id
+    assert first_status.status == health_pb2.HealthCheckResponse.SERVING
+    assert dict(watch.initial_metadata())[HEADER] == "echo-watch"
+    assert dict(health.initial_metadata())[HEADER] == "echo-health"
+    assert batches_of_their_own == []
 
 
 def test_where_the_wrap_is_not_installed_the_id_is_sent_at_once(
