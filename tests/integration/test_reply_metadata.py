@@ -46,7 +46,12 @@ def _at_once(request: bytes, context: grpc.ServicerContext, send: Callable[[Any]
     """A non-blocking stream (as WatchOrder is) that sends its first message before it returns and
     its last from another thread."""
     send(b"first")
-    threading.Thread(target=lambda: (send(b"second"), send(None))).start()
+
+    def rest() -> None:
+        send(b"second")
+        send(None)
+
+    threading.Thread(target=rest).start()
 
 
 _at_once.experimental_non_blocking = True  # type: ignore[attr-defined]
