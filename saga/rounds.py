@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 # Rounds in flight at once while rounds come back full.
 ROUNDS = 2
-# What one round claims in a backlog its handlers get through, in workers' worth (two otherwise):
-# a drain of 50,000 no-op events ran 9,200/s at two and 11,200/s at four, in seven alternated pairs
-# (docs/performance.md, "Ninth round" and "Tenth round").
+# What one round claims in a backlog its handlers get through, in workers' worth (two otherwise);
+# measured in docs/performance.md ("Ninth round" and "Tenth round").
 BACKLOG_CLAIM = 4
 # Events done in a row, in workers' worth, before rounds claim `BACKLOG_CLAIM` batches' worth.
 SETTLED = 2
@@ -68,7 +67,7 @@ def plan_rounds(load: Load) -> Plan:
     limit = 1 if load.failing else ROUNDS
     settled = load.settled >= SETTLED * load.workers
     claim = (BACKLOG_CLAIM if load.full and settled and not load.failing else 2) * load.workers
-    most_held = (ROUNDS * claim) if load.full else 2 * load.workers
+    most_held = ROUNDS * claim if load.full else claim
     owe_claim = False
     while wanted > 0 and rounds < limit:
         room = most_held - load.held - claiming

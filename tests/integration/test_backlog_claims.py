@@ -46,7 +46,7 @@ def backlog(engine, events: int) -> None:
         uow.commit()
 
 
-def drained(engine, handler, done: int, deferred: int) -> OutboxDispatcher:
+def drained(engine, handler, done: int, deferred: int) -> None:
     """A dispatcher of W workers run on the backlog until its handlers answered every event."""
     settings = DispatcherSettings(workers=W, poll_interval_s=60.0)  # the backlog alone drives it
     dispatcher = OutboxDispatcher(partial(OrdersUnitOfWork, engine), {"TEST": handler}, settings, WakeUp())
@@ -60,7 +60,6 @@ def drained(engine, handler, done: int, deferred: int) -> OutboxDispatcher:
         )
     finally:
         dispatcher.stop(5.0)
-    return dispatcher
 
 
 def test_a_backlog_its_handlers_get_through_is_claimed_in_larger_rounds(engine, claim_limits):
