@@ -420,7 +420,6 @@ def _grpc_server(
         threads,
         interceptors=[
             admission,  # first: it decides before the others run, and wraps their handlers
-            # Streams whose handler sends the first message at once: their headers go with it.
             CorrelationInterceptor(STREAMS_ANSWERING_AT_ONCE)
             if tracing is None
             else tracing.correlation_interceptor(STREAMS_ANSWERING_AT_ONCE),

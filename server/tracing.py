@@ -154,8 +154,9 @@ class Tracing:
         with_reply: bool = False,
     ) -> Iterator[Span]:
         """The call's correlation id and SERVER span, bound for the block, both answered in the
-        initial metadata; the span ends with the block, with the call's status (unless not to
-        `end` it: the caller ends it later with `_end_rpc`)."""
+        initial metadata (`with_reply`: sent with the call's first message, server.reply_metadata);
+        the span ends with the block, with the call's status (unless not to `end` it: the caller
+        ends it later with `_end_rpc`)."""
         carrier: dict[str, str] = {}
         correlation_id = None
         for item in context.invocation_metadata() or ():
@@ -175,7 +176,7 @@ class Tracing:
         trace_id, span_id = f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}"
         answer = f"00-{trace_id}-{span_id}-{span_context.trace_flags:02x}"
         headers = ((CORRELATION_HEADER, correlation_id), (TRACE_RESPONSE_HEADER, answer))
-        if with_reply:  # with the call's first message (server.reply_metadata)
+        if with_reply:
             reply_metadata.send_with_reply(context, headers)
         else:
             context.send_initial_metadata(headers)
