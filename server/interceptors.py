@@ -66,14 +66,6 @@ def wrap_handler(handler: grpc.RpcMethodHandler, method: str, around: Around) ->
     return handler._replace(**{kind: unary})
 
 
-def _accept_correlation(context: grpc.ServicerContext) -> reply_metadata.Metadata:
-    """The call's correlation id (its header's, or a new one), bound for the handler, as the
-    initial metadata that echoes it."""
-    correlation_id = correlation.accept_or_new(_metadata_value(context, CORRELATION_HEADER))
-    correlation.set_current(correlation_id)
-    return ((CORRELATION_HEADER, correlation_id),)
-
-
 def _metadata_value(context: grpc.ServicerContext, key: str) -> str | None:
     for item in context.invocation_metadata() or ():
         if item.key == key and isinstance(item.value, str):
@@ -159,20 +151,18 @@ class CorrelationInterceptor(WrappingInterceptor):
         return not handler.response_streaming or method in self._first_message_at_once
 
     @contextmanager
-    def around(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        context.send_initial_metadata(_accept_correlation(context))
-        with deadline_bound(call_deadline(context)):
-            yield
-
-    @contextmanager
-    def _around_with_reply(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        reply_metadata.send_with_reply(context, _accept_correlation(context))
+    def around(
+        self, method: str, context: grpc.ServicerContext, with_reply: bool = False
+    ) -> Iterator[None]:
+        correlation_id = correlation.accept_or_new(_metadata_value(context, CORRELATION_HEADER))
+        correlation.set_current(correlation_id)
+        reply_metadata.send(context, ((CORRELATION_HEADER, correlation_id),), with_reply)
         with deadline_bound(call_deadline(context)):
             yield
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        around = self._around_with_reply if self.sends_with_first_message(method, handler) else self.around
-        return wrap_handler(handler, method, around)
+        with_reply = self.sends_with_first_message(method, handler)
+        return wrap_handler(handler, method, functools.partial(self.around, with_reply=with_reply))
 
 
 class ErrorInterceptor(WrappingInterceptor):

@@ -63,6 +63,15 @@ def install() -> bool:
         return True
 
 
+def send(context: grpc.ServicerContext, metadata: Metadata, with_reply: bool) -> None:
+    """`metadata` as the call's initial metadata: with its first message (`send_with_reply`), or
+    at once in a batch of its own."""
+    if with_reply:
+        send_with_reply(context, metadata)
+    else:
+        context.send_initial_metadata(metadata)
+
+
 def send_with_reply(context: grpc.ServicerContext, metadata: Metadata) -> None:
     """`metadata` as the call's initial metadata, sent with its reply when `install` took; at once
     otherwise (or if the call's state is not grpcio's sync server's)."""

@@ -176,10 +176,7 @@ class Tracing:
         trace_id, span_id = f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}"
         answer = f"00-{trace_id}-{span_id}-{span_context.trace_flags:02x}"
         headers = ((CORRELATION_HEADER, correlation_id), (TRACE_RESPONSE_HEADER, answer))
-        if with_reply:
-            reply_metadata.send_with_reply(context, headers)
-        else:
-            context.send_initial_metadata(headers)
+        reply_metadata.send(context, headers, with_reply)
         deadline = call_deadline(context)
         code: grpc.StatusCode | None = None
         try:
