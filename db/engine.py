@@ -279,15 +279,19 @@ def _install_wait_callback(settings: EngineSettings) -> None:
     import psycopg2
     import psycopg2.extensions as ext
 
+    from db.errors import GaveUpAtDeadline
+
     connect_s = float(settings.connect_timeout_s)
     other_s = settings.statement_timeout_ms / 1000 + 2.0
 
     def wait(conn: Any) -> None:
         budget_ms = remaining_ms()
         limit = connect_s if conn.status == ext.STATUS_SETUP else other_s
-        if budget_ms is not None:
+        give_up_error: type[psycopg2.OperationalError] = psycopg2.OperationalError
+        if budget_ms is not None and budget_ms / 1000 + _CLIENT_GRACE_S < limit:
             # The same point in time for every wait of the call: its deadline plus the grace.
-            limit = min(limit, budget_ms / 1000 + _CLIENT_GRACE_S)
+            limit = budget_ms / 1000 + _CLIENT_GRACE_S
+            give_up_error = GaveUpAtDeadline
         give_up = time.monotonic() + limit
         while True:
             state = conn.poll()
@@ -297,7 +301,7 @@ def _install_wait_callback(settings: EngineSettings) -> None:
             if left <= 0:
                 # psycopg2 closes a connection whose wait callback raised; SQLAlchemy sees it
                 # closed, counts a disconnect and never returns it to the pool.
-                raise psycopg2.OperationalError(f"database did not answer within {limit:.1f}s")
+                raise give_up_error(f"database did not answer within {limit:.1f}s")
             if state == ext.POLL_READ:
                 select.select([conn.fileno()], [], [], left)
             elif state == ext.POLL_WRITE:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg2
 from sqlalchemy import exc as sa_exc
 
 from domain.errors import ConflictError, DeadlineExceededError, DomainError, UnavailableError
@@ -9,6 +10,15 @@ from domain.errors import ConflictError, DeadlineExceededError, DomainError, Una
 # PostgreSQL SQLSTATEs: serialization_failure, deadlock_detected, query_canceled, lock_not_available.
 _CONFLICT_CODES = {"40001", "40P01"}
 _CANCELED = "57014"
+
+
+class GaveUpAtDeadline(psycopg2.OperationalError):  # type: ignore[misc]  # no stubs: Any
+    """The client side stopped waiting for PostgreSQL at the caller's deadline plus a grace
+    (db.engine's wait callback), before the server's statement_timeout answered. The timeout is
+    PostgreSQL's per statement, set from the budget left as the transaction began: a statement
+    that starts later in the transaction is cancelled only past the deadline. Either way the
+    caller's deadline passed: DEADLINE_EXCEEDED, not an outage. An OperationalError still, so
+    that SQLAlchemy counts the connection (closed by psycopg2) as lost."""
 
 
 def sqlstate(error: BaseException) -> str | None:
@@ -43,6 +53,8 @@ def translate(error: BaseException, *, deadline_set: bool = False) -> DomainErro
             if deadline_set:
                 return DeadlineExceededError("deadline exceeded while waiting for the database")
             return UnavailableError("database statement timed out")
+        if deadline_set and isinstance(error.orig, GaveUpAtDeadline):
+            return DeadlineExceededError("deadline exceeded while waiting for the database")
         if deadline_set and _sqlite_busy(error):
             # The busy timeout was cut to the caller's deadline (db.engine): the lock never came free in time.
             return DeadlineExceededError("deadline exceeded while waiting for the database")

@@ -102,6 +102,26 @@ def test_the_statement_timeout_still_bounds_the_statement_and_ends_with_it(engin
     assert _orders_in_table(engine) == 0
 
 
+def test_a_later_statement_that_outlasts_the_deadline_ends_as_deadline_exceeded(engine: Engine) -> None:
+    """PostgreSQL's statement_timeout, set to the budget left as the transaction starts, runs per
+    statement: a second statement starting late would be cancelled past the deadline, and the
+    client gives up first (at the deadline plus a grace). That is still the caller's deadline,
+    not an outage: DEADLINE_EXCEEDED, not UNAVAILABLE."""
+    started = time.monotonic()
+    with (
+        deadline_bound(started + 0.8),
+        pytest.raises(DeadlineExceededError),
+        OrdersUnitOfWork(engine, write=False) as uow,
+    ):
+        uow.connection.execute(text("SELECT pg_sleep(0.7)"))  # within the budget of 800 ms
+        uow.connection.execute(text("SELECT pg_sleep(3)"))  # its own 800 ms would end at 1.5 s
+    assert time.monotonic() - started < 2.0
+    with OrdersUnitOfWork(engine) as uow:  # the pool serves again
+        _place(uow, "req-1")
+        uow.commit()
+    assert _orders_in_table(engine) == 1
+
+
 def test_a_write_begins_with_its_first_statement_and_commits_once_asked(engine: Engine) -> None:
     sent: list[str] = []
 
