@@ -2,8 +2,9 @@
 
 Starts each server on a fresh PostgreSQL database (the bare stack, `orders-server` with the saga
 off, `orders-server` with the saga on), drives closed-loop PlaceOrder from the benchmark's client
-processes, and samples the server with py-spy (`--gil`: only the thread holding the GIL, so a
-sample is Python work of the process, not a thread waiting on a socket). Each sample goes to the
+processes (or PlaceOrder paced at `--rate` calls per second: where the CPU goes below the peak),
+and samples the server with py-spy (`--gil`: only the thread holding the GIL, so a sample is
+Python work of the process, not a thread waiting on a socket). Each sample goes to the
 layer of its innermost frame that belongs to one (see `LAYERS`); the layer's share of the samples
 times the server's CPU per call (from /proc) is its cost per call, in milliseconds. The bare stack
 has only the first rows (gRPC and threads, the driver): what is above them is ours.
@@ -110,7 +111,8 @@ def sampled(pid: int, seconds: float, out: Path) -> Iterator[None]:
 
 
 def profile(pool: Any, address: str, pid: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """Closed-loop place for the window, sampled; throughput, server CPU per call and the shares."""
+    """Place for the window, closed loop or paced at `--rate`, sampled; throughput, server CPU per
+    call and the shares."""
     window = cpu.CpuWindow(pid, args.warmup + load.CONNECT_S + 1.0, args.duration - 2.0)
     with window, sampled(pid, args.duration - 1.0, out):
         result, seconds = load.run(
@@ -122,6 +124,7 @@ def profile(pool: Any, address: str, pid: int, args: argparse.Namespace, out: Pa
             threads=args.threads,
             duration=args.duration,
             warmup=args.warmup,
+            rate=args.rate,
         )
     row = load.summary(result, seconds, args.processes * args.threads)
     used = window.result()
@@ -147,7 +150,7 @@ def profile_sqlite(
             server.stop()
 
 
-def table(runs: dict[str, dict[str, Any]]) -> str:
+def table(runs: dict[str, dict[str, Any]], how: str = "closed loop") -> str:
     names = list(runs)
     layers = [name for name, _ in LAYERS if any(name in run["shares"] for run in runs.values())]
     layers += [OTHER] if any(OTHER in run["shares"] for run in runs.values()) else []
@@ -163,7 +166,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines.append("| **all** | " + " | ".join(f"**{run['cpu_ms']:.3f}**" for run in runs.values()) + " |")
     lines.append(
-        "| calls/s (closed loop) | " + " | ".join(f"{run['per_s']:.0f}" for run in runs.values()) + " |"
+        f"| calls/s ({how}) | " + " | ".join(f"{run['per_s']:.0f}" for run in runs.values()) + " |"
     )
     return "\n".join(lines)
 
@@ -179,6 +182,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--keep", type=Path, help="keep py-spy's samples (raw, collapsed stacks) in this folder"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="PlaceOrder calls per second, paced (default: a closed loop, each server at its peak)",
     )
     args = parser.parse_args()
     if not (Path(sys.executable).parent / "py-spy").exists():
@@ -212,7 +221,7 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(table(runs))
+    print(table(runs, f"paced at {args.rate:g}/s" if args.rate else "closed loop"))
     return 0
 
 
