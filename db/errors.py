@@ -53,7 +53,7 @@ def translate(error: BaseException, *, deadline_set: bool = False) -> DomainErro
             if deadline_set:
                 return DeadlineExceededError("deadline exceeded while waiting for the database")
             return UnavailableError("database statement timed out")
-        if deadline_set and isinstance(error.orig, GaveUpAtDeadline):
+        if isinstance(error.orig, GaveUpAtDeadline):  # raised only where a deadline is bound
             return DeadlineExceededError("deadline exceeded while waiting for the database")
         if deadline_set and _sqlite_busy(error):
             # The busy timeout was cut to the caller's deadline (db.engine): the lock never came free in time.
