@@ -146,7 +146,10 @@ def test_600_idle_streams_of_three_kinds_leave_unary_calls_their_threads_and_spe
             1
         ] * 3
 
-        loaded = unary_p99s(server, pending[0])
+        # Loaded, twice: the faster of the two runs, so that a moment of noise on a shared machine
+        # during one does not fail the test (streams that held threads would slow both).
+        first = unary_p99s(server, pending[0])
+        loaded = {name: min(p, first[name]) for name, p in unary_p99s(server, pending[0]).items()}
     finally:
         streams.close()
 
