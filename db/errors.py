@@ -33,6 +33,11 @@ def _sqlite_busy(error: sa_exc.DBAPIError) -> bool:
     return getattr(orig, "sqlite_errorname", None) == "SQLITE_BUSY" or "database is locked" in str(orig)
 
 
+def waited_past_deadline() -> DeadlineExceededError:
+    """The caller's deadline passed while the call waited for the database (or for its turn at it)."""
+    return DeadlineExceededError("deadline exceeded while waiting for the database")
+
+
 def translate(error: BaseException, *, deadline_set: bool = False) -> DomainError | None:
     """The domain error a database exception stands for, or None if it is a bug to report as is."""
     if isinstance(error, DomainError):
@@ -49,15 +54,13 @@ def translate(error: BaseException, *, deadline_set: bool = False) -> DomainErro
             return ConflictError("concurrent update conflict")
         if code == "42P01":
             return UnavailableError("database schema is not migrated")
+        # Each wait is cut to the caller's deadline: PostgreSQL's statement_timeout, SQLite's busy
+        # timeout (db.engine), the client's own wait on PostgreSQL (raised only under a deadline).
+        timed_out = code == _CANCELED or _sqlite_busy(error)
+        if (deadline_set and timed_out) or isinstance(error.orig, GaveUpAtDeadline):
+            return waited_past_deadline()
         if code == _CANCELED:
-            if deadline_set:
-                return DeadlineExceededError("deadline exceeded while waiting for the database")
             return UnavailableError("database statement timed out")
-        if isinstance(error.orig, GaveUpAtDeadline):  # raised only where a deadline is bound
-            return DeadlineExceededError("deadline exceeded while waiting for the database")
-        if deadline_set and _sqlite_busy(error):
-            # The busy timeout was cut to the caller's deadline (db.engine): the lock never came free in time.
-            return DeadlineExceededError("deadline exceeded while waiting for the database")
         if error.connection_invalidated or isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
             return UnavailableError("database unavailable")
     return None

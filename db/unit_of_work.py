@@ -40,7 +40,7 @@ from db.engine import (
     sqlite_command,
     writer_gate,
 )
-from db.errors import translate
+from db.errors import translate, waited_past_deadline
 from db.orders import OrderRepository
 from db.outbox import ClaimedEvent, Lease, OutboxStore
 from db.settlement import settle_and_complete_many_statement, settle_and_complete_statement
@@ -206,7 +206,7 @@ class UnitOfWork:
         wait_s = gate.timeout_s if budget_ms is None else min(gate.timeout_s, budget_ms / 1000)
         if not gate.acquire(max(wait_s, 0.0)):
             if budget_ms is not None:
-                raise DeadlineExceededError("deadline exceeded while waiting for the database")
+                raise waited_past_deadline()
             raise UnavailableError("database is busy: other writers held it too long")
         self._gate = gate
 
