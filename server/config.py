@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 
 from db.backend import backend_of
 from db.engine import UnsupportedDatabaseError, normalise_url
+from server import affinity
 from server.auth import TokenFileError, parse_tokens
 
 DEFAULT_DATABASE_URL = "sqlite:///var/orders.db"
@@ -150,6 +151,11 @@ class Settings:
     )
     saga_process_nice: int = _setting(
         10, "CPU niceness of the --saga-processes processes (0-19): on a shared host the calls come first"
+    )
+    cpu_affinity: str = _setting(
+        "auto",
+        "CPUs each server process runs on: auto (one CPU per process, let go if other work crowds it), "
+        "none (any), or a list such as 0,2-3",
     )
     poll_interval_s: float = _setting(1.0, "outbox poll interval, the safety net behind wake-ups")
     lease_s: float = _setting(30.0, "outbox claim lease; an event whose lease expires is re-run elsewhere")
@@ -507,6 +513,7 @@ def _check_workers(settings: Settings) -> list[str]:
         problems.append("--saga-processes: must not be negative")
     if not 0 <= settings.saga_process_nice <= 19:
         problems.append("--saga-process-nice: must be 0-19")
+    problems.extend(affinity.check(settings.cpu_affinity, affinity.allowed_cpus()))
     if settings.saga_processes > 0:
         if not _notifies(settings.database_url):
             problems.append("--saga-processes: needs PostgreSQL (processes on one SQLite file only poll)")

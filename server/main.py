@@ -20,8 +20,11 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from server import affinity
+
 if TYPE_CHECKING:
     from server import supervisor
+    from server.affinity import AffinityGuard
     from server.config import Settings
 
 log = logging.getLogger("orders.server")
@@ -39,8 +42,11 @@ def migrate(settings: Settings) -> int:
     return 0
 
 
-def serve(settings: Settings, link: supervisor.WorkerLink | None = None) -> int:
-    """One server process: alone, or worker `link.index` of a `--workers` supervisor."""
+def serve(
+    settings: Settings, link: supervisor.WorkerLink | None = None, guard: AffinityGuard | None = None
+) -> int:
+    """One server process: alone, or worker `link.index` of a `--workers` supervisor; `guard`
+    watches the CPU that `--cpu-affinity auto` pinned it to (server/affinity.py)."""
     from db.backend import backend_of
     from server import bootstrap
 
@@ -67,6 +73,9 @@ def serve(settings: Settings, link: supervisor.WorkerLink | None = None) -> int:
     # A worker's line must not read "orders-server ready on": that one is the supervisor's, once
     # every worker serves.
     who = "orders-server" if link is None else f"orders-server {link.role} {link.index} (pid {os.getpid()})"
+    log.info("%s runs on CPUs %s (--cpu-affinity %s)", who, affinity.pinned_to(), settings.cpu_affinity)
+    if guard is not None:
+        guard.start()
     log.info(
         "%s ready on %s:%d (database: %s, %s)", who, settings.host, service.port, backend, settings.security
     )
@@ -77,6 +86,8 @@ def serve(settings: Settings, link: supervisor.WorkerLink | None = None) -> int:
     # restarted worker once ignored the supervisor's SIGTERM until it was killed).
     while not stop.wait(timeout=1.0):
         pass
+    if guard is not None:
+        guard.stop()
     finished = service.stop(drain_delay=settings.shutdown_delay_s)
     log.info("orders-server stopped")
     if not finished:
@@ -102,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if link is not None and link.sagas_only:
         # Before any thread starts: threads take their creator's niceness (Linux keeps it per thread).
         os.nice(settings.saga_process_nice)
+    guard = None
+    if command == "serve" and not (link is None and settings.supervised):
+        # A server process (not the supervisor of a pool), before any thread starts, for the same
+        # reason: threads take their creator's CPU affinity.
+        guard = affinity.pin(settings.cpu_affinity, link.index if link is not None else 0)
     if command == "health":
         # Server flags came first (`orders-server --port 1 health`): the probe has options of its own.
         print("orders-server: error: `health` comes first: orders-server health [options]", file=sys.stderr)
@@ -115,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return supervisor.run(settings)
     if link is not None:
         link.tag_logs()
-    return serve(settings, link)
+    return serve(settings, link, guard)
 
 
 if __name__ == "__main__":

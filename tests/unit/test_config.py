@@ -88,6 +88,7 @@ OVERRIDES = [
     ("db_pool_size", 0, "12", 12, "3", 3),
     ("inventory_rate", "1000/second", "10/minute", "10/minute", "5 per second", "5 per second"),
     ("page_token_secret", "orders-page-tokens", "from-env", "from-env", "from-flag", "from-flag"),
+    ("cpu_affinity", "auto", "none", "none", "0", "0"),
 ]
 
 
@@ -244,6 +245,9 @@ BAD_VALUES = [
     pytest.param(["--events-subject-prefix", "orders..v1"], {}, "--events-subject-prefix", id="events-empty"),
     pytest.param(["--events-workers", "-1"], {}, "--events-workers", id="events-negative-workers"),
     pytest.param(["--events-rate", "fast"], {}, "--events-rate", id="events-rate-words"),
+    pytest.param(["--cpu-affinity", "fast"], {}, "--cpu-affinity", id="cpu-affinity-words"),
+    pytest.param([], {"ORDERS_CPU_AFFINITY": "3-1"}, "--cpu-affinity", id="cpu-affinity-reversed-env"),
+    pytest.param(["--cpu-affinity", "4096"], {}, "--cpu-affinity", id="cpu-affinity-not-allowed"),
     pytest.param(
         ["--events-url", "nats://127.0.0.1:4222", "--lease-s", "90"],
         {},
