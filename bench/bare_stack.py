@@ -7,6 +7,10 @@ thread's own connection into a table of its own (`bare_stack_orders`, created at
 benchmark drives it with the same load generator and operation as the real PlaceOrder, so every
 PlaceOrder figure can be read against it (issue 17; docs/performance.md, "The bare stack").
 It prints `bare-stack ready on HOST:PORT` once it serves, and stops on SIGTERM.
+
+`--cpu-index I` (default 0) pins the process to the CPU that `orders-server --cpu-affinity auto`
+gives process I of a server (server/affinity.py), before any thread starts: the bare stack runs on
+the same process set-up as the server it is the baseline of (`--cpu-index -1`: unpinned).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import grpc
 from orders_service_api.v1 import orders_pb2 as pb
 from orders_service_api.v1 import orders_pb2_grpc as pb_grpc
 
+from server import affinity
 from server.config import Settings
 from server.connections import connection_options
 from tests.local_services import pg_connect
@@ -95,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--reuseport", action="store_true", help="share the port with other processes")
+    parser.add_argument("--cpu-index", type=int, default=0, help="pin as orders-server's process I (-1: no)")
     args = parser.parse_args(argv)
+    if args.cpu_index >= 0:
+        affinity.pin(affinity.AUTO, args.cpu_index)  # its guard is not started: nothing shares the CPU
     create_table(args.database_url)
     server, port = create_server(args.database_url, f"{args.host}:{args.port}", args.reuseport)
     stop = threading.Event()

@@ -178,15 +178,17 @@ class BareStackServer:
         try:
             # One at a time: the first creates the table; the others then find it.
             for n in range(processes):
-                self._start(database_url, log_dir / f"bare-stack-{label}-{n}.log", processes > 1)
+                self._start(database_url, log_dir / f"bare-stack-{label}-{n}.log", processes > 1, n)
         except BaseException:
             self.stop()
             raise
         self.address = f"127.0.0.1:{self.port}"
 
-    def _start(self, database_url: str, log_path: Path, reuseport: bool) -> None:
+    def _start(self, database_url: str, log_path: Path, reuseport: bool, index: int) -> None:
+        # Pinned as orders-server's process `index` is by --cpu-affinity auto (its default).
         command = [sys.executable, "-m", "bench.bare_stack", "--database-url", database_url]
-        command += ["--port", str(self.port), *(["--reuseport"] if reuseport else [])]
+        command += ["--port", str(self.port), "--cpu-index", str(index)]
+        command += ["--reuseport"] if reuseport else []
         # The log is appended to: only what this start writes holds its ready line.
         before = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log:

@@ -62,7 +62,8 @@ def bare_stack_notes(bare: dict[str, Any]) -> list[str]:
         return []
     text = (
         "Bare stack: `python -m bench.bare_stack` (bench/bare_stack.py), one process of the same grpcio and "
-        "channel options as `orders-server`, 16 handler threads, no interceptors; PlaceOrder runs one "
+        "channel options as `orders-server`, 16 handler threads, no interceptors, pinned to one CPU as "
+        "`orders-server --cpu-affinity auto` (the default) pins itself; PlaceOrder runs one "
         "psycopg2 `INSERT ... RETURNING` and `COMMIT` on its thread's connection, driven by the same "
         f"client processes and operation as place; {bare.get('rows')} rows inserted"
     )
