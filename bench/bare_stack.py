@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-index", type=int, default=0, help="pin as orders-server's process I (-1: no)")
     args = parser.parse_args(argv)
     if args.cpu_index >= 0:
-        affinity.pin(affinity.AUTO, args.cpu_index)  # its guard is not started: nothing shares the CPU
+        affinity.pin(affinity.AUTO, args.cpu_index)  # no guard: the bench pins nothing else there
     create_table(args.database_url)
     server, port = create_server(args.database_url, f"{args.host}:{args.port}", args.reuseport)
     stop = threading.Event()
