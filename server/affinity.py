@@ -3,11 +3,11 @@
 CPython runs one thread's Python at a time (the GIL), so a server process never uses much more
 than one core, however many it may run on. Left to the scheduler, its threads spread over every
 core: a thread that returns from the database on one core finds the interpreter held by a thread
-on another, sleeps, and is woken by a signal from that core once it is let go. On this project's
-2-core machine that ping-pong took about half the server's context switches and a quarter of its
-CPU per order, and made PlaceOrder's tail (docs/performance.md, "Twelfth round"). With every
-thread of the process on one core, a thread that returns from the database waits in that core's
-run queue instead, and takes the interpreter when the holder lets it go: no wake-up across cores.
+on another, sleeps, and is woken by a signal from that core once it is let go. On the benchmark
+machine that was much of the server's context switches and CPU per order, and PlaceOrder's tail
+(docs/performance.md, "Twelfth round", has the figures). With every thread of the process on one
+core, a thread that returns from the database waits in that core's run queue instead, and takes
+the interpreter when the holder lets it go: no wake-up across cores.
 
 `auto` (the default) pins each process of the server to one CPU of those it may use: a lone
 server to the last (CPU 0 tends to take more of the machine's interrupts), worker i of a
@@ -129,12 +129,17 @@ def pin(value: str, index: int = 0) -> AffinityGuard | None:
 
 
 def set_for_every_thread(cpus: frozenset[int], tasks: Path = Path("/proc/self/task")) -> None:
-    """Every thread of this process may run on `cpus` (a thread that ends meanwhile is skipped)."""
-    for task in tasks.iterdir():
-        try:
-            os.sched_setaffinity(int(task.name), cpus)
-        except (ProcessLookupError, FileNotFoundError):
-            continue
+    """Every thread of this process may run on `cpus` (a thread that ends meanwhile is skipped).
+    Passes until one finds no thread it has not set: a thread started during a pass takes its
+    creator's affinity, which may not have been set yet."""
+    done: set[str] = set()
+    while fresh := [task for task in tasks.iterdir() if task.name not in done]:
+        for task in fresh:
+            done.add(task.name)
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except (ProcessLookupError, FileNotFoundError):
+                continue
 
 
 @dataclass(frozen=True)

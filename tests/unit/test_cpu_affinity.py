@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -128,3 +129,28 @@ def test_one_crowded_window_between_quiet_ones_does_not_let_go() -> None:
     watch.stop()
     assert widened == []
     assert not watch.widened.is_set()
+
+
+@pytest.mark.skipif(not affinity.can_pin(), reason="this platform cannot pin")
+def test_every_thread_of_the_process_gets_the_cpus_set_for_every_thread() -> None:
+    """Threads keep their own affinity: a thread started before the change gets it too."""
+    everywhere = affinity.allowed_cpus()
+    ready, done = threading.Event(), threading.Event()
+
+    def wait() -> None:
+        ready.set()
+        done.wait()
+
+    helper = threading.Thread(target=wait)
+    helper.start()
+    ready.wait()
+    one = frozenset({min(everywhere)})
+    try:
+        affinity.set_for_every_thread(one)
+        assert os.sched_getaffinity(helper.native_id or 0) == one
+        assert os.sched_getaffinity(0) == one
+    finally:
+        affinity.set_for_every_thread(everywhere)
+        done.set()
+        helper.join()
+    assert os.sched_getaffinity(0) == everywhere
