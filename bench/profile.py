@@ -86,10 +86,14 @@ def shares(raw: str) -> dict[str, float]:
     return {name: n / total for name, n in counts.most_common()} if total else {}
 
 
+# The bench extra installs py-spy beside the interpreter (`make .venv/.installed-bench`).
+PY_SPY = Path(sys.executable).parent / "py-spy"
+
+
 @contextmanager
 def sampled(pid: int, seconds: float, out: Path) -> Iterator[None]:
     """py-spy sampling `pid` for `seconds` (started now) into `out`, waited for at the end."""
-    command = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration"]
+    command = [str(PY_SPY), "record", "--pid", str(pid), "--duration"]
     command += [
         str(max(1, round(seconds))),
         "--rate",
@@ -190,7 +194,7 @@ def main() -> int:
         help="PlaceOrder calls per second, paced (default: a closed loop, each server at its peak)",
     )
     args = parser.parse_args()
-    if not (Path(sys.executable).parent / "py-spy").exists():
+    if not PY_SPY.exists():
         print("py-spy is missing: `make bench-profile` installs the bench extra", file=sys.stderr)
         return 2
     server_args = ["--max-concurrent-rpcs", "256"]

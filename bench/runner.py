@@ -55,7 +55,11 @@ class Runner:
         print(f"  {name}: {row}", flush=True)
         return row
 
+    def measured_part(self) -> tuple[float, float]:
+        """When to start counting in the next scenario, and for how long (seconds): from a second
+        after its warm-up to a second before its end, connects and warm-up left out."""
+        return load.CONNECT_S + self.warmup + 1.0, max(self.duration - 2.0, 1.0)
+
     def cpu_window(self, pid: int) -> cpu.CpuWindow:
-        """CPU over the measured part of the next (uncounted) scenario: from a second after its
-        warm-up to a second before its end, connects and warm-up left out."""
-        return cpu.CpuWindow(pid, load.CONNECT_S + self.warmup + 1.0, max(self.duration - 2.0, 1.0))
+        """CPU over the measured part of the next (uncounted) scenario (`measured_part`)."""
+        return cpu.CpuWindow(pid, *self.measured_part())

@@ -21,7 +21,6 @@ import collections
 import multiprocessing
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -29,8 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import load, operations
+from bench import operations
 from bench.plan import SKUS
+from bench.profile import PY_SPY
 from bench.runner import Runner
 from bench.server import postgres_server
 
@@ -69,9 +69,8 @@ def tasks(pid: int) -> dict[str, Task]:
 
 def thread_names(pid: int) -> dict[str, str]:
     """Python's names of the threads of `pid`, by thread id (`py-spy dump`; empty without py-spy)."""
-    spy = shutil.which("py-spy") or str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "py-spy")
     try:
-        command = [spy, "dump", "--pid", str(pid)]
+        command = [str(PY_SPY), "dump", "--pid", str(pid)]
         dump = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
@@ -114,11 +113,9 @@ def main() -> int:
             _,
         ):
             pid = server.proc.pid
-            # Counted from a second after the warm-up to a second before the end (as the
-            # benchmark's CPU window), calls at the run's rate over that span.
+            # Counted over the part the benchmark's CPU window counts, calls at the run's rate.
             snapshots: list[dict[str, Task]] = []
-            began = load.CONNECT_S + runner.warmup + 1.0
-            span = max(args.duration - 2.0, 1.0)
+            began, span = runner.measured_part()
 
             def snapshot() -> None:
                 time.sleep(began)

@@ -213,7 +213,9 @@ class AffinityGuard:
     def _run(self) -> None:
         previous = self._reader(self.cpu)
         in_a_row = 0
-        while previous is not None and not self._stop.wait(self._interval_s):
+        if previous is None:
+            return
+        while not self._stop.wait(self._interval_s):
             current = self._reader(self.cpu)
             if current is None:
                 return
@@ -229,8 +231,3 @@ class AffinityGuard:
                     describe(self.allowed),
                 )
                 return
-
-
-def pinned_to() -> str:
-    """This process's CPUs now, for its log lines."""
-    return describe(allowed_cpus())

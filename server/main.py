@@ -73,7 +73,8 @@ def serve(
     # A worker's line must not read "orders-server ready on": that one is the supervisor's, once
     # every worker serves.
     who = "orders-server" if link is None else f"orders-server {link.role} {link.index} (pid {os.getpid()})"
-    log.info("%s runs on CPUs %s (--cpu-affinity %s)", who, affinity.pinned_to(), settings.cpu_affinity)
+    cpus = affinity.describe(affinity.allowed_cpus())
+    log.info("%s runs on CPUs %s (--cpu-affinity %s)", who, cpus, settings.cpu_affinity)
     if guard is not None:
         guard.start()
     log.info(

@@ -36,10 +36,6 @@ def thread_cpus(pid: int) -> set[str]:
     return found
 
 
-def server_pid(server: ServerProcess) -> int:
-    return server.proc.pid
-
-
 ALLOWED = affinity.allowed_cpus()
 
 
@@ -55,7 +51,7 @@ def test_a_server_with_the_defaults_runs_every_thread_on_one_cpu_and_says_which(
     server = spawn_server(*FAST)
     server.stubs.set_stock("AFF-1", 5)
     server.stubs.place("c1", [("AFF-1", 1)])  # threads of every kind have started by now
-    assert thread_cpus(server_pid(server)) == {auto_choice(0)}
+    assert thread_cpus(server.proc.pid) == {auto_choice(0)}
     assert f"orders-server runs on CPUs {auto_choice(0)} (--cpu-affinity auto)" in server.log()
 
 
@@ -64,11 +60,11 @@ def test_none_leaves_every_thread_free_and_a_list_pins_them_to_it(
 ) -> None:
     free = spawn_server("--cpu-affinity", "none", *FAST)
     free.stubs.set_stock("AFF-1", 5)
-    assert thread_cpus(server_pid(free)) == {affinity.describe(ALLOWED)}
+    assert thread_cpus(free.proc.pid) == {affinity.describe(ALLOWED)}
     first = min(ALLOWED)
     listed = spawn_server("--cpu-affinity", str(first), *FAST)
     listed.stubs.set_stock("AFF-1", 5)
-    assert thread_cpus(server_pid(listed)) == {str(first)}
+    assert thread_cpus(listed.proc.pid) == {str(first)}
     assert f"runs on CPUs {first} (--cpu-affinity {first})" in listed.log()
 
 
@@ -79,7 +75,7 @@ def test_the_workers_of_a_pool_take_a_cpu_each_and_the_supervisor_none(
     url = make_pg_database()
     server = spawn_server("--workers", "2", "--database-url", url, "--migrate-on-start", "always", *FAST)
     pids = server.worker_pids()
-    assert thread_cpus(server_pid(server)) == {affinity.describe(ALLOWED)}  # the supervisor
+    assert thread_cpus(server.proc.pid) == {affinity.describe(ALLOWED)}  # the supervisor
     assert thread_cpus(pids[0]) == {auto_choice(0)}
     assert thread_cpus(pids[1]) == {auto_choice(1)}
     if len(ALLOWED) >= 2:
@@ -101,7 +97,6 @@ def spinners() -> Iterator[Callable[[int, int], None]]:
         process.wait()
 
 
-@pytest.mark.skipif(not affinity.can_pin(), reason="this platform cannot pin")
 def test_a_server_whose_cpu_other_work_crowds_is_let_go_with_a_warning(
     spawn_server: Callable[..., ServerProcess], spinners: Callable[[int, int], None]
 ) -> None:
@@ -111,15 +106,15 @@ def test_a_server_whose_cpu_other_work_crowds_is_let_go_with_a_warning(
     if len(ALLOWED) < 2:
         # Nothing to choose from, so nothing was pinned: the server runs where it may.
         server = spawn_server(*FAST)
-        assert thread_cpus(server_pid(server)) == {affinity.describe(ALLOWED)}
+        assert thread_cpus(server.proc.pid) == {affinity.describe(ALLOWED)}
         return
     server = spawn_server(*FAST)
     server.stubs.set_stock("AFF-1", 5)
     (cpu,) = affinity.choose("auto", ALLOWED, 0) or {0}
-    assert thread_cpus(server_pid(server)) == {str(cpu)}
+    assert thread_cpus(server.proc.pid) == {str(cpu)}
     spinners(cpu, 2)
     wait_until(
-        lambda: thread_cpus(server_pid(server)) == {affinity.describe(ALLOWED)},
+        lambda: thread_cpus(server.proc.pid) == {affinity.describe(ALLOWED)},
         timeout=30,
         interval=0.5,
         what="the server's threads let go of their CPU",
